@@ -1,0 +1,28 @@
+"""The compiled extension must be present: a missing build is a failure, never a skip."""
+
+import torch
+
+import vgkernels
+from vgkernels import _library
+
+
+def test_extension_is_built_and_loaded():
+    assert _library.cpp_available(), f"vgkernels._C failed to load: {_library.LOAD_ERROR}"
+    info = _library._C.build_info()
+    assert info["build_type"]
+    assert info["openmp"] > 0
+
+
+def test_ops_are_registered():
+    for name in ("rnn_forward", "rnn_backward"):
+        assert hasattr(torch.ops.vgk, name), name
+
+
+def test_info_command_runs(capsys):
+    from vgkernels.__main__ import main
+
+    main(["info"])
+    out = capsys.readouterr().out
+    assert vgkernels.__version__ in out
+    assert torch.__version__ in out
+    assert "cpp" in out and "usable" in out

@@ -1,0 +1,23 @@
+"""vgkernels: fused recurrent, LayerNorm and gradient-clipping kernels for PyTorch that make vanishing
+and exploding gradients visible inside backpropagation."""
+
+__version__ = "0.1.0"
+
+from vgkernels import _library  # noqa: F401  (registers torch.ops.vgk)
+from vgkernels import diagnostics, init, nn, ops, tasks
+from vgkernels.nn.tracking import track
+from vgkernels.ops.clip_grad import clip_grad_norm_, clip_grads_with_norm_, get_total_norm
+from vgkernels.trace import BPTTTrace
+
+__all__ = [
+    "BPTTTrace",
+    "clip_grad_norm_",
+    "clip_grads_with_norm_",
+    "diagnostics",
+    "get_total_norm",
+    "init",
+    "nn",
+    "ops",
+    "tasks",
+    "track",
+]

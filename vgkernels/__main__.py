@@ -1,0 +1,75 @@
+"""Command line: ``python -m vgkernels demo | bench | info``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _info(args: argparse.Namespace) -> int:
+    import platform
+
+    import torch
+
+    import vgkernels
+    from vgkernels import _library
+    from vgkernels.backends import available_backends
+
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "not installed"
+    print(f"vgkernels {vgkernels.__version__}")
+    print(f"torch     {torch.__version__}")
+    print(f"triton    {triton_version}")
+    print(f"python    {platform.python_version()} on {platform.machine()}, {torch.get_num_threads()} threads")
+    print(f"cuda      {torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA device'}")
+    print("backends:")
+    for name, status in available_backends().items():
+        print(f"  {name:<10}{status}")
+    if _library.cpp_available():
+        info = _library._C.build_info()
+        print("compiled library:")
+        print(f"  path      {_library._C.__file__}")
+        print(f"  build     {info['build_type']}, {info['compiler']}, flags {info['cxx_flags']!r}, "
+              f"OpenMP {info['openmp']}, against torch {info.get('torch_version', '?')}")
+    else:
+        print(f"compiled library: not loaded ({_library.LOAD_ERROR})")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from vgkernels.demo import run_demo
+
+    run_demo(out=args.out, device=args.device, quick=args.quick, seed=args.seed)
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from vgkernels.benchmark import run_benchmarks
+
+    run_benchmarks(quick=args.quick)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m vgkernels", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("info", help="versions, usable backends and the compiled library").set_defaults(func=_info)
+    demo = sub.add_parser("demo", help="reproduce the classic vanishing/exploding gradient results")
+    demo.add_argument("--out", default="vgkernels-demo", help="folder for report.md and the PNGs")
+    demo.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    demo.add_argument("--quick", action="store_true", help="tiny sizes, for tests (about 30 s)")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.set_defaults(func=_demo)
+    bench = sub.add_parser("bench", help="time the recurrent layers against torch.nn, side by side")
+    bench.add_argument("--quick", action="store_true", help="small shapes, few repeats")
+    bench.set_defaults(func=_bench)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Gradient-flow diagnostics: monitors, BPTT reports, Jacobian norms and plots."""

@@ -1,0 +1,1 @@
+"""Plain eager PyTorch implementations: the oracles every kernel is tested against."""
