@@ -1,0 +1,37 @@
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from harness import record  # noqa: E402
+
+_collected: dict[str, list] = {}
+
+
+@pytest.fixture
+def compare_record(request):
+    """Collect Comparison objects per bench file; each file's results are written once at session end."""
+    suite = Path(request.node.fspath).stem.removeprefix("bench_").removeprefix("test_bench_")
+
+    def add(comparison):
+        _collected.setdefault(suite, []).append(comparison)
+        print()
+        for key, value in comparison.summary().items():
+            print(f"  {key}: {value}")
+        return comparison
+
+    return add
+
+
+def pytest_sessionfinish(session, exitstatus):
+    for suite, comparisons in _collected.items():
+        path = record(suite, comparisons)
+        print(f"\nrecorded {path}")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _threads():
+    torch.set_num_threads(int(__import__("os").environ.get("VGK_BENCH_THREADS", "2")))
