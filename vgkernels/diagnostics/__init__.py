@@ -1,1 +1,7 @@
-"""Gradient-flow diagnostics: monitors, BPTT reports, Jacobian norms and plots."""
+"""Gradient-flow diagnostics: a fused gradient monitor, BPTT trace reports, Jacobian norms and plots."""
+
+from vgkernels.diagnostics.bptt import TraceReport, gradient_horizon, plot_trace, trace_report
+from vgkernels.diagnostics.monitor import GradientMonitor
+from vgkernels.diagnostics.spectral import spectral_norms
+
+__all__ = ["GradientMonitor", "TraceReport", "gradient_horizon", "plot_trace", "spectral_norms", "trace_report"]
