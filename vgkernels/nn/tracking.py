@@ -1,0 +1,2 @@
+"""placeholder"""
+track = None
