@@ -1,2 +1,354 @@
-"""placeholder"""
-recurrent = None
+"""Recurrent layers (Elman RNN, LSTM, GRU) as torch.library ops with per-step BPTT tracking.
+
+Structure:
+- ``vgk::recurrent_layer`` is the autograd-aware op for one direction of one layer over the whole
+  sequence. Its forward and backward call one backend's kernel ops: ``vgk::rnn_forward`` /
+  ``vgk::rnn_backward`` (C++, CPU) or ``vgk::rnn_forward_triton`` / ``vgk::rnn_backward_triton``.
+- :func:`recurrent` stacks layers and directions: one input-projection GEMM per layer-direction,
+  the layer op, dropout between layers. The ``"reference"`` backend runs the same stacking over the
+  eager loop of :mod:`vgkernels.reference.recurrent`.
+
+Tracking goes through autograd itself: with ``track=True`` every layer-direction gets a zero "probe"
+tensor [K, T, B] that requires grad; the layer's backward returns the per-step squared gradient norms
+as the probe's gradient, so ``probe.grad`` holds them once backward has run.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from vgkernels.backends import resolve_backend
+from vgkernels.reference import recurrent as reference
+from vgkernels.trace import BPTTTrace
+
+GATES = reference.GATES
+MODES = reference.MODES
+KERNEL_DTYPES = {
+    "cpp": (torch.float32, torch.float64),
+    "triton": (torch.float32, torch.float64, torch.bfloat16, torch.float16),
+    "reference": (torch.float32, torch.float64, torch.bfloat16, torch.float16),
+}
+
+
+def _empty(like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    return like.new_empty(0, dtype=dtype or like.dtype)
+
+
+def _kernel_ops(backend: str):
+    if backend == "cpp":
+        return torch.ops.vgk.rnn_forward, torch.ops.vgk.rnn_backward
+    import vgkernels.triton.recurrent  # noqa: F401  (registers the Triton ops)
+
+    return torch.ops.vgk.rnn_forward_triton, torch.ops.vgk.rnn_backward_triton
+
+
+# ---------------------------------------------------------------------------------------------------
+# Fake (shape-only) implementations of the C++ kernel ops, for torch.compile and opcheck.
+
+
+def _fake_forward(xproj, h0, c0, w_hh, b_hh, lengths, probe, mode, reverse, track):
+    T, B, _ = xproj.shape
+    H = w_hh.shape[1]
+    states = xproj.new_empty(T + 1, B, H)
+    cell_states = xproj.new_empty(T + 1, B, H) if mode == "lstm" else _empty(xproj)
+    if mode == "lstm" or mode == "gru":
+        workspace = xproj.new_empty(T, B, 4 * H)
+    else:
+        workspace = _empty(xproj)
+    jac_sq = xproj.new_empty(T, B, dtype=torch.float32) if track else _empty(xproj, torch.float32)
+    return states, cell_states, workspace, jac_sq
+
+
+def _fake_backward(
+    grad_states, grad_cell_states, states, cell_states, workspace, w_hh, lengths, mode, reverse,
+    grad_clip, track, has_b_hh,
+):
+    T = states.shape[0] - 1
+    B, H = states.shape[1], states.shape[2]
+    G = GATES[mode]
+    grad_xproj = states.new_empty(T, B, G * H)
+    grad_h0 = states.new_empty(B, H)
+    grad_c0 = states.new_empty(B, H) if mode == "lstm" else _empty(states)
+    grad_w_hh = w_hh.new_empty(w_hh.shape)
+    grad_b_hh = states.new_empty(G * H) if has_b_hh else _empty(states)
+    K = 2 if mode == "lstm" else 1
+    grad_sq = states.new_empty(K, T, B, dtype=torch.float32) if track else _empty(states, torch.float32)
+    return grad_xproj, grad_h0, grad_c0, grad_w_hh, grad_b_hh, grad_sq
+
+
+torch.library.register_fake("vgk::rnn_forward")(_fake_forward)
+torch.library.register_fake("vgk::rnn_backward")(_fake_backward)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The autograd-aware layer op.
+
+
+@torch.library.custom_op("vgk::recurrent_layer", mutates_args=())
+def recurrent_layer(
+    xproj: torch.Tensor,
+    h0: torch.Tensor,
+    c0: torch.Tensor | None,
+    w_hh: torch.Tensor,
+    b_hh: torch.Tensor | None,
+    lengths: torch.Tensor | None,
+    probe: torch.Tensor | None,
+    mode: str,
+    reverse: bool,
+    track: bool,
+    grad_clip: float | None,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One direction of one layer over the whole sequence.
+
+    Args:
+        xproj: [T, B, G*H] input projection x W_ih^T + b_ih (+ b_hh except for the GRU); G = 4 (LSTM),
+            3 (GRU), 1 (RNN). float32/float64 (cpp); also bfloat16/float16 (triton).
+        h0, c0: [B, H] initial states; c0 for the LSTM only.
+        w_hh: [G*H, H]. b_hh: [G*H] for the GRU (None = no bias), None otherwise.
+        lengths: int64 [B] on the CPU, or None: past its length a sample's state is carried unchanged.
+        probe: float32 [K, T, B] zeros that require grad (K = 2 for the LSTM, else 1), or None. Its
+            gradient is the per-sample squared norm of ∂loss/∂h_t (and ∂loss/∂c_t).
+        mode: "lstm", "gru", "rnn_tanh", "rnn_relu" or "rnn_sigmoid". reverse: run t = T-1 .. 0.
+        track: compute the step Jacobian norms (forward) and gradient norms (backward).
+        grad_clip: clamp the gate pre-activation gradients to [-c, c] at every step, or None.
+        backend: "cpp" or "triton".
+    Returns:
+        states [T+1, B, H] (h0 first, or last when reverse), cell_states (LSTM: same layout; else
+        empty), workspace (saved for backward), jac_sq float32 [T, B] (empty unless track).
+    """
+    forward, _ = _kernel_ops(backend)
+    return tuple(forward(xproj, h0, c0, w_hh, b_hh, lengths, None, mode, reverse, track))
+
+
+@recurrent_layer.register_fake
+def _(xproj, h0, c0, w_hh, b_hh, lengths, probe, mode, reverse, track, grad_clip, backend):
+    return _fake_forward(xproj, h0, c0, w_hh, b_hh, lengths, probe, mode, reverse, track)
+
+
+def _setup_context(ctx, inputs, output):
+    xproj, h0, c0, w_hh, b_hh, lengths, probe, mode, reverse, track, grad_clip, backend = inputs
+    states, cell_states, workspace, _ = output
+    ctx.save_for_backward(states, cell_states, workspace, w_hh, lengths)
+    ctx.config = (mode, reverse, track and probe is not None, grad_clip, backend)
+    ctx.has_c0, ctx.has_b_hh, ctx.has_probe = c0 is not None, b_hh is not None, probe is not None
+
+
+def _backward(ctx, grad_states, grad_cell_states, _grad_workspace, _grad_jac):
+    states, cell_states, workspace, w_hh, lengths = ctx.saved_tensors
+    mode, reverse, track, grad_clip, backend = ctx.config
+    _, backward = _kernel_ops(backend)
+    if grad_cell_states is None or grad_cell_states.shape != cell_states.shape:
+        grad_cell_states = torch.zeros_like(cell_states)
+    grad_xproj, grad_h0, grad_c0, grad_w_hh, grad_b_hh, grad_sq = backward(
+        grad_states.contiguous(), grad_cell_states.contiguous(), states, cell_states, workspace, w_hh,
+        lengths, mode, reverse, grad_clip, track, ctx.has_b_hh,
+    )
+    return (
+        grad_xproj,
+        grad_h0,
+        grad_c0 if ctx.has_c0 else None,
+        grad_w_hh,
+        grad_b_hh if ctx.has_b_hh else None,
+        None,
+        grad_sq if (ctx.has_probe and track) else None,
+        None, None, None, None, None,
+    )
+
+
+recurrent_layer.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Stacking layers and directions.
+
+
+def check_weights(
+    weights: list[torch.Tensor], mode: str, input_size: int, hidden_size: int, num_layers: int,
+    num_directions: int, bias: bool,
+) -> None:
+    """Check the flat weight list: per layer-direction (w_ih, w_hh[, b_ih, b_hh]) in torch.nn order."""
+    per = 4 if bias else 2
+    expected = num_layers * num_directions * per
+    if len(weights) != expected:
+        raise ValueError(f"weights: expected {expected} tensors, got {len(weights)}")
+    G = GATES[mode]
+    for layer in range(num_layers):
+        in_size = input_size if layer == 0 else hidden_size * num_directions
+        for d in range(num_directions):
+            w = weights[(layer * num_directions + d) * per: (layer * num_directions + d + 1) * per]
+            shapes = [(G * hidden_size, in_size), (G * hidden_size, hidden_size)]
+            shapes += [(G * hidden_size,), (G * hidden_size,)] if bias else []
+            names = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
+            for name, tensor, shape in zip(names, w, shapes, strict=False):
+                if tuple(tensor.shape) != shape:
+                    raise ValueError(
+                        f"{name}_l{layer}{'_reverse' if d else ''}: expected shape {shape}, "
+                        f"got {tuple(tensor.shape)}"
+                    )
+
+
+def _check_inputs(input, h0, c0, weights, mode, lengths, backend, grad_clip):
+    if not torch.is_floating_point(input):
+        raise TypeError(f"input: expected a floating-point tensor, got dtype {input.dtype}")
+    if input.dim() != 3:
+        raise ValueError(f"input: expected a 3-D tensor [T, B, input_size], got shape {tuple(input.shape)}")
+    if input.shape[0] == 0:
+        raise ValueError("input: the sequence is empty (T = 0); expected at least one time step")
+    if input.shape[1] == 0:
+        raise ValueError("input: the batch is empty (B = 0); expected at least one sequence")
+    allowed = KERNEL_DTYPES[backend]
+    if input.dtype not in allowed:
+        raise TypeError(
+            f"input: backend {backend!r} supports dtypes {[str(d) for d in allowed]} on "
+            f"{input.device.type}, got {input.dtype}"
+        )
+    for name, t in [("h0", h0), ("c0", c0)] + [(f"weights[{i}]", w) for i, w in enumerate(weights)]:
+        if t is None:
+            continue
+        if t.device != input.device:
+            raise RuntimeError(f"{name}: expected a tensor on {input.device} like input, got {t.device}")
+        if t.dtype != input.dtype:
+            raise TypeError(f"{name}: expected dtype {input.dtype} like input, got {t.dtype}")
+    if lengths is not None:
+        if lengths.dtype != torch.int64 or lengths.dim() != 1 or lengths.shape[0] != input.shape[1]:
+            raise ValueError(
+                f"lengths: expected an int64 tensor of shape [{input.shape[1]}], got dtype {lengths.dtype} "
+                f"and shape {tuple(lengths.shape)}"
+            )
+    if grad_clip is not None and not grad_clip > 0:
+        raise ValueError(f"grad_clip: expected a positive number or None, got {grad_clip}")
+
+
+def _probe(mode: str, T: int, B: int, device: torch.device) -> torch.Tensor | None:
+    if not torch.is_grad_enabled():
+        return None
+    K = 2 if mode == "lstm" else 1
+    return torch.zeros(K, T, B, dtype=torch.float32, device=device, requires_grad=True)
+
+
+def _run_layer(backend, xproj, h0, c0, w_hh, b_hh, lengths, mode, reverse, track, grad_clip):
+    """Returns (states, cell_states, jac_sq, grad source or None)."""
+    if backend == "reference":
+        if grad_clip is not None:
+            raise ValueError("grad_clip: the reference backend does not clip; use backend 'cpp' or 'triton'")
+        result = reference.layer_forward(xproj, h0, c0, w_hh, b_hh, lengths, mode, reverse, track)
+        return result.states, result.cell_states, result.jac_sq, result.grad_sq
+    probe = _probe(mode, xproj.shape[0], xproj.shape[1], xproj.device) if track else None
+    kernel_lengths = None if lengths is None else lengths.to(xproj.device)
+    states, cell_states, _, jac_sq = recurrent_layer(
+        xproj, h0, c0, w_hh, b_hh, kernel_lengths, probe, mode, reverse, track, grad_clip, backend
+    )
+    return states, cell_states, jac_sq, (lambda: probe.grad) if probe is not None else (lambda: None)
+
+
+def recurrent(
+    input: torch.Tensor,
+    hx: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None,
+    weights: list[torch.Tensor],
+    *,
+    mode: str,
+    hidden_size: int,
+    num_layers: int = 1,
+    bias: bool = True,
+    dropout: float = 0.0,
+    training: bool = False,
+    bidirectional: bool = False,
+    lengths: torch.Tensor | None = None,
+    track: bool = False,
+    grad_clip: float | None = None,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, BPTTTrace | None]:
+    """A multi-layer, optionally bidirectional recurrent network over a padded, time-major sequence.
+
+    Args:
+        input: [T, B, input_size], floating point.
+        hx: None (zeros), h0 [L, B, H], or (h0, c0) for the LSTM; L = num_layers * num_directions.
+        weights: per layer and direction, in torch.nn's order, (weight_ih, weight_hh, bias_ih, bias_hh)
+            ([G*H, in], [G*H, H], [G*H], [G*H]), without the biases when ``bias`` is False.
+        mode: "lstm", "gru", "rnn_tanh", "rnn_relu" or "rnn_sigmoid".
+        dropout, training: dropout on the outputs of every layer but the last, in training only.
+        lengths: int64 [B] (CPU) lengths for padded variable-length input, or None.
+        track: compute a :class:`~vgkernels.trace.BPTTTrace`.
+        grad_clip: elementwise clamp of the gate pre-activation gradients at every step, or None.
+        backend: "cpp", "triton", "reference" or None (automatic; ``VGK_BACKEND``).
+    Returns:
+        output [T, B, num_directions*H] (zeros past each length), h_n [L, B, H], c_n [L, B, H] (LSTM;
+        else None), and the trace (None unless ``track``).
+    """
+    if mode not in GATES:
+        raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
+    backend = resolve_backend(backend, input.device, op=f"vgkernels {mode}")
+    num_directions = 2 if bidirectional else 1
+    L = num_layers * num_directions
+    T, B = input.shape[0], (input.shape[1] if input.dim() == 3 else 0)
+    if isinstance(hx, tuple):
+        h0_all, c0_all = hx
+    else:
+        h0_all, c0_all = hx, None
+    if mode == "lstm" and hx is not None and c0_all is None:
+        raise ValueError("hx: the LSTM expects a tuple (h0, c0)")
+    if mode != "lstm" and c0_all is not None:
+        raise ValueError(f"hx: mode {mode!r} expects one tensor h0, got a tuple")
+    for name, t in (("h0", h0_all), ("c0", c0_all)):
+        if t is not None and tuple(t.shape) != (L, B, hidden_size):
+            raise ValueError(f"hx: expected {name} of shape {(L, B, hidden_size)}, got {tuple(t.shape)}")
+    _check_inputs(input, h0_all, c0_all, weights, mode, lengths, backend, grad_clip)
+    check_weights(weights, mode, input.shape[-1], hidden_size, num_layers, num_directions, bias)
+    if lengths is not None and (int(lengths.min()) < 1 or int(lengths.max()) > T):
+        raise ValueError(f"lengths: expected values in [1, {T}], got min {int(lengths.min())}, "
+                         f"max {int(lengths.max())}")
+    if h0_all is None:
+        h0_all = input.new_zeros(L, B, hidden_size)
+    if mode == "lstm" and c0_all is None:
+        c0_all = input.new_zeros(L, B, hidden_size)
+
+    per = 4 if bias else 2
+    layer_input = input
+    h_n, c_n, jac, sources = [], [], [], []
+    for layer in range(num_layers):
+        outputs = []
+        for d in range(num_directions):
+            idx = layer * num_directions + d
+            w = weights[idx * per: (idx + 1) * per]
+            w_ih, w_hh = w[0], w[1]
+            b_ih, b_hh = (w[2], w[3]) if bias else (None, None)
+            if mode == "gru" or b_ih is None:
+                xproj = F.linear(layer_input, w_ih, b_ih)
+            else:
+                xproj = F.linear(layer_input, w_ih, b_ih + b_hh)
+                b_hh = None
+            c0 = c0_all[idx] if c0_all is not None else None
+            states, cell_states, jac_sq, source = _run_layer(
+                backend, xproj.contiguous(), h0_all[idx].contiguous(),
+                None if c0 is None else c0.contiguous(), w_hh.contiguous(), b_hh, lengths, mode,
+                bool(d), track, grad_clip,
+            )
+            reverse = bool(d)
+            out = states[:T] if reverse else states[1:]
+            h_n.append(states[0] if reverse else states[T])
+            if mode == "lstm":
+                c_n.append(cell_states[0] if reverse else cell_states[T])
+            outputs.append(out)
+            jac.append(jac_sq)
+            sources.append(source)
+        layer_output = outputs[0] if num_directions == 1 else torch.cat(outputs, dim=2)
+        if dropout > 0 and training and layer < num_layers - 1:
+            layer_output = F.dropout(layer_output, p=dropout, training=True)
+        layer_input = layer_output
+    output = layer_input
+    if lengths is not None:
+        valid = torch.arange(T, device=input.device)[:, None] < lengths.to(input.device)[None, :]
+        output = output * valid[:, :, None].to(output.dtype)
+    trace = None
+    if track:
+        trace = BPTTTrace(
+            mode=mode,
+            num_layers=num_layers,
+            num_directions=num_directions,
+            jacobian_norm_per_sample=torch.stack(jac).detach().clamp_min(0).sqrt(),
+            grad_sources=sources,
+            lengths=None if lengths is None else lengths.cpu(),
+        )
+    return output, torch.stack(h_n), torch.stack(c_n) if mode == "lstm" else None, trace

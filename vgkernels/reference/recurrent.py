@@ -80,7 +80,7 @@ def step_jacobian_sq(
     with torch.enable_grad():
         s = torch.cat([h, c], dim=-1) if mode == "lstm" else h
         jac = torch.func.vmap(torch.func.jacrev(step, argnums=1))(xproj_t.detach(), s.detach())
-    return jac.pow(2).sum((-2, -1)).to(torch.float32)
+    return jac.detach().pow(2).sum((-2, -1)).to(torch.float32)
 
 
 class LayerResult:
