@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-from vgkernels.ops.recurrent import GATES, recurrent
+from vgkernels.ops.recurrent import GATES, recurrent, weight_names
 from vgkernels.trace import BPTTTrace
 
 HiddenState = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
@@ -75,20 +75,13 @@ class RecurrentBase(nn.Module):
 
         gate_size = GATES[mode] * hidden_size
         factory = {"device": device, "dtype": dtype}
-        self._flat_weights_names: list[str] = []
-        for layer in range(num_layers):
+        self._flat_weights_names = weight_names(num_layers, self.num_directions, bias)
+        for name in self._flat_weights_names:
+            layer = int(name.split("_l")[1].split("_")[0])
             layer_input = input_size if layer == 0 else hidden_size * self.num_directions
-            for suffix in ("", "_reverse")[: self.num_directions]:
-                shapes = {
-                    f"weight_ih_l{layer}{suffix}": (gate_size, layer_input),
-                    f"weight_hh_l{layer}{suffix}": (gate_size, hidden_size),
-                }
-                if bias:
-                    shapes[f"bias_ih_l{layer}{suffix}"] = (gate_size,)
-                    shapes[f"bias_hh_l{layer}{suffix}"] = (gate_size,)
-                for name, shape in shapes.items():
-                    self.register_parameter(name, nn.Parameter(torch.empty(shape, **factory)))
-                    self._flat_weights_names.append(name)
+            shape = {"weight_ih": (gate_size, layer_input), "weight_hh": (gate_size, hidden_size)}.get(
+                name[:9], (gate_size,))
+            self.register_parameter(name, nn.Parameter(torch.empty(shape, **factory)))
         self.reset_parameters()
 
     @property

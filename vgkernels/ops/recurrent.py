@@ -164,32 +164,32 @@ recurrent_layer.register_autograd(_backward, setup_context=_setup_context)
 # Stacking layers and directions.
 
 
+def weight_names(num_layers: int, num_directions: int, bias: bool) -> list[str]:
+    """torch.nn's parameter names in order: per layer and direction weight_ih, weight_hh, bias_ih, bias_hh."""
+    kinds = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")[: 4 if bias else 2]
+    return [f"{kind}_l{layer}{suffix}" for layer in range(num_layers)
+            for suffix in ("", "_reverse")[:num_directions] for kind in kinds]
+
+
 def check_weights(
     weights: list[torch.Tensor], mode: str, input_size: int, hidden_size: int, num_layers: int,
     num_directions: int, bias: bool,
 ) -> None:
     """Check the flat weight list: per layer-direction (w_ih, w_hh[, b_ih, b_hh]) in torch.nn order."""
-    per = 4 if bias else 2
-    expected = num_layers * num_directions * per
-    if len(weights) != expected:
-        raise ValueError(f"weights: expected {expected} tensors, got {len(weights)}")
+    names = weight_names(num_layers, num_directions, bias)
+    if len(weights) != len(names):
+        raise ValueError(f"weights: expected {len(names)} tensors ({', '.join(names)}), got {len(weights)}")
     G = GATES[mode]
-    for layer in range(num_layers):
+    for name, tensor in zip(names, weights, strict=True):
+        layer = int(name.split("_l")[1].split("_")[0])
         in_size = input_size if layer == 0 else hidden_size * num_directions
-        for d in range(num_directions):
-            w = weights[(layer * num_directions + d) * per: (layer * num_directions + d + 1) * per]
-            shapes = [(G * hidden_size, in_size), (G * hidden_size, hidden_size)]
-            shapes += [(G * hidden_size,), (G * hidden_size,)] if bias else []
-            names = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
-            for name, tensor, shape in zip(names, w, shapes, strict=False):
-                if tuple(tensor.shape) != shape:
-                    raise ValueError(
-                        f"{name}_l{layer}{'_reverse' if d else ''}: expected shape {shape}, "
-                        f"got {tuple(tensor.shape)}"
-                    )
+        shape = {"weight_ih": (G * hidden_size, in_size), "weight_hh": (G * hidden_size, hidden_size)}.get(
+            name[:9], (G * hidden_size,))
+        if tuple(tensor.shape) != shape:
+            raise ValueError(f"{name}: expected shape {shape}, got {tuple(tensor.shape)}")
 
 
-def _check_inputs(input, h0, c0, weights, mode, lengths, backend, grad_clip):
+def _check_inputs(input, h0, c0, weights, names, mode, lengths, backend, grad_clip):
     if not torch.is_floating_point(input):
         raise TypeError(f"input: expected a floating-point tensor, got dtype {input.dtype}")
     if input.dim() != 3:
@@ -204,7 +204,7 @@ def _check_inputs(input, h0, c0, weights, mode, lengths, backend, grad_clip):
             f"input: backend {backend!r} supports dtypes {[str(d) for d in allowed]} on "
             f"{input.device.type}, got {input.dtype}"
         )
-    for name, t in [("h0", h0), ("c0", c0)] + [(f"weights[{i}]", w) for i, w in enumerate(weights)]:
+    for name, t in [("h0", h0), ("c0", c0)] + list(zip(names, weights, strict=False)):
         if t is None:
             continue
         if t.device != input.device:
@@ -294,7 +294,8 @@ def recurrent(
     for name, t in (("h0", h0_all), ("c0", c0_all)):
         if t is not None and tuple(t.shape) != (L, B, hidden_size):
             raise ValueError(f"hx: expected {name} of shape {(L, B, hidden_size)}, got {tuple(t.shape)}")
-    _check_inputs(input, h0_all, c0_all, weights, mode, lengths, backend, grad_clip)
+    names = weight_names(num_layers, num_directions, bias)
+    _check_inputs(input, h0_all, c0_all, weights, names, mode, lengths, backend, grad_clip)
     check_weights(weights, mode, input.shape[-1], hidden_size, num_layers, num_directions, bias)
     if lengths is not None and (int(lengths.min()) < 1 or int(lengths.max()) > T):
         raise ValueError(f"lengths: expected values in [1, {T}], got min {int(lengths.min())}, "
