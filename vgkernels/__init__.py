@@ -3,7 +3,7 @@ and exploding gradients visible inside backpropagation."""
 
 __version__ = "0.1.0"
 
-from vgkernels import _library  # noqa: F401  (registers torch.ops.vgk)
+from vgkernels import _library  # noqa: F401, I001  (registers torch.ops.vgk first)
 from vgkernels import diagnostics, init, nn, ops, tasks
 from vgkernels.nn.tracking import track
 from vgkernels.ops.clip_grad import clip_grad_norm_, clip_grads_with_norm_, get_total_norm

@@ -4,4 +4,11 @@ from vgkernels.diagnostics.bptt import TraceReport, gradient_horizon, plot_trace
 from vgkernels.diagnostics.monitor import GradientMonitor
 from vgkernels.diagnostics.spectral import spectral_norms
 
-__all__ = ["GradientMonitor", "TraceReport", "gradient_horizon", "plot_trace", "spectral_norms", "trace_report"]
+__all__ = [
+    "GradientMonitor",
+    "TraceReport",
+    "gradient_horizon",
+    "plot_trace",
+    "spectral_norms",
+    "trace_report",
+]
