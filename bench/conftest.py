@@ -19,7 +19,8 @@ def compare_record(request):
     def add(comparison):
         _collected.setdefault(suite, []).append(comparison)
         print()
-        for key, value in comparison.summary().items():
+        row = comparison.summary() if hasattr(comparison, "summary") else comparison
+        for key, value in row.items():
             print(f"  {key}: {value}")
         return comparison
 
