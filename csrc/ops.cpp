@@ -7,6 +7,7 @@
 
 TORCH_LIBRARY(vgk, m) {
   vgk::define_recurrent_ops(m);
+  vgk::define_recurrent_ln_ops(m);
   vgk::define_layer_norm_ops(m);
   vgk::define_clip_grad_ops(m);
   vgk::define_grad_stats_ops(m);
