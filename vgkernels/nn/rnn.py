@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-from vgkernels.ops.recurrent import GATES, recurrent, weight_names
+from vgkernels.ops.recurrent import GATES, layer_norm_names, recurrent, weight_names
 from vgkernels.trace import BPTTTrace
 
 HiddenState = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
@@ -57,8 +57,8 @@ class RecurrentBase(nn.Module):
             )
         if grad_clip is not None and not (isinstance(grad_clip, numbers.Real) and grad_clip > 0):
             raise ValueError(f"grad_clip: expected a positive number or None, got {grad_clip!r}")
-        if layer_norm:
-            raise ValueError("layer_norm: layer-normalized cells are not available in this version")
+        if layer_norm and mode not in ("lstm", "gru"):
+            raise ValueError(f"layer_norm: layer-normalized cells exist for LSTM and GRU, not {mode!r}")
         self.mode = mode
         self.input_size = input_size
         self.hidden_size = hidden_size
@@ -82,6 +82,10 @@ class RecurrentBase(nn.Module):
             shape = {"weight_ih": (gate_size, layer_input), "weight_hh": (gate_size, hidden_size)}.get(
                 name[:9], (gate_size,))
             self.register_parameter(name, nn.Parameter(torch.empty(shape, **factory)))
+        self._layer_norm_names = layer_norm_names(mode, num_layers, self.num_directions) if layer_norm else []
+        for name in self._layer_norm_names:
+            size = hidden_size if "_cell_" in name else gate_size
+            self.register_parameter(name, nn.Parameter(torch.empty(size, **factory)))
         self.reset_parameters()
 
     @property
@@ -96,10 +100,14 @@ class RecurrentBase(nn.Module):
         return [flat[i: i + per] for i in range(0, len(flat), per)]
 
     def reset_parameters(self) -> None:
-        """torch.nn's initialization: every parameter U(-1/sqrt(H), 1/sqrt(H))."""
+        """torch.nn's initialization: weights and biases U(-1/sqrt(H), 1/sqrt(H)); layer-norm gains 1
+        and shifts 0."""
         bound = 1.0 / math.sqrt(self.hidden_size)
         for name in self._flat_weights_names:
             nn.init.uniform_(getattr(self, name), -bound, bound)
+        for name in self._layer_norm_names:
+            (nn.init.ones_ if name.endswith("weight", 0, name.rindex("_l")) else nn.init.zeros_)(
+                getattr(self, name))
 
     def extra_repr(self) -> str:
         s = f"{self.input_size}, {self.hidden_size}"
@@ -113,7 +121,7 @@ class RecurrentBase(nn.Module):
             s += f", dropout={self.dropout}"
         if self.bidirectional:
             s += ", bidirectional=True"
-        for name in ("track", "grad_clip", "backend"):
+        for name in ("track", "grad_clip", "layer_norm", "backend"):
             if getattr(self, name):
                 s += f", {name}={getattr(self, name)!r}"
         return s
@@ -185,6 +193,7 @@ class RecurrentBase(nn.Module):
             lengths=lengths,
             track=self.track,
             grad_clip=self.grad_clip,
+            layer_norm_weights=[getattr(self, n) for n in self._layer_norm_names] or None,
             backend=self.backend,
         )
         if trace is not None:
@@ -212,7 +221,9 @@ class LSTM(RecurrentBase):
     """Drop-in ``torch.nn.LSTM`` (no ``proj_size``) with traced BPTT.
 
     Extra keyword arguments: ``track`` (record a BPTTTrace each forward), ``grad_clip`` (clamp the
-    gate pre-activation gradients to [-c, c] at every BPTT step, Graves 2013), ``layer_norm``,
+    gate pre-activation gradients to [-c, c] at every BPTT step, Graves 2013), ``layer_norm`` (the
+    layer-normalized cell of Ba et al. 2016: gates = LN(W_ih x) + LN(W_hh h) + b and
+    h = o * tanh(LN(c)), with extra parameters ``layer_norm_{ih,hh,cell}_{weight,bias}_l<k>``),
     ``backend`` ("cpp", "triton", "reference" or None).
     """
 

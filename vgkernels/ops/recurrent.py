@@ -35,35 +35,50 @@ def _empty(like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor
     return like.new_empty(0, dtype=dtype or like.dtype)
 
 
-def _kernel_ops(backend: str):
+def _kernel_ops(backend: str, layer_norm: bool):
+    """The (forward, backward) kernel ops of a backend, plain or layer-normalized cells."""
     if backend == "cpp":
-        return torch.ops.vgk.rnn_forward, torch.ops.vgk.rnn_backward
+        ops = torch.ops.vgk
+        if layer_norm:
+            return ops.rnn_ln_forward, ops.rnn_ln_backward
+        return ops.rnn_forward, ops.rnn_backward
     import vgkernels.triton.recurrent  # noqa: F401  (registers the Triton ops)
 
-    return torch.ops.vgk.rnn_forward_triton, torch.ops.vgk.rnn_backward_triton
+    ops = torch.ops.vgk
+    if layer_norm:
+        return ops.rnn_ln_forward_triton, ops.rnn_ln_backward_triton
+    return ops.rnn_forward_triton, ops.rnn_backward_triton
+
+
+def workspace_width(mode: str, hidden_size: int, layer_norm: bool) -> int:
+    """Per position and sample, the number of values the forward saves for the backward.
+
+    Plain cells: LSTM the 4 activated gates; GRU r, z, n and W_hn h + b_hn; RNN nothing (the activation
+    derivative follows from h). Layer-normalized cells add the normalized W_hh h (G*H values), its
+    1/std, and for the LSTM the normalized c and its 1/std.
+    """
+    H = hidden_size
+    if not layer_norm:
+        return {"lstm": 4 * H, "gru": 4 * H}.get(mode, 0)
+    return {"lstm": 9 * H + 2, "gru": 7 * H + 1}[mode]
 
 
 # ---------------------------------------------------------------------------------------------------
 # Fake (shape-only) implementations of the C++ kernel ops, for torch.compile and opcheck.
 
 
-def _fake_forward(xproj, h0, c0, w_hh, b_hh, lengths, probe, mode, reverse, track):
+def _fake_forward_shapes(xproj, w_hh, mode, track, layer_norm):
     T, B, _ = xproj.shape
     H = w_hh.shape[1]
     states = xproj.new_empty(T + 1, B, H)
     cell_states = xproj.new_empty(T + 1, B, H) if mode == "lstm" else _empty(xproj)
-    if mode == "lstm" or mode == "gru":
-        workspace = xproj.new_empty(T, B, 4 * H)
-    else:
-        workspace = _empty(xproj)
+    width = workspace_width(mode, H, layer_norm)
+    workspace = xproj.new_empty(T, B, width) if width else _empty(xproj)
     jac_sq = xproj.new_empty(T, B, dtype=torch.float32) if track else _empty(xproj, torch.float32)
     return states, cell_states, workspace, jac_sq
 
 
-def _fake_backward(
-    grad_states, grad_cell_states, states, cell_states, workspace, w_hh, lengths, mode, reverse,
-    grad_clip, track, has_b_hh,
-):
+def _fake_backward_shapes(states, w_hh, mode, track, has_b_hh):
     T = states.shape[0] - 1
     B, H = states.shape[1], states.shape[2]
     G = GATES[mode]
@@ -77,8 +92,32 @@ def _fake_backward(
     return grad_xproj, grad_h0, grad_c0, grad_w_hh, grad_b_hh, grad_sq
 
 
-torch.library.register_fake("vgk::rnn_forward")(_fake_forward)
-torch.library.register_fake("vgk::rnn_backward")(_fake_backward)
+@torch.library.register_fake("vgk::rnn_forward")
+def _(xproj, h0, c0, w_hh, b_hh, lengths, probe, mode, reverse, track):
+    return _fake_forward_shapes(xproj, w_hh, mode, track, layer_norm=False)
+
+
+@torch.library.register_fake("vgk::rnn_backward")
+def _(grad_states, grad_cell_states, states, cell_states, workspace, w_hh, lengths, mode, reverse,
+      grad_clip, track, has_b_hh):
+    return _fake_backward_shapes(states, w_hh, mode, track, has_b_hh)
+
+
+@torch.library.register_fake("vgk::rnn_ln_forward")
+def _(xproj, h0, c0, w_hh, b_hh, ln_hh_weight, ln_hh_bias, ln_cell_weight, ln_cell_bias, eps, lengths,
+      mode, reverse, track):
+    return _fake_forward_shapes(xproj, w_hh, mode, track, layer_norm=True)
+
+
+@torch.library.register_fake("vgk::rnn_ln_backward")
+def _(grad_states, grad_cell_states, states, cell_states, workspace, w_hh, ln_hh_weight, ln_cell_weight,
+      lengths, mode, reverse, grad_clip, track, has_b_hh):
+    grad_xproj, grad_h0, grad_c0, grad_w_hh, grad_b_hh, grad_sq = _fake_backward_shapes(
+        states, w_hh, mode, track, has_b_hh)
+    cell = (ln_cell_weight.new_empty(ln_cell_weight.shape),) * 2 if ln_cell_weight is not None else (
+        _empty(states),) * 2
+    return (grad_xproj, grad_h0, grad_c0, grad_w_hh, grad_b_hh, ln_hh_weight.new_empty(ln_hh_weight.shape),
+            ln_hh_weight.new_empty(ln_hh_weight.shape), *cell, grad_sq)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -92,68 +131,91 @@ def recurrent_layer(
     c0: torch.Tensor | None,
     w_hh: torch.Tensor,
     b_hh: torch.Tensor | None,
+    ln_hh_weight: torch.Tensor | None,
+    ln_hh_bias: torch.Tensor | None,
+    ln_cell_weight: torch.Tensor | None,
+    ln_cell_bias: torch.Tensor | None,
     lengths: torch.Tensor | None,
     probe: torch.Tensor | None,
     mode: str,
     reverse: bool,
     track: bool,
     grad_clip: float | None,
+    eps: float,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """One direction of one layer over the whole sequence.
 
     Args:
         xproj: [T, B, G*H] input projection x W_ih^T + b_ih (+ b_hh except for the GRU); G = 4 (LSTM),
-            3 (GRU), 1 (RNN). float32/float64 (cpp); also bfloat16/float16 (triton).
+            3 (GRU), 1 (RNN). With layer normalization: LN(x W_ih^T) plus the same biases.
+            float32/float64 (cpp); also bfloat16/float16 (triton).
         h0, c0: [B, H] initial states; c0 for the LSTM only.
         w_hh: [G*H, H]. b_hh: [G*H] for the GRU (None = no bias), None otherwise.
-        lengths: int64 [B] on the CPU, or None: past its length a sample's state is carried unchanged.
+        ln_hh_weight, ln_hh_bias: [G*H] gain and shift of LN(W_hh h), or None for plain cells.
+        ln_cell_weight, ln_cell_bias: [H] gain and shift of LN(c) (layer-normalized LSTM), else None.
+        lengths: int64 [B] on the input's device, or None: past its length a sample's state is carried.
         probe: float32 [K, T, B] zeros that require grad (K = 2 for the LSTM, else 1), or None. Its
             gradient is the per-sample squared norm of ∂loss/∂h_t (and ∂loss/∂c_t).
         mode: "lstm", "gru", "rnn_tanh", "rnn_relu" or "rnn_sigmoid". reverse: run t = T-1 .. 0.
         track: compute the step Jacobian norms (forward) and gradient norms (backward).
         grad_clip: clamp the gate pre-activation gradients to [-c, c] at every step, or None.
+        eps: the layer normalization's epsilon.
         backend: "cpp" or "triton".
     Returns:
         states [T+1, B, H] (h0 first, or last when reverse), cell_states (LSTM: same layout; else
         empty), workspace (saved for backward), jac_sq float32 [T, B] (empty unless track).
     """
-    forward, _ = _kernel_ops(backend)
-    return tuple(forward(xproj, h0, c0, w_hh, b_hh, lengths, None, mode, reverse, track))
+    if ln_hh_weight is None:
+        forward, _ = _kernel_ops(backend, layer_norm=False)
+        return tuple(forward(xproj, h0, c0, w_hh, b_hh, lengths, None, mode, reverse, track))
+    forward, _ = _kernel_ops(backend, layer_norm=True)
+    return tuple(forward(xproj, h0, c0, w_hh, b_hh, ln_hh_weight, ln_hh_bias, ln_cell_weight, ln_cell_bias,
+                         eps, lengths, mode, reverse, track))
 
 
 @recurrent_layer.register_fake
-def _(xproj, h0, c0, w_hh, b_hh, lengths, probe, mode, reverse, track, grad_clip, backend):
-    return _fake_forward(xproj, h0, c0, w_hh, b_hh, lengths, probe, mode, reverse, track)
+def _(xproj, h0, c0, w_hh, b_hh, ln_hh_weight, ln_hh_bias, ln_cell_weight, ln_cell_bias, lengths, probe,
+      mode, reverse, track, grad_clip, eps, backend):
+    return _fake_forward_shapes(xproj, w_hh, mode, track, layer_norm=ln_hh_weight is not None)
 
 
 def _setup_context(ctx, inputs, output):
-    xproj, h0, c0, w_hh, b_hh, lengths, probe, mode, reverse, track, grad_clip, backend = inputs
+    (xproj, h0, c0, w_hh, b_hh, ln_hh_weight, ln_hh_bias, ln_cell_weight, ln_cell_bias, lengths, probe,
+     mode, reverse, track, grad_clip, eps, backend) = inputs
     states, cell_states, workspace, _ = output
-    ctx.save_for_backward(states, cell_states, workspace, w_hh, lengths)
+    ctx.save_for_backward(states, cell_states, workspace, w_hh, lengths, ln_hh_weight, ln_cell_weight)
     ctx.config = (mode, reverse, track and probe is not None, grad_clip, backend)
     ctx.has_c0, ctx.has_b_hh, ctx.has_probe = c0 is not None, b_hh is not None, probe is not None
 
 
 def _backward(ctx, grad_states, grad_cell_states, _grad_workspace, _grad_jac):
-    states, cell_states, workspace, w_hh, lengths = ctx.saved_tensors
+    states, cell_states, workspace, w_hh, lengths, ln_hh_weight, ln_cell_weight = ctx.saved_tensors
     mode, reverse, track, grad_clip, backend = ctx.config
-    _, backward = _kernel_ops(backend)
     if grad_cell_states is None or grad_cell_states.shape != cell_states.shape:
         grad_cell_states = torch.zeros_like(cell_states)
-    grad_xproj, grad_h0, grad_c0, grad_w_hh, grad_b_hh, grad_sq = backward(
-        grad_states.contiguous(), grad_cell_states.contiguous(), states, cell_states, workspace, w_hh,
-        lengths, mode, reverse, grad_clip, track, ctx.has_b_hh,
-    )
+    common = (grad_states.contiguous(), grad_cell_states.contiguous(), states, cell_states, workspace, w_hh)
+    flags = (lengths, mode, reverse, grad_clip, track, ctx.has_b_hh)
+    if ln_hh_weight is None:
+        _, backward = _kernel_ops(backend, layer_norm=False)
+        grad_xproj, grad_h0, grad_c0, grad_w_hh, grad_b_hh, grad_sq = backward(*common, *flags)
+        grad_norm = (None, None, None, None)
+    else:
+        _, backward = _kernel_ops(backend, layer_norm=True)
+        (grad_xproj, grad_h0, grad_c0, grad_w_hh, grad_b_hh, g_hh_w, g_hh_b, g_c_w, g_c_b,
+         grad_sq) = backward(*common, ln_hh_weight, ln_cell_weight, *flags)
+        has_cell = ln_cell_weight is not None
+        grad_norm = (g_hh_w, g_hh_b, g_c_w if has_cell else None, g_c_b if has_cell else None)
     return (
         grad_xproj,
         grad_h0,
         grad_c0 if ctx.has_c0 else None,
         grad_w_hh,
         grad_b_hh if ctx.has_b_hh else None,
+        *grad_norm,
         None,
         grad_sq if (ctx.has_probe and track) else None,
-        None, None, None, None, None,
+        None, None, None, None, None, None,
     )
 
 
@@ -228,19 +290,44 @@ def _probe(mode: str, T: int, B: int, device: torch.device) -> torch.Tensor | No
     return torch.zeros(K, T, B, dtype=torch.float32, device=device, requires_grad=True)
 
 
-def _run_layer(backend, xproj, h0, c0, w_hh, b_hh, lengths, mode, reverse, track, grad_clip):
-    """Returns (states, cell_states, jac_sq, grad source or None)."""
+def _run_layer(backend, xproj, h0, c0, w_hh, b_hh, norm, lengths, mode, reverse, track, grad_clip):
+    """Returns (states, cell_states, jac_sq, grad source)."""
     if backend == "reference":
         if grad_clip is not None:
             raise ValueError("grad_clip: the reference backend does not clip; use backend 'cpp' or 'triton'")
-        result = reference.layer_forward(xproj, h0, c0, w_hh, b_hh, lengths, mode, reverse, track)
+        result = reference.layer_forward(xproj, h0, c0, w_hh, b_hh, lengths, mode, reverse, track, norm)
         return result.states, result.cell_states, result.jac_sq, result.grad_sq
     probe = _probe(mode, xproj.shape[0], xproj.shape[1], xproj.device) if track else None
     kernel_lengths = None if lengths is None else lengths.to(xproj.device)
+    ln = (None, None, None, None, 1e-5) if norm is None else norm
     states, cell_states, _, jac_sq = recurrent_layer(
-        xproj, h0, c0, w_hh, b_hh, kernel_lengths, probe, mode, reverse, track, grad_clip, backend
+        xproj, h0, c0, w_hh, b_hh, *ln[:4], kernel_lengths, probe, mode, reverse, track, grad_clip, ln[4],
+        backend,
     )
     return states, cell_states, jac_sq, (lambda: probe.grad) if probe is not None else (lambda: None)
+
+
+def _input_projection(backend, x, w_ih, b_ih, b_hh, mode, ln_ih):
+    """x W_ih^T plus biases (b_hh too, except for the GRU), with LN(x W_ih^T) when ln_ih is given."""
+    b = b_ih if (mode == "gru" or b_ih is None) else b_ih + b_hh
+    if ln_ih is None:
+        return F.linear(x, w_ih, b)
+    y = F.linear(x, w_ih)
+    if backend == "reference":
+        y = F.layer_norm(y, y.shape[-1:], ln_ih[0], ln_ih[1], ln_ih[2])
+    else:
+        from vgkernels.ops.layer_norm import layer_norm
+
+        y = layer_norm(y, y.shape[-1:], ln_ih[0], ln_ih[1], ln_ih[2])
+    return y if b is None else y + b
+
+
+def layer_norm_names(mode: str, num_layers: int, num_directions: int) -> list[str]:
+    """Names of a layer-normalized cell's extra parameters, per layer and direction, in order."""
+    kinds = ["ih_weight", "ih_bias", "hh_weight", "hh_bias"] + (["cell_weight", "cell_bias"] if mode == "lstm"
+                                                               else [])
+    return [f"layer_norm_{kind}_l{layer}{suffix}" for layer in range(num_layers)
+            for suffix in ("", "_reverse")[:num_directions] for kind in kinds]
 
 
 def recurrent(
@@ -258,6 +345,8 @@ def recurrent(
     lengths: torch.Tensor | None = None,
     track: bool = False,
     grad_clip: float | None = None,
+    layer_norm_weights: list[torch.Tensor] | None = None,
+    eps: float = 1e-5,
     backend: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, BPTTTrace | None]:
     """A multi-layer, optionally bidirectional recurrent network over a padded, time-major sequence.
@@ -272,6 +361,11 @@ def recurrent(
         lengths: int64 [B] (CPU) lengths for padded variable-length input, or None.
         track: compute a :class:`~vgkernels.trace.BPTTTrace`.
         grad_clip: elementwise clamp of the gate pre-activation gradients at every step, or None.
+        layer_norm_weights: layer-normalized LSTM/GRU cells (Ba et al. 2016): per layer and direction
+            the gains and shifts named by :func:`layer_norm_names` ([G*H] for ih and hh, [H] for the
+            LSTM's cell), giving gates = LN(W_ih x) + LN(W_hh h) + b and h = o * tanh(LN(c)). None for
+            plain cells.
+        eps: the layer normalization's epsilon.
         backend: "cpp", "triton", "reference" or None (automatic; ``VGK_BACKEND``).
     Returns:
         output [T, B, num_directions*H] (zeros past each length), h_n [L, B, H], c_n [L, B, H] (LSTM;
@@ -306,6 +400,21 @@ def recurrent(
         c0_all = input.new_zeros(L, B, hidden_size)
 
     per = 4 if bias else 2
+    ln_per = 6 if mode == "lstm" else 4
+    if layer_norm_weights is not None:
+        if mode not in ("lstm", "gru"):
+            raise ValueError(
+                f"layer_norm_weights: layer normalization is for 'lstm' and 'gru', got mode {mode!r}")
+        ln_names = layer_norm_names(mode, num_layers, num_directions)
+        if len(layer_norm_weights) != len(ln_names):
+            raise ValueError(
+                f"layer_norm_weights: expected {len(ln_names)} tensors, got {len(layer_norm_weights)}")
+        G = GATES[mode]
+        for name, t in zip(ln_names, layer_norm_weights, strict=True):
+            size = hidden_size if "cell" in name else G * hidden_size
+            if tuple(t.shape) != (size,) or t.dtype != input.dtype or t.device != input.device:
+                raise ValueError(f"{name}: expected shape ({size},), dtype {input.dtype} on {input.device}; "
+                                 f"got shape {tuple(t.shape)}, dtype {t.dtype} on {t.device}")
     layer_input = input
     h_n, c_n, jac, sources = [], [], [], []
     for layer in range(num_layers):
@@ -315,15 +424,18 @@ def recurrent(
             w = weights[idx * per: (idx + 1) * per]
             w_ih, w_hh = w[0], w[1]
             b_ih, b_hh = (w[2], w[3]) if bias else (None, None)
-            if mode == "gru" or b_ih is None:
-                xproj = F.linear(layer_input, w_ih, b_ih)
-            else:
-                xproj = F.linear(layer_input, w_ih, b_ih + b_hh)
-                b_hh = None
+            ln_ih = norm = None
+            if layer_norm_weights is not None:
+                ln = layer_norm_weights[idx * ln_per: (idx + 1) * ln_per]
+                ln_ih = (ln[0], ln[1], eps)
+                norm = reference.CellNorm(ln[2], ln[3], *(ln[4:6] if mode == "lstm" else (None, None)), eps)
+            xproj = _input_projection(backend, layer_input, w_ih, b_ih, b_hh, mode, ln_ih)
+            if mode != "gru":
+                b_hh = None  # folded into xproj
             c0 = c0_all[idx] if c0_all is not None else None
             states, cell_states, jac_sq, source = _run_layer(
                 backend, xproj.contiguous(), h0_all[idx].contiguous(),
-                None if c0 is None else c0.contiguous(), w_hh.contiguous(), b_hh, lengths, mode,
+                None if c0 is None else c0.contiguous(), w_hh.contiguous(), b_hh, norm, lengths, mode,
                 bool(d), track, grad_clip,
             )
             reverse = bool(d)

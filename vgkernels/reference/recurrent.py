@@ -9,10 +9,27 @@ kernels use.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
+import torch.nn.functional as F
 
 GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1, "rnn_sigmoid": 1}
 MODES = tuple(GATES)
+
+
+class CellNorm(NamedTuple):
+    """Layer-normalization parameters inside a cell (Ba et al. 2016).
+
+    hh_weight, hh_bias: [G*H] gain and shift of LN(W_hh h). cell_weight, cell_bias: [H] gain and shift
+    of LN(c) in h = o * tanh(LN(c)) (LSTM only, else None).
+    """
+
+    hh_weight: torch.Tensor
+    hh_bias: torch.Tensor
+    cell_weight: torch.Tensor | None
+    cell_bias: torch.Tensor | None
+    eps: float = 1e-5
 
 
 def cell_step(
@@ -22,21 +39,29 @@ def cell_step(
     c: torch.Tensor | None,
     w_hh: torch.Tensor,
     b_hh: torch.Tensor | None,
+    norm: CellNorm | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One step of the cell.
 
     Args:
-        xproj_t: [B, G*H] input projection x_t W_ih^T + b_ih (plus b_hh except for the GRU).
+        xproj_t: [B, G*H] input projection x_t W_ih^T + b_ih (plus b_hh except for the GRU); with
+            ``norm``, LN(x_t W_ih^T) + biases.
         h, c: [B, H] previous hidden and (LSTM) cell state.
         w_hh: [G*H, H]. b_hh: [G*H] or None, used by the GRU only.
+        norm: layer normalization of W_hh h (and of c for the LSTM), or None.
     Returns:
         (h_t, c_t), c_t None except for the LSTM.
     """
     gh = h @ w_hh.t()
+    if norm is not None:
+        gh = F.layer_norm(gh, gh.shape[-1:], norm.hh_weight, norm.hh_bias, norm.eps)
     if mode == "lstm":
         i, f, g, o = (xproj_t + gh).chunk(4, dim=-1)
         c_new = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-        return torch.sigmoid(o) * torch.tanh(c_new), c_new
+        c_out = c_new
+        if norm is not None:
+            c_out = F.layer_norm(c_new, c_new.shape[-1:], norm.cell_weight, norm.cell_bias, norm.eps)
+        return torch.sigmoid(o) * torch.tanh(c_out), c_new
     if mode == "gru":
         if b_hh is not None:
             gh = gh + b_hh
@@ -63,6 +88,7 @@ def step_jacobian_sq(
     c: torch.Tensor | None,
     w_hh: torch.Tensor,
     b_hh: torch.Tensor | None,
+    norm: CellNorm | None = None,
 ) -> torch.Tensor:
     """Squared Frobenius norm of ∂s_t/∂s_prev per sample, float32 [B].
 
@@ -73,9 +99,9 @@ def step_jacobian_sq(
     def step(x1: torch.Tensor, s1: torch.Tensor) -> torch.Tensor:
         if mode == "lstm":
             h1, c1 = s1.chunk(2)
-            h_new, c_new = cell_step(mode, x1[None], h1[None], c1[None], w_hh, b_hh)
+            h_new, c_new = cell_step(mode, x1[None], h1[None], c1[None], w_hh, b_hh, norm)
             return torch.cat([h_new[0], c_new[0]])
-        return cell_step(mode, x1[None], s1[None], None, w_hh, b_hh)[0][0]
+        return cell_step(mode, x1[None], s1[None], None, w_hh, b_hh, norm)[0][0]
 
     with torch.enable_grad():
         s = torch.cat([h, c], dim=-1) if mode == "lstm" else h
@@ -129,6 +155,7 @@ def layer_forward(
     mode: str,
     reverse: bool,
     track: bool = False,
+    norm: CellNorm | None = None,
 ) -> LayerResult:
     """One direction of one layer over the whole sequence (the semantics of ``vgk::rnn_forward``).
 
@@ -140,6 +167,7 @@ def layer_forward(
             unchanged.
         reverse: process positions T-1 down to 0.
         track: retain every state's gradient and compute the step Jacobian norms.
+        norm: layer normalization inside the cell (LSTM, GRU), or None.
     """
     T, B = xproj.shape[0], xproj.shape[1]
     positions = range(T - 1, -1, -1) if reverse else range(T)
@@ -153,8 +181,8 @@ def layer_forward(
     jac = torch.zeros(T, B, dtype=torch.float32, device=xproj.device)
     for t in positions:
         if track:
-            jac[t] = step_jacobian_sq(mode, xproj[t], h, c, w_hh, b_hh) * valid[t]
-        h_new, c_new = cell_step(mode, xproj[t], h, c, w_hh, b_hh)
+            jac[t] = step_jacobian_sq(mode, xproj[t], h, c, w_hh, b_hh, norm) * valid[t]
+        h_new, c_new = cell_step(mode, xproj[t], h, c, w_hh, b_hh, norm)
         keep = valid[t][:, None]
         h = torch.where(keep, h_new, h)
         if c is not None:
