@@ -1,0 +1,748 @@
+"""Triton kernels of the recurrent core: one direction of one layer over the whole sequence.
+
+The ops ``vgk::rnn_forward_triton`` and ``vgk::rnn_backward_triton`` take the arguments and return the
+outputs of the C++ ops ``vgk::rnn_forward`` / ``vgk::rnn_backward`` (see ``vgkernels/ops/recurrent.py``
+for their meaning), so the autograd code can call either backend.
+
+Kernels. One fused kernel does a time step for a block of batch rows and a tile of hidden units:
+
+- forward: ``h_{t-1} W_hh^T`` with ``tl.dot`` (one accumulator per gate), plus the precomputed input
+  projection, the gate nonlinearities, the state update, the values the backward needs, and the
+  per-sample squared Frobenius norm of the step Jacobian (closed form over per-unit Gram matrices of
+  the rows of W_hh, computed once per call);
+- backward: ``dG_{t+1} W_hh`` with ``tl.dot``, plus the direct gradient, the gate gradients (clamped for
+  ``grad_clip``) and the per-sample squared gradient norms of h_t (and c_t).
+
+Two loops drive it. The *persistent* loop launches once: each program owns a block of batch rows,
+walks over all hidden tiles of a step, and then to the next step; all its data dependencies stay
+inside the program (a block barrier separates the steps), so no grid-wide synchronisation is needed.
+The *step* loop launches once per step with one program per (batch block, hidden tile), which spreads
+a step over many more SMs but pays a launch per step. ``VGK_RNN_TRITON_LOOP`` = ``persistent`` |
+``step`` | ``auto`` (default) picks one; ``auto`` takes the persistent loop when a step is small.
+
+The input projection is the caller's GEMM; the weight gradient is one GEMM after the time loop.
+
+Dtypes: float32, float64, bfloat16 and float16 inputs (all inputs in one dtype). Arithmetic and the
+intermediate buffers are float64 for float64 inputs and float32 otherwise; the outputs ``states``,
+``cell_states``, ``workspace`` and the gradients are returned in the input dtype (``grad_w_hh`` in
+w_hh's), ``jac_sq`` and ``grad_sq`` always in float32. The recurrent dots take half-precision operands
+(tensor cores, float32 accumulation) for half inputs and IEEE float32 for float32 inputs.
+
+Workspace layout (private to this backend): LSTM [T, B, 4H] activated gates (i, f, g, o); GRU
+[T, B, 4H] (r, z, n, W_hn h + b_hn); Elman RNN: empty, the derivative follows from h.
+"""
+
+import contextlib
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1, "rnn_sigmoid": 1}
+_MODE_ID = {"lstm": 0, "gru": 1, "rnn_tanh": 2, "rnn_relu": 3, "rnn_sigmoid": 4}
+_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+LOOP_ENV = "VGK_RNN_TRITON_LOOP"
+
+# Tests set this to nan so that any output element a kernel fails to write shows up.
+_ALLOC_FILL: float | None = None
+
+
+# ---------------------------------------------------------------------------------------------------
+# Kernels
+
+
+@triton.jit
+def _sigmoid(x):
+    return 1.0 / (1.0 + tl.exp(-x))
+
+
+@triton.jit
+def _tanh(x):
+    # From one exp of a non-positive argument: no overflow, exact limits.
+    e = tl.exp(-2.0 * tl.abs(x))
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(x < 0, -t, t)
+
+
+@triton.jit
+def _ld(ptr, mask, ACC: tl.constexpr):
+    return tl.load(ptr, mask=mask, other=0.0).to(ACC)
+
+
+@triton.jit
+def _gram(gram_ptr, cols, col_ok, G: tl.constexpr, a: tl.constexpr, b: tl.constexpr, ACC: tl.constexpr):
+    """Entry (a, b) of the per-unit Gram matrices of the hidden tile, as a [1, BLOCK_J] row."""
+    return tl.load(gram_ptr + cols * (G * G) + (a * G + b), mask=col_ok, other=0.0).to(ACC)[None, :]
+
+
+@triton.jit
+def _quad3(u0, u1, u2, gram_ptr, cols, col_ok, G: tl.constexpr, ACC: tl.constexpr):
+    """u^T G_j u over the first three gates, per sample and unit."""
+    g00 = _gram(gram_ptr, cols, col_ok, G, 0, 0, ACC)
+    g11 = _gram(gram_ptr, cols, col_ok, G, 1, 1, ACC)
+    g22 = _gram(gram_ptr, cols, col_ok, G, 2, 2, ACC)
+    g01 = _gram(gram_ptr, cols, col_ok, G, 0, 1, ACC)
+    g02 = _gram(gram_ptr, cols, col_ok, G, 0, 2, ACC)
+    g12 = _gram(gram_ptr, cols, col_ok, G, 1, 2, ACC)
+    cross = u0 * u1 * g01 + u0 * u2 * g02 + u1 * u2 * g12
+    return u0 * u0 * g00 + u1 * u1 * g11 + u2 * u2 * g22 + 2.0 * cross
+
+
+@triton.jit
+def _gate_dot(hk, w_ptrs, w_mask, acc, DOT: tl.constexpr):
+    # IEEE float32 for float32 operands (TF32 would cost ~1e-3 relative error); half operands use
+    # tensor cores whatever the precision flag says.
+    return tl.dot(hk, tl.load(w_ptrs, mask=w_mask, other=0.0).to(DOT), acc, input_precision="ieee")
+
+
+@triton.jit
+def _clamp(d, clip, HAS_CLIP: tl.constexpr):
+    if HAS_CLIP:
+        d = tl.minimum(tl.maximum(d, -clip), clip)
+    return d
+
+
+@triton.jit(do_not_specialize=["s0"])
+def _forward_kernel(
+    x_ptr, st_ptr, cs_ptr, ws_ptr, wt_ptr, bhh_ptr, len_ptr, gram_ptr, diag_ptr, jac_ptr,
+    T, B, H, s0, n_steps, tiles_per_prog,
+    MODE: tl.constexpr, G: tl.constexpr, REVERSE: tl.constexpr, HAS_LEN: tl.constexpr,
+    HAS_BHH: tl.constexpr, TRACK: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Processing steps s0 .. s0+n_steps-1 for one batch block and ``tiles_per_prog`` hidden tiles.
+
+    x [T, B, G*H]; st, cs [T+1, B, H]; ws [T, B, 4H]; wt = W_hh^T [H, G*H]; bhh [G*H]; len [B];
+    gram [H, G*G]; diag [H, 3]; jac [n_tile_programs, T, B] partial sums over this program's tiles.
+    """
+    pid_b = tl.program_id(0)
+    pid_j = tl.program_id(1)
+    rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    row_ok = rows < B
+    GH = G * H
+    if HAS_LEN:
+        lens = tl.load(len_ptr + rows, mask=row_ok, other=0)
+    for s in range(s0, s0 + n_steps):
+        if REVERSE:
+            pos = T - 1 - s
+            slot_in = pos + 1
+            slot_out = pos
+        else:
+            pos = s
+            slot_in = pos
+            slot_out = pos + 1
+        valid = row_ok
+        if HAS_LEN:
+            valid = valid & (pos < lens)
+        in_base = tl.cast(slot_in, tl.int64) * B * H
+        out_base = tl.cast(slot_out, tl.int64) * B * H
+        x_base = tl.cast(pos, tl.int64) * B * GH
+        ws_base = tl.cast(pos, tl.int64) * B * (4 * H)
+        jac_row = tl.zeros([BLOCK_B], dtype=ACC)
+        for q in range(tiles_per_prog):
+            cols = (pid_j * tiles_per_prog + q) * BLOCK_J + tl.arange(0, BLOCK_J)
+            col_ok = cols < H
+            m2 = row_ok[:, None] & col_ok[None, :]
+            keep = valid[:, None] & col_ok[None, :]
+            acc0 = tl.zeros([BLOCK_B, BLOCK_J], dtype=ACC)
+            acc1 = tl.zeros([BLOCK_B, BLOCK_J], dtype=ACC)
+            acc2 = tl.zeros([BLOCK_B, BLOCK_J], dtype=ACC)
+            acc3 = tl.zeros([BLOCK_B, BLOCK_J], dtype=ACC)
+            for k0 in range(0, H, BLOCK_K):
+                ks = k0 + tl.arange(0, BLOCK_K)
+                k_ok = ks < H
+                hk = tl.load(st_ptr + in_base + rows[:, None] * H + ks[None, :],
+                             mask=row_ok[:, None] & k_ok[None, :], other=0.0).to(DOT)
+                w_mask = k_ok[:, None] & col_ok[None, :]
+                w_ptrs = wt_ptr + ks[:, None] * GH + cols[None, :]
+                acc0 = _gate_dot(hk, w_ptrs, w_mask, acc0, DOT)
+                if G > 1:
+                    acc1 = _gate_dot(hk, w_ptrs + H, w_mask, acc1, DOT)
+                    acc2 = _gate_dot(hk, w_ptrs + 2 * H, w_mask, acc2, DOT)
+                if G > 3:
+                    acc3 = _gate_dot(hk, w_ptrs + 3 * H, w_mask, acc3, DOT)
+            hoff = rows[:, None] * H + cols[None, :]
+            x_ptrs = x_ptr + x_base + rows[:, None] * GH + cols[None, :]
+            ws_ptrs = ws_ptr + ws_base + rows[:, None] * (4 * H) + cols[None, :]
+            if MODE == 0:  # LSTM
+                c_prev = _ld(cs_ptr + in_base + hoff, m2, ACC)
+                si = _sigmoid(_ld(x_ptrs, m2, ACC) + acc0)
+                sf = _sigmoid(_ld(x_ptrs + H, m2, ACC) + acc1)
+                tg = _tanh(_ld(x_ptrs + 2 * H, m2, ACC) + acc2)
+                so = _sigmoid(_ld(x_ptrs + 3 * H, m2, ACC) + acc3)
+                c = sf * c_prev + si * tg
+                tc = _tanh(c)
+                h = so * tc
+                tl.store(ws_ptrs, si, mask=m2)
+                tl.store(ws_ptrs + H, sf, mask=m2)
+                tl.store(ws_ptrs + 2 * H, tg, mask=m2)
+                tl.store(ws_ptrs + 3 * H, so, mask=m2)
+                if HAS_LEN:
+                    h = tl.where(keep, h, _ld(st_ptr + in_base + hoff, m2, ACC))
+                    c = tl.where(keep, c, c_prev)
+                tl.store(cs_ptr + out_base + hoff, c, mask=m2)
+                if TRACK:
+                    # Rows (W_i, W_f, W_g) weights in dc/dh_prev (alpha) and dh/dh_prev (kappa * alpha,
+                    # plus beta_o on W_o); dc/dc_prev = sf, dh/dc_prev = kappa * sf.
+                    a_i = tg * si * (1.0 - si)
+                    a_f = c_prev * sf * (1.0 - sf)
+                    a_g = si * (1.0 - tg * tg)
+                    kappa = so * (1.0 - tc * tc)
+                    b_o = tc * so * (1.0 - so)
+                    qa = _quad3(a_i, a_f, a_g, gram_ptr, cols, col_ok, G, ACC)
+                    cross = (a_i * _gram(gram_ptr, cols, col_ok, G, 0, 3, ACC)
+                             + a_f * _gram(gram_ptr, cols, col_ok, G, 1, 3, ACC)
+                             + a_g * _gram(gram_ptr, cols, col_ok, G, 2, 3, ACC))
+                    qb = (kappa * kappa * qa + 2.0 * kappa * b_o * cross
+                          + b_o * b_o * _gram(gram_ptr, cols, col_ok, G, 3, 3, ACC))
+                    term = qa + sf * sf + qb + kappa * kappa * sf * sf
+            elif MODE == 1:  # GRU
+                h_prev = _ld(st_ptr + in_base + hoff, m2, ACC)
+                if HAS_BHH:
+                    acc0 += _ld(bhh_ptr + cols, col_ok, ACC)[None, :]
+                    acc1 += _ld(bhh_ptr + H + cols, col_ok, ACC)[None, :]
+                    acc2 += _ld(bhh_ptr + 2 * H + cols, col_ok, ACC)[None, :]
+                r = _sigmoid(_ld(x_ptrs, m2, ACC) + acc0)
+                z = _sigmoid(_ld(x_ptrs + H, m2, ACC) + acc1)
+                n = _tanh(_ld(x_ptrs + 2 * H, m2, ACC) + r * acc2)
+                h = (1.0 - z) * n + z * h_prev
+                tl.store(ws_ptrs, r, mask=m2)
+                tl.store(ws_ptrs + H, z, mask=m2)
+                tl.store(ws_ptrs + 2 * H, n, mask=m2)
+                tl.store(ws_ptrs + 3 * H, acc2, mask=m2)
+                if HAS_LEN:
+                    h = tl.where(keep, h, h_prev)
+                if TRACK:
+                    # Weights of the rows (W_r, W_z, W_n) in dh/dh_prev, plus the diagonal z.
+                    g_r = (1.0 - z) * (1.0 - n * n) * acc2 * r * (1.0 - r)
+                    g_z = (h_prev - n) * z * (1.0 - z)
+                    g_n = (1.0 - z) * (1.0 - n * n) * r
+                    d0 = _ld(diag_ptr + cols * 3, col_ok, ACC)[None, :]
+                    d1 = _ld(diag_ptr + cols * 3 + 1, col_ok, ACC)[None, :]
+                    d2 = _ld(diag_ptr + cols * 3 + 2, col_ok, ACC)[None, :]
+                    term = (z * z + 2.0 * z * (g_r * d0 + g_z * d1 + g_n * d2)
+                            + _quad3(g_r, g_z, g_n, gram_ptr, cols, col_ok, G, ACC))
+            else:  # Elman RNN
+                pre = _ld(x_ptrs, m2, ACC) + acc0
+                if MODE == 2:
+                    h = _tanh(pre)
+                    deriv = 1.0 - h * h
+                elif MODE == 3:
+                    h = tl.maximum(pre, 0.0)
+                    deriv = tl.where(pre > 0.0, 1.0, 0.0)
+                else:
+                    h = _sigmoid(pre)
+                    deriv = h * (1.0 - h)
+                if HAS_LEN:
+                    h = tl.where(keep, h, _ld(st_ptr + in_base + hoff, m2, ACC))
+                if TRACK:
+                    term = deriv * deriv * _gram(gram_ptr, cols, col_ok, G, 0, 0, ACC)
+            tl.store(st_ptr + out_base + hoff, h, mask=m2)
+            if TRACK:
+                jac_row += tl.sum(tl.where(keep, term, 0.0), axis=1)
+        if TRACK:
+            tl.store(jac_ptr + (tl.cast(pid_j, tl.int64) * T + pos) * B + rows, jac_row, mask=row_ok)
+        # The next step reads the states this step wrote, from every tile of the block.
+        tl.debug_barrier()
+
+
+@triton.jit(do_not_specialize=["s_hi"])
+def _backward_kernel(
+    gs_ptr, gcs_ptr, st_ptr, cs_ptr, ws_ptr, w_ptr, len_ptr, dx_ptr, dr_ptr, ch_ptr, cc_ptr, gsq_ptr,
+    T, B, H, s_hi, n_steps, tiles_per_prog, clip,
+    MODE: tl.constexpr, G: tl.constexpr, NSQ: tl.constexpr, REVERSE: tl.constexpr,
+    HAS_LEN: tl.constexpr, HAS_CLIP: tl.constexpr, TRACK: tl.constexpr, ACC: tl.constexpr,
+    DOT: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Processing steps s_hi down to s_hi-n_steps+1 of the backward.
+
+    gs, gcs, st, cs [T+1, B, H]; ws [T, B, 4H]; w = W_hh [G*H, H]; dx [T, B, G*H] gradient of the
+    input projection; dr [T, B, G*H] gradient of the recurrent pre-activations (dx itself but for the
+    GRU); ch, cc [2, B, H] ping-pong buffers of the direct gradient carried to the previous state;
+    gsq [n_tile_programs, NSQ, T, B] partial squared norms.
+    """
+    pid_b = tl.program_id(0)
+    pid_j = tl.program_id(1)
+    rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    row_ok = rows < B
+    GH = G * H
+    BH = tl.cast(B, tl.int64) * H
+    if HAS_LEN:
+        lens = tl.load(len_ptr + rows, mask=row_ok, other=0)
+    for i in range(n_steps):
+        s = s_hi - i
+        if REVERSE:
+            pos = T - 1 - s
+            pos_next = pos - 1
+            slot_in = pos + 1
+            slot_out = pos
+        else:
+            pos = s
+            pos_next = pos + 1
+            slot_in = pos
+            slot_out = pos + 1
+        valid = row_ok
+        if HAS_LEN:
+            valid = valid & (pos < lens)
+        # The last processed step has no successor: its recurrent term is empty.
+        k_end = tl.minimum((T - 1 - s) * GH, GH)
+        in_base = tl.cast(slot_in, tl.int64) * BH
+        out_base = tl.cast(slot_out, tl.int64) * BH
+        next_base = tl.cast(pos_next, tl.int64) * B * GH
+        d_base = tl.cast(pos, tl.int64) * B * GH
+        ws_base = tl.cast(pos, tl.int64) * B * (4 * H)
+        rd = tl.cast((s + 1) % 2, tl.int64) * BH
+        wr = tl.cast(s % 2, tl.int64) * BH
+        sq_h = tl.zeros([BLOCK_B], dtype=ACC)
+        sq_c = tl.zeros([BLOCK_B], dtype=ACC)
+        for q in range(tiles_per_prog):
+            cols = (pid_j * tiles_per_prog + q) * BLOCK_J + tl.arange(0, BLOCK_J)
+            col_ok = cols < H
+            m2 = row_ok[:, None] & col_ok[None, :]
+            keep = valid[:, None] & col_ok[None, :]
+            acc = tl.zeros([BLOCK_B, BLOCK_J], dtype=ACC)
+            for k0 in range(0, k_end, BLOCK_K):
+                ks = k0 + tl.arange(0, BLOCK_K)
+                k_ok = ks < GH
+                d = tl.load(dr_ptr + next_base + rows[:, None] * GH + ks[None, :],
+                            mask=row_ok[:, None] & k_ok[None, :], other=0.0).to(DOT)
+                w = tl.load(w_ptr + ks[:, None] * H + cols[None, :], mask=k_ok[:, None] & col_ok[None, :],
+                            other=0.0).to(DOT)
+                acc = tl.dot(d, w, acc, input_precision="ieee")
+            hoff = rows[:, None] * H + cols[None, :]
+            dh = _ld(gs_ptr + out_base + hoff, m2, ACC) + _ld(ch_ptr + rd + hoff, m2, ACC) + acc
+            if TRACK:
+                sq_h += tl.sum(tl.where(keep, dh * dh, 0.0), axis=1)
+            d_ptrs = d_base + rows[:, None] * GH + cols[None, :]
+            ws_ptrs = ws_ptr + ws_base + rows[:, None] * (4 * H) + cols[None, :]
+            if MODE == 0:  # LSTM
+                si = _ld(ws_ptrs, m2, ACC)
+                sf = _ld(ws_ptrs + H, m2, ACC)
+                tg = _ld(ws_ptrs + 2 * H, m2, ACC)
+                so = _ld(ws_ptrs + 3 * H, m2, ACC)
+                c_prev = _ld(cs_ptr + in_base + hoff, m2, ACC)
+                tc = _tanh(_ld(cs_ptr + out_base + hoff, m2, ACC))
+                # Past a sample's length c is carried, and h does not depend on it.
+                dc = (tl.where(keep, dh * so * (1.0 - tc * tc), 0.0) + _ld(cc_ptr + rd + hoff, m2, ACC)
+                      + _ld(gcs_ptr + out_base + hoff, m2, ACC))
+                if TRACK:
+                    sq_c += tl.sum(tl.where(keep, dc * dc, 0.0), axis=1)
+                d_i = tl.where(keep, _clamp(dc * tg * si * (1.0 - si), clip, HAS_CLIP), 0.0)
+                d_f = tl.where(keep, _clamp(dc * c_prev * sf * (1.0 - sf), clip, HAS_CLIP), 0.0)
+                d_g = tl.where(keep, _clamp(dc * si * (1.0 - tg * tg), clip, HAS_CLIP), 0.0)
+                d_o = tl.where(keep, _clamp(dh * tc * so * (1.0 - so), clip, HAS_CLIP), 0.0)
+                tl.store(dx_ptr + d_ptrs, d_i, mask=m2)
+                tl.store(dx_ptr + d_ptrs + H, d_f, mask=m2)
+                tl.store(dx_ptr + d_ptrs + 2 * H, d_g, mask=m2)
+                tl.store(dx_ptr + d_ptrs + 3 * H, d_o, mask=m2)
+                tl.store(cc_ptr + wr + hoff, tl.where(keep, dc * sf, dc), mask=m2)
+                carry = tl.where(keep, 0.0, dh)
+            elif MODE == 1:  # GRU
+                r = _ld(ws_ptrs, m2, ACC)
+                z = _ld(ws_ptrs + H, m2, ACC)
+                n = _ld(ws_ptrs + 2 * H, m2, ACC)
+                hn = _ld(ws_ptrs + 3 * H, m2, ACC)
+                h_prev = _ld(st_ptr + in_base + hoff, m2, ACC)
+                # n_pre's gradient is clamped before it reaches r through n_pre = xn + r * hn.
+                d_n = tl.where(keep, _clamp(dh * (1.0 - z) * (1.0 - n * n), clip, HAS_CLIP), 0.0)
+                d_z = tl.where(keep, _clamp(dh * (h_prev - n) * z * (1.0 - z), clip, HAS_CLIP), 0.0)
+                d_r = tl.where(keep, _clamp(d_n * hn * r * (1.0 - r), clip, HAS_CLIP), 0.0)
+                tl.store(dx_ptr + d_ptrs, d_r, mask=m2)
+                tl.store(dx_ptr + d_ptrs + H, d_z, mask=m2)
+                tl.store(dx_ptr + d_ptrs + 2 * H, d_n, mask=m2)
+                tl.store(dr_ptr + d_ptrs, d_r, mask=m2)
+                tl.store(dr_ptr + d_ptrs + H, d_z, mask=m2)
+                tl.store(dr_ptr + d_ptrs + 2 * H, d_n * r, mask=m2)
+                carry = tl.where(keep, dh * z, dh)
+            else:  # Elman RNN: the activation derivative from h
+                h = _ld(st_ptr + out_base + hoff, m2, ACC)
+                if MODE == 2:
+                    deriv = 1.0 - h * h
+                elif MODE == 3:
+                    deriv = tl.where(h > 0.0, 1.0, 0.0)
+                else:
+                    deriv = h * (1.0 - h)
+                tl.store(dx_ptr + d_ptrs, tl.where(keep, _clamp(dh * deriv, clip, HAS_CLIP), 0.0), mask=m2)
+                carry = tl.where(keep, 0.0, dh)
+            tl.store(ch_ptr + wr + hoff, carry, mask=m2)
+        if TRACK:
+            sq_base = (tl.cast(pid_j, tl.int64) * NSQ * T + pos) * B + rows
+            tl.store(gsq_ptr + sq_base, sq_h, mask=row_ok)
+            if NSQ == 2:
+                tl.store(gsq_ptr + sq_base + T * B, sq_c, mask=row_ok)
+        # The next step reads the gate gradients and carries this step wrote, from every tile.
+        tl.debug_barrier()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Launch planning
+
+
+def _interpreted(device: torch.device) -> bool:
+    return device.type != "cuda"
+
+
+def _pow2_between(n: int, lo: int, hi: int) -> int:
+    return max(lo, min(hi, triton.next_power_of_2(n)))
+
+
+def _plan(B: int, H: int, G: int, device: torch.device) -> dict:
+    """Loop kind and block sizes. tl.dot needs every block dimension >= 16 on a GPU."""
+    loop = os.environ.get(LOOP_ENV, "auto")
+    if loop not in ("auto", "persistent", "step"):
+        raise ValueError(f"{LOOP_ENV}: expected 'auto', 'persistent' or 'step', got {loop!r}")
+    block_k = _pow2_between(H, 16, 64)
+    if loop == "auto":
+        if _interpreted(device):
+            loop = "persistent"
+        else:
+            sms = torch.cuda.get_device_properties(device).multi_processor_count
+            # One program per 16 rows does a whole step: worth it while a step is small or while
+            # the batch alone fills the GPU.
+            loop = "persistent" if G * H * H <= 65536 or triton.cdiv(B, 16) >= sms else "step"
+    if loop == "persistent":
+        return {"loop": loop, "BLOCK_B": 16, "BLOCK_J": _pow2_between(H, 16, 64), "BLOCK_K": block_k,
+                "num_warps": 4}
+    block_b = 16 if B <= 16 else (32 if B <= 128 else 64)
+    block_j = _pow2_between(H, 16, 64)
+    sms = 1 if _interpreted(device) else torch.cuda.get_device_properties(device).multi_processor_count
+    # Spread a step over the SMs, and keep the G accumulators of a tile within the registers.
+    while block_j > 16 and (triton.cdiv(B, block_b) * triton.cdiv(H, block_j) < sms
+                            or block_b * block_j * G > 8192):
+        block_j //= 2
+    return {"loop": loop, "BLOCK_B": block_b, "BLOCK_J": block_j, "BLOCK_K": block_k,
+            "num_warps": 8 if block_b * block_j * G >= 8192 else 4}
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+_TL = {torch.float32: tl.float32, torch.float64: tl.float64, torch.bfloat16: tl.bfloat16,
+       torch.float16: tl.float16}
+
+
+def _dot_dtype(dtype: torch.dtype, device: torch.device):
+    # The interpreter computes bfloat16 dots wrongly; there they run on float32 operands.
+    if dtype == torch.bfloat16 and _interpreted(device):
+        return tl.float32
+    return _TL[dtype]
+
+
+def _alloc(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    if _ALLOC_FILL is None:
+        return torch.empty(shape, dtype=dtype, device=device)
+    return torch.full(shape, _ALLOC_FILL, dtype=dtype, device=device)
+
+
+def _device_ctx(device: torch.device):
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Argument checks (cheap, before any kernel runs)
+
+
+def _fail(op: str, cls, message: str):
+    raise cls(f"{op}: {message}")
+
+
+def _check_tensor(op, name, t, shape, dtype, device) -> None:
+    if not isinstance(t, torch.Tensor):
+        _fail(op, TypeError, f"{name} must be a tensor, got {type(t).__name__}")
+    if tuple(t.shape) != tuple(shape):
+        _fail(op, ValueError, f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+    if dtype is not None and t.dtype != dtype:
+        _fail(op, TypeError, f"{name} must have dtype {dtype}, got {t.dtype}")
+    if t.device != device:
+        _fail(op, RuntimeError, f"{name} must be on {device} like xproj, got {t.device}")
+
+
+def _check_mode(op: str, mode: str) -> int:
+    if mode not in GATES:
+        _fail(op, ValueError, f"mode must be one of {tuple(GATES)}, got {mode!r}")
+    return GATES[mode]
+
+
+def _check_device(op: str, device: torch.device) -> None:
+    if device.type == "cuda":
+        return
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") == "1":
+        return
+    _fail(op, RuntimeError, f"the Triton kernels run on CUDA tensors (or on CPU tensors with "
+          f"TRITON_INTERPRET=1 set before triton is imported), got tensors on {device}; use the cpp "
+          "backend for CPU tensors")
+
+
+def _check_lengths(op: str, lengths: torch.Tensor | None, B: int) -> None:
+    if lengths is None:
+        return
+    if lengths.dtype != torch.int64 or tuple(lengths.shape) != (B,):
+        _fail(op, ValueError, f"lengths must be int64 of shape ({B},), got {lengths.dtype} of shape "
+              f"{tuple(lengths.shape)}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Forward
+
+
+def _gram_terms(w_hh: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-unit Gram matrices [H, G*G] of the gate blocks' rows, and for the GRU the diagonals [H, 3]."""
+    G = GATES[mode]
+    H = w_hh.shape[1]
+    blocks = w_hh.to(_acc_dtype(w_hh.dtype)).reshape(G, H, H)
+    gram = torch.einsum("ajk,bjk->jab", blocks, blocks).reshape(H, G * G).contiguous()
+    if mode == "gru":
+        diag = torch.diagonal(blocks, dim1=1, dim2=2).t().contiguous()
+    else:
+        diag = gram
+    return gram, diag
+
+
+def _forward_impl(xproj, h0, c0, w_hh, b_hh, lengths, mode, reverse, track):
+    op = "rnn_forward_triton"
+    G = _check_mode(op, mode)
+    if not isinstance(xproj, torch.Tensor) or xproj.dim() != 3:
+        _fail(op, ValueError, f"xproj must be a 3-D tensor [T, B, G*H], got "
+              f"{tuple(xproj.shape) if isinstance(xproj, torch.Tensor) else type(xproj).__name__}")
+    if xproj.dtype not in _DTYPES:
+        _fail(op, TypeError, f"xproj must be float32, float64, bfloat16 or float16, got {xproj.dtype}")
+    device, dtype = xproj.device, xproj.dtype
+    _check_device(op, device)
+    T, B, GH = xproj.shape
+    if w_hh.dim() != 2:
+        _fail(op, ValueError, f"w_hh must be 2-D [G*H, H], got shape {tuple(w_hh.shape)}")
+    H = w_hh.shape[1]
+    if T < 1 or B < 1 or H < 1:
+        _fail(op, ValueError, f"T, B and H must be positive, got T={T}, B={B}, H={H}")
+    _check_tensor(op, "w_hh", w_hh, (G * H, H), dtype, device)
+    if GH != G * H:
+        _fail(op, ValueError, f"xproj must have shape {(T, B, G * H)} for mode {mode!r} and H={H}, "
+              f"got {tuple(xproj.shape)}")
+    _check_tensor(op, "h0", h0, (B, H), dtype, device)
+    if mode == "lstm":
+        if c0 is None:
+            _fail(op, ValueError, "c0 is required for mode 'lstm'")
+        _check_tensor(op, "c0", c0, (B, H), dtype, device)
+    elif c0 is not None:
+        _fail(op, ValueError, f"c0 must be None for mode {mode!r}")
+    if b_hh is not None:
+        if mode != "gru":
+            _fail(op, ValueError, f"b_hh must be None for mode {mode!r} (fold it into xproj)")
+        _check_tensor(op, "b_hh", b_hh, (G * H,), dtype, device)
+    _check_lengths(op, lengths, B)
+
+    acc = _acc_dtype(dtype)
+    plan = _plan(B, H, G, device)
+    xproj = xproj.contiguous()
+    wt = w_hh.t().contiguous()
+    states = _alloc((T + 1, B, H), acc, device)
+    init = T if reverse else 0
+    states[init] = h0
+    if mode == "lstm":
+        cells = _alloc((T + 1, B, H), acc, device)
+        cells[init] = c0
+    else:
+        cells = states.new_empty(0)
+    ws = _alloc((T, B, 4 * H), acc, device) if mode in ("lstm", "gru") else states.new_empty(0)
+    if track:
+        gram, diag = _gram_terms(w_hh, mode)
+    else:
+        gram = diag = states.new_empty(0)
+    n_tiles = triton.cdiv(H, plan["BLOCK_J"])
+    persistent = plan["loop"] == "persistent"
+    jac_part = _alloc((1 if persistent else n_tiles, T, B), acc, device) if track else states.new_empty(0)
+    len_dev = lengths.to(device) if lengths is not None else states.new_empty(0)
+    bhh = b_hh.contiguous() if b_hh is not None else states.new_empty(0)
+    meta = dict(
+        MODE=_MODE_ID[mode], G=G, REVERSE=bool(reverse), HAS_LEN=lengths is not None,
+        HAS_BHH=b_hh is not None, TRACK=bool(track), ACC=_TL[acc], DOT=_dot_dtype(dtype, device),
+        BLOCK_B=plan["BLOCK_B"], BLOCK_J=plan["BLOCK_J"], BLOCK_K=plan["BLOCK_K"],
+        num_warps=plan["num_warps"],
+    )
+    args = (xproj, states, cells, ws, wt, bhh, len_dev, gram, diag, jac_part)
+    n_b = triton.cdiv(B, plan["BLOCK_B"])
+    kernel = wrap_triton(_forward_kernel)
+    with _device_ctx(device):
+        if persistent:
+            kernel[(n_b, 1)](*args, T, B, H, 0, T, n_tiles, **meta)
+        else:
+            for s in range(T):
+                kernel[(n_b, n_tiles)](*args, T, B, H, s, 1, 1, **meta)
+    if track:
+        jac_sq = jac_part.sum(0, dtype=torch.float32) if jac_part.shape[0] > 1 else jac_part[0].float()
+    else:
+        jac_sq = states.new_empty(0, dtype=torch.float32)
+    return states.to(dtype), cells.to(dtype), ws.to(dtype), jac_sq
+
+
+@triton_op("vgk::rnn_forward_triton", mutates_args=())
+def rnn_forward_triton(
+    xproj: torch.Tensor,
+    h0: torch.Tensor,
+    c0: torch.Tensor | None,
+    w_hh: torch.Tensor,
+    b_hh: torch.Tensor | None,
+    lengths: torch.Tensor | None,
+    probe: torch.Tensor | None,
+    mode: str,
+    reverse: bool,
+    track: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One direction of one layer over the sequence (the Triton twin of ``vgk::rnn_forward``).
+
+    Args:
+        xproj: [T, B, G*H] input projection (plus b_hh except for the GRU); float32, float64,
+            bfloat16 or float16. G = 4 (lstm), 3 (gru), 1 (rnn_*).
+        h0: [B, H]; c0: [B, H] for the LSTM, else None; w_hh: [G*H, H]; b_hh: [G*H] (GRU) or None.
+            All in xproj's dtype and on its device.
+        lengths: int64 [B] (any device), or None: past its length a sample's state is carried.
+        probe: ignored (autograd routes the trace gradient to it).
+        mode: "lstm", "gru", "rnn_tanh", "rnn_relu" or "rnn_sigmoid"; reverse: run t = T-1 .. 0;
+        track: compute jac_sq.
+    Returns:
+        states [T+1, B, H], cell_states [T+1, B, H] (LSTM) or [0], workspace [T, B, 4H] (LSTM, GRU)
+        or [0], all in xproj's dtype; jac_sq float32 [T, B] (or [0] without track).
+    """
+    return _forward_impl(xproj, h0, c0, w_hh, b_hh, lengths, mode, reverse, track)
+
+
+@rnn_forward_triton.register_fake
+def _forward_fake(xproj, h0, c0, w_hh, b_hh, lengths, probe, mode, reverse, track):
+    T, B, _ = xproj.shape
+    H = w_hh.shape[1]
+    states = xproj.new_empty(T + 1, B, H)
+    cells = xproj.new_empty(T + 1, B, H) if mode == "lstm" else xproj.new_empty(0)
+    ws = xproj.new_empty(T, B, 4 * H) if mode in ("lstm", "gru") else xproj.new_empty(0)
+    jac_sq = xproj.new_empty((T, B) if track else (0,), dtype=torch.float32)
+    return states, cells, ws, jac_sq
+
+
+# ---------------------------------------------------------------------------------------------------
+# Backward
+
+
+def _backward_impl(grad_states, grad_cell_states, states, cell_states, workspace, w_hh, lengths, mode,
+                   reverse, grad_clip, track, has_b_hh):
+    op = "rnn_backward_triton"
+    G = _check_mode(op, mode)
+    if not isinstance(states, torch.Tensor) or states.dim() != 3:
+        _fail(op, ValueError, "states must be a 3-D tensor [T+1, B, H]")
+    if states.dtype not in _DTYPES:
+        _fail(op, TypeError, f"states must be float32, float64, bfloat16 or float16, got {states.dtype}")
+    device, dtype = states.device, states.dtype
+    _check_device(op, device)
+    T, B, H = states.shape[0] - 1, states.shape[1], states.shape[2]
+    if T < 1 or B < 1 or H < 1:
+        _fail(op, ValueError, f"states must have shape [T+1, B, H] with T, B, H >= 1, got "
+              f"{tuple(states.shape)}")
+    _check_tensor(op, "w_hh", w_hh, (G * H, H), dtype, device)
+    _check_tensor(op, "grad_states", grad_states, (T + 1, B, H), None, device)
+    if mode == "lstm":
+        _check_tensor(op, "cell_states", cell_states, (T + 1, B, H), dtype, device)
+        _check_tensor(op, "grad_cell_states", grad_cell_states, (T + 1, B, H), None, device)
+    if mode in ("lstm", "gru"):
+        _check_tensor(op, "workspace", workspace, (T, B, 4 * H), dtype, device)
+    _check_lengths(op, lengths, B)
+    if grad_clip is not None and not grad_clip > 0:
+        _fail(op, ValueError, f"grad_clip must be a positive number or None, got {grad_clip}")
+    if has_b_hh and mode != "gru":
+        _fail(op, ValueError, f"has_b_hh is for mode 'gru' only, got mode {mode!r}")
+
+    acc = _acc_dtype(dtype)
+    plan = _plan(B, H, G, device)
+    persistent = plan["loop"] == "persistent"
+    n_tiles = triton.cdiv(H, plan["BLOCK_J"])
+    nsq = 2 if mode == "lstm" else 1
+    gs = grad_states.to(acc).contiguous()
+    gcs = grad_cell_states.to(acc).contiguous() if mode == "lstm" else gs.new_empty(0)
+    st = states.contiguous()
+    cs = cell_states.contiguous() if mode == "lstm" else st.new_empty(0)
+    ws = workspace.contiguous() if mode in ("lstm", "gru") else st.new_empty(0)
+    w = w_hh.contiguous()
+    dx = _alloc((T, B, G * H), acc, device)
+    dr = _alloc((T, B, G * H), acc, device) if mode == "gru" else dx
+    carry_h = torch.zeros(2, B, H, dtype=acc, device=device)
+    carry_c = torch.zeros(2, B, H, dtype=acc, device=device) if mode == "lstm" else carry_h
+    gsq_part = _alloc((1 if persistent else n_tiles, nsq, T, B), acc, device) if track else gs.new_empty(0)
+    len_dev = lengths.to(device) if lengths is not None else gs.new_empty(0)
+    meta = dict(
+        MODE=_MODE_ID[mode], G=G, NSQ=nsq, REVERSE=bool(reverse), HAS_LEN=lengths is not None,
+        HAS_CLIP=grad_clip is not None, TRACK=bool(track), ACC=_TL[acc], DOT=_dot_dtype(dtype, device),
+        BLOCK_B=plan["BLOCK_B"], BLOCK_J=plan["BLOCK_J"], BLOCK_K=plan["BLOCK_K"],
+        num_warps=plan["num_warps"],
+    )
+    clip = float(grad_clip) if grad_clip is not None else 0.0
+    args = (gs, gcs, st, cs, ws, w, len_dev, dx, dr, carry_h, carry_c, gsq_part)
+    n_b = triton.cdiv(B, plan["BLOCK_B"])
+    kernel = wrap_triton(_backward_kernel)
+    with _device_ctx(device):
+        if persistent:
+            kernel[(n_b, 1)](*args, T, B, H, T - 1, T, n_tiles, clip, **meta)
+        else:
+            for s in range(T - 1, -1, -1):
+                kernel[(n_b, n_tiles)](*args, T, B, H, s, 1, 1, clip, **meta)
+
+    # The step processed first (s = 0) leaves the gradient of the initial state.
+    first, init = (T - 1, T) if reverse else (0, 0)
+    grad_h0 = gs[init] + carry_h[0] + dr[first] @ w.to(acc)
+    grad_c0 = (carry_c[0] + gcs[init]).to(dtype) if mode == "lstm" else st.new_empty(0)
+    h_prev = st[1:] if reverse else st[:-1]
+    # One GEMM over all steps, in the input dtype (tensor cores for half inputs).
+    grad_w_hh = (dr.reshape(T * B, G * H).t().to(dtype) @ h_prev.reshape(T * B, H)).to(w_hh.dtype)
+    grad_b_hh = dr.sum((0, 1)).to(dtype) if has_b_hh else st.new_empty(0)
+    if track:
+        grad_sq = gsq_part.sum(0, dtype=torch.float32) if gsq_part.shape[0] > 1 else gsq_part[0].float()
+    else:
+        grad_sq = st.new_empty(0, dtype=torch.float32)
+    return dx.to(dtype), grad_h0.to(dtype), grad_c0, grad_w_hh, grad_b_hh, grad_sq
+
+
+@triton_op("vgk::rnn_backward_triton", mutates_args=())
+def rnn_backward_triton(
+    grad_states: torch.Tensor,
+    grad_cell_states: torch.Tensor,
+    states: torch.Tensor,
+    cell_states: torch.Tensor,
+    workspace: torch.Tensor,
+    w_hh: torch.Tensor,
+    lengths: torch.Tensor | None,
+    mode: str,
+    reverse: bool,
+    grad_clip: float | None,
+    track: bool,
+    has_b_hh: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward of :func:`rnn_forward_triton` (the Triton twin of ``vgk::rnn_backward``).
+
+    Args:
+        grad_states: [T+1, B, H] gradient of ``states`` (the initial-state slot is added to grad_h0);
+        grad_cell_states: [T+1, B, H] for the LSTM, else [0]; states, cell_states, workspace: the
+            forward's outputs; w_hh [G*H, H]; lengths, mode, reverse as in the forward.
+        grad_clip: clamp the gate pre-activation gradients to [-c, c] at every step, or None.
+        track: compute grad_sq. has_b_hh: return grad_b_hh (GRU).
+    Returns:
+        grad_xproj [T, B, G*H], grad_h0 [B, H], grad_c0 [B, H] (LSTM) or [0], grad_w_hh [G*H, H],
+        grad_b_hh [G*H] (GRU with has_b_hh) or [0], all in the states' dtype (grad_w_hh in w_hh's);
+        grad_sq float32 [K, T, B] (K = 2 for the LSTM: h then c; else 1), or [0] without track.
+    """
+    return _backward_impl(grad_states, grad_cell_states, states, cell_states, workspace, w_hh, lengths,
+                          mode, reverse, grad_clip, track, has_b_hh)
+
+
+@rnn_backward_triton.register_fake
+def _backward_fake(grad_states, grad_cell_states, states, cell_states, workspace, w_hh, lengths, mode,
+                   reverse, grad_clip, track, has_b_hh):
+    T, B, H = states.shape[0] - 1, states.shape[1], states.shape[2]
+    G = GATES[mode]
+    K = 2 if mode == "lstm" else 1
+    return (
+        states.new_empty(T, B, G * H),
+        states.new_empty(B, H),
+        states.new_empty(B, H) if mode == "lstm" else states.new_empty(0),
+        w_hh.new_empty(w_hh.shape),
+        states.new_empty(G * H) if has_b_hh else states.new_empty(0),
+        states.new_empty((K, T, B) if track else (0,), dtype=torch.float32),
+    )
