@@ -1,5 +1,212 @@
-"""Fused LayerNorm with a clipped input gradient (placeholder until the kernels land)."""
+"""Fused LayerNorm whose backward can clip the gradient it passes on.
+
+:func:`layer_norm` has ``torch.nn.functional.layer_norm``'s signature plus ``grad_clip`` (and
+``backend``). With ``grad_clip=c``, each row of the input gradient (the normalized dims flattened) is
+rescaled to L2 norm at most c; rows within c are untouched, and the weight and bias gradients are
+those of the unclipped upstream gradient.
+
+Ops (each with a fake implementation and registered autograd):
+
+- ``vgk::layer_norm_forward(input, weight?, bias?, normalized_ndim, eps, grad_clip?)``
+  -> ``(output, mean, rstd)``; mean and rstd have the leading shape, in float32 (float64 for float64
+  input). ``grad_clip`` is only carried to the backward.
+- ``vgk::layer_norm_backward(grad_output, input, mean, rstd, weight?, normalized_ndim, grad_clip?,
+  weight_grad, bias_grad)`` -> ``(grad_input, grad_weight, grad_bias)``; a parameter gradient not
+  asked for comes back with 0 elements.
+- ``vgk::layer_norm_forward_triton`` / ``vgk::layer_norm_backward_triton``: the same in Triton.
+
+Backends: ``"cpp"`` runs float32 and float64; float16 and bfloat16 inputs are computed in float32 and
+the result cast back. ``"triton"`` runs all four dtypes natively with float32 statistics.
+``"reference"`` is the eager oracle of :mod:`vgkernels.reference.layer_norm`.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Sequence
+
+import torch
+
+from vgkernels._library import cpp_available
+from vgkernels.backends import resolve_backend
+from vgkernels.reference import layer_norm as reference
+
+OP = "vgkernels.ops.layer_norm"
+_CPP_DTYPES = (torch.float32, torch.float64)
+_FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
-def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5, *, grad_clip=None):
-    raise NotImplementedError
+# ---------------------------------------------------------------------------------------------------
+# Fake implementations of the C++ ops
+
+
+def _stat_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _forward_fake(input, weight, bias, normalized_ndim, eps, grad_clip):
+    lead = input.shape[: input.dim() - normalized_ndim]
+    stats = input.new_empty(lead, dtype=_stat_dtype(input.dtype))
+    return torch.empty_like(input, memory_format=torch.contiguous_format), stats, torch.empty_like(stats)
+
+
+def _backward_fake(
+    grad_output, input, mean, rstd, weight, normalized_ndim, grad_clip, weight_grad, bias_grad
+):
+    n = math.prod(input.shape[input.dim() - normalized_ndim:])
+    grad_input = torch.empty_like(input, memory_format=torch.contiguous_format)
+    param_dtype = weight.dtype if weight is not None else input.dtype
+    grad_weight = input.new_empty((n if weight_grad else 0,), dtype=param_dtype)
+    grad_bias = input.new_empty((n if bias_grad else 0,))
+    return grad_input, grad_weight, grad_bias
+
+
+# ---------------------------------------------------------------------------------------------------
+# Autograd
+
+
+def _setup_context(ctx, inputs, output):
+    input, weight, bias, normalized_ndim, _eps, grad_clip = inputs
+    _, mean, rstd = output
+    ctx.save_for_backward(input, weight, mean, rstd)
+    ctx.normalized_ndim = normalized_ndim
+    ctx.grad_clip = grad_clip
+    ctx.has_bias = bias is not None
+    ctx.param_shape = input.shape[input.dim() - normalized_ndim:]
+    ctx.mark_non_differentiable(mean, rstd)
+
+
+def _make_backward(backward_op):
+    def backward(ctx, grad_output, _grad_mean, _grad_rstd):
+        input, weight, mean, rstd = ctx.saved_tensors
+        need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
+        weight_grad = weight is not None and need_weight
+        bias_grad = ctx.has_bias and need_bias
+        grad_input, grad_weight, grad_bias = backward_op(
+            grad_output, input, mean, rstd, weight, ctx.normalized_ndim, ctx.grad_clip, weight_grad, bias_grad
+        )
+        return (
+            grad_input if need_input else None,
+            grad_weight.view(ctx.param_shape) if weight_grad else None,
+            grad_bias.view(ctx.param_shape) if bias_grad else None,
+            None,
+            None,
+            None,
+        )
+
+    return backward
+
+
+if cpp_available():  # without the build only the other backends work (and say why cpp does not)
+    torch.library.register_fake("vgk::layer_norm_forward")(_forward_fake)
+    torch.library.register_fake("vgk::layer_norm_backward")(_backward_fake)
+    torch.library.register_autograd(
+        "vgk::layer_norm_forward",
+        _make_backward(torch.ops.vgk.layer_norm_backward),
+        setup_context=_setup_context,
+    )
+
+_triton_forward = None
+
+
+def _triton_ops():
+    """The Triton forward op, importing triton (and registering its autograd) on first use."""
+    global _triton_forward
+    if _triton_forward is None:
+        import vgkernels.triton.layer_norm  # noqa: F401  (defines the Triton ops)
+
+        torch.library.register_autograd(
+            "vgk::layer_norm_forward_triton",
+            _make_backward(torch.ops.vgk.layer_norm_backward_triton),
+            setup_context=_setup_context,
+        )
+        _triton_forward = torch.ops.vgk.layer_norm_forward_triton
+    return _triton_forward
+
+
+# ---------------------------------------------------------------------------------------------------
+# Public function
+
+
+def _normalized_shape(normalized_shape) -> tuple[int, ...]:
+    if isinstance(normalized_shape, numbers.Integral):
+        return (int(normalized_shape),)
+    if isinstance(normalized_shape, torch.Size | Sequence) and all(
+        isinstance(s, numbers.Integral) for s in normalized_shape
+    ):
+        return tuple(int(s) for s in normalized_shape)
+    raise TypeError(f"{OP}: normalized_shape must be an int or a sequence of ints, got {normalized_shape!r}")
+
+
+def _check_param(name: str, p, input: torch.Tensor, shape: tuple[int, ...]) -> None:
+    if p is None:
+        return
+    if not isinstance(p, torch.Tensor):
+        raise TypeError(f"{OP}: {name} must be a tensor or None, got {type(p).__name__}")
+    if tuple(p.shape) != shape:
+        raise ValueError(f"{OP}: {name} must have shape normalized_shape={list(shape)}, got {list(p.shape)}")
+    if p.dtype != input.dtype:
+        raise TypeError(f"{OP}: {name} must have the input's dtype {input.dtype}, got {p.dtype}")
+    if p.device != input.device:
+        raise RuntimeError(f"{OP}: {name} must be on the input's device {input.device}, got {p.device}")
+
+
+def _check_args(input, shape: tuple[int, ...], weight, bias, eps, grad_clip) -> None:
+    if not isinstance(input, torch.Tensor):
+        raise TypeError(f"{OP}: input must be a tensor, got {type(input).__name__}")
+    if input.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{OP}: input must be float32, float64, float16 or bfloat16, got {input.dtype}")
+    if len(shape) == 0 or any(s < 1 for s in shape):
+        raise ValueError(
+            f"{OP}: normalized_shape must be a non-empty list of positive sizes, got {list(shape)}"
+        )
+    if tuple(input.shape[input.dim() - len(shape):]) != shape or input.dim() < len(shape):
+        raise ValueError(
+            f"{OP}: the input's trailing dims must equal normalized_shape={list(shape)}, got input shape "
+            f"{list(input.shape)}"
+        )
+    _check_param("weight", weight, input, shape)
+    _check_param("bias", bias, input, shape)
+    if not isinstance(eps, numbers.Real) or not eps >= 0:
+        raise ValueError(f"{OP}: eps must be a number >= 0, got {eps!r}")
+    if grad_clip is not None and (not isinstance(grad_clip, numbers.Real) or not grad_clip > 0):
+        raise ValueError(f"{OP}: grad_clip must be None or a number > 0, got {grad_clip!r}")
+
+
+def layer_norm(
+    input: torch.Tensor,
+    normalized_shape: int | Sequence[int],
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    eps: float = 1e-5,
+    *,
+    grad_clip: float | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """LayerNorm over the trailing ``normalized_shape`` dims of ``input``, with an optional clip of dx.
+
+    Args:
+        input: [*, *normalized_shape], float32/float64/float16/bfloat16, any strides.
+        normalized_shape: the trailing shape to normalize over (an int or a sequence of ints).
+        weight, bias: None or tensors of shape ``normalized_shape``, in the input's dtype and device.
+        eps: added to the variance.
+        grad_clip: None, or c > 0: each row of the input gradient is rescaled to L2 norm at most c.
+        backend: ``"cpp"``, ``"triton"``, ``"reference"`` or None (by device; see vgkernels.backends).
+
+    Returns:
+        Tensor of ``input``'s shape and dtype.
+    """
+    shape = _normalized_shape(normalized_shape)
+    _check_args(input, shape, weight, bias, eps, grad_clip)
+    backend = resolve_backend(backend, input.device, OP)
+    eps = float(eps)
+    grad_clip = None if grad_clip is None else float(grad_clip)
+    if backend == "reference":
+        return reference.layer_norm(input, shape, weight, bias, eps, grad_clip=grad_clip)
+    if backend == "triton":
+        return _triton_ops()(input, weight, bias, len(shape), eps, grad_clip)[0]
+    if input.dtype not in _CPP_DTYPES:  # cpp: half types are computed in float32
+        upcast = [None if t is None else t.float() for t in (input, weight, bias)]
+        return torch.ops.vgk.layer_norm_forward(*upcast, len(shape), eps, grad_clip)[0].to(input.dtype)
+    return torch.ops.vgk.layer_norm_forward(input, weight, bias, len(shape), eps, grad_clip)[0]
