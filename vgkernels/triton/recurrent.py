@@ -91,10 +91,17 @@ def _quad3(u0, u1, u2, gram_ptr, cols, col_ok, G: tl.constexpr, ACC: tl.constexp
 
 
 @triton.jit
+def _dot(a, b, acc, DOT: tl.constexpr):
+    # IEEE for float32/float64 operands (TF32 would cost ~1e-3 relative error); half operands take
+    # the default (tensor cores, float32 accumulation).
+    if DOT == tl.float32 or DOT == tl.float64:
+        return tl.dot(a.to(DOT), b.to(DOT), acc, input_precision="ieee")
+    return tl.dot(a.to(DOT), b.to(DOT), acc)
+
+
+@triton.jit
 def _gate_dot(hk, w_ptrs, w_mask, acc, DOT: tl.constexpr):
-    # IEEE float32 for float32 operands (TF32 would cost ~1e-3 relative error); half operands use
-    # tensor cores whatever the precision flag says.
-    return tl.dot(hk, tl.load(w_ptrs, mask=w_mask, other=0.0).to(DOT), acc, input_precision="ieee")
+    return _dot(hk, tl.load(w_ptrs, mask=w_mask, other=0.0), acc, DOT)
 
 
 @triton.jit
@@ -109,14 +116,21 @@ def _forward_kernel(
     x_ptr, st_ptr, cs_ptr, ws_ptr, wt_ptr, bhh_ptr, len_ptr, gram_ptr, diag_ptr, jac_ptr,
     T, B, H, s0, n_steps, tiles_per_prog,
     MODE: tl.constexpr, G: tl.constexpr, REVERSE: tl.constexpr, HAS_LEN: tl.constexpr,
-    HAS_BHH: tl.constexpr, TRACK: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
+    HAS_BHH: tl.constexpr, TRACK: tl.constexpr, DOT_F32: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Processing steps s0 .. s0+n_steps-1 for one batch block and ``tiles_per_prog`` hidden tiles.
 
     x [T, B, G*H]; st, cs [T+1, B, H]; ws [T, B, 4H]; wt = W_hh^T [H, G*H]; bhh [G*H]; len [B];
     gram [H, G*G]; diag [H, 3]; jac [n_tile_programs, T, B] partial sums over this program's tiles.
+    Arithmetic runs in the dtype of st (float32 or float64); the dots take W_hh's dtype, or float32
+    with DOT_F32.
     """
+    ACC = st_ptr.dtype.element_ty
+    if DOT_F32:
+        DOT = tl.float32
+    else:
+        DOT = wt_ptr.dtype.element_ty
     pid_b = tl.program_id(0)
     pid_j = tl.program_id(1)
     rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -154,7 +168,7 @@ def _forward_kernel(
                 ks = k0 + tl.arange(0, BLOCK_K)
                 k_ok = ks < H
                 hk = tl.load(st_ptr + in_base + rows[:, None] * H + ks[None, :],
-                             mask=row_ok[:, None] & k_ok[None, :], other=0.0).to(DOT)
+                             mask=row_ok[:, None] & k_ok[None, :], other=0.0)
                 w_mask = k_ok[:, None] & col_ok[None, :]
                 w_ptrs = wt_ptr + ks[:, None] * GH + cols[None, :]
                 acc0 = _gate_dot(hk, w_ptrs, w_mask, acc0, DOT)
@@ -253,16 +267,21 @@ def _backward_kernel(
     gs_ptr, gcs_ptr, st_ptr, cs_ptr, ws_ptr, w_ptr, len_ptr, dx_ptr, dr_ptr, ch_ptr, cc_ptr, gsq_ptr,
     T, B, H, s_hi, n_steps, tiles_per_prog, clip,
     MODE: tl.constexpr, G: tl.constexpr, NSQ: tl.constexpr, REVERSE: tl.constexpr,
-    HAS_LEN: tl.constexpr, HAS_CLIP: tl.constexpr, TRACK: tl.constexpr, ACC: tl.constexpr,
-    DOT: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_LEN: tl.constexpr, HAS_CLIP: tl.constexpr, TRACK: tl.constexpr, DOT_F32: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Processing steps s_hi down to s_hi-n_steps+1 of the backward.
 
     gs, gcs, st, cs [T+1, B, H]; ws [T, B, 4H]; w = W_hh [G*H, H]; dx [T, B, G*H] gradient of the
     input projection; dr [T, B, G*H] gradient of the recurrent pre-activations (dx itself but for the
     GRU); ch, cc [2, B, H] ping-pong buffers of the direct gradient carried to the previous state;
-    gsq [n_tile_programs, NSQ, T, B] partial squared norms.
+    gsq [n_tile_programs, NSQ, T, B] partial squared norms. Arithmetic runs in the dtype of gs.
     """
+    ACC = gs_ptr.dtype.element_ty
+    if DOT_F32:
+        DOT = tl.float32
+    else:
+        DOT = w_ptr.dtype.element_ty
     pid_b = tl.program_id(0)
     pid_j = tl.program_id(1)
     rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -307,10 +326,10 @@ def _backward_kernel(
                 ks = k0 + tl.arange(0, BLOCK_K)
                 k_ok = ks < GH
                 d = tl.load(dr_ptr + next_base + rows[:, None] * GH + ks[None, :],
-                            mask=row_ok[:, None] & k_ok[None, :], other=0.0).to(DOT)
+                            mask=row_ok[:, None] & k_ok[None, :], other=0.0)
                 w = tl.load(w_ptr + ks[:, None] * H + cols[None, :], mask=k_ok[:, None] & col_ok[None, :],
-                            other=0.0).to(DOT)
-                acc = tl.dot(d, w, acc, input_precision="ieee")
+                            other=0.0)
+                acc = _dot(d, w, acc, DOT)
             hoff = rows[:, None] * H + cols[None, :]
             dh = _ld(gs_ptr + out_base + hoff, m2, ACC) + _ld(ch_ptr + rd + hoff, m2, ACC) + acc
             if TRACK:
@@ -388,12 +407,14 @@ def _pow2_between(n: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, triton.next_power_of_2(n)))
 
 
-def _plan(B: int, H: int, G: int, device: torch.device) -> dict:
+def _plan(B: int, H: int, G: int, device: torch.device, dtype: torch.dtype = torch.float32) -> dict:
     """Loop kind and block sizes. tl.dot needs every block dimension >= 16 on a GPU."""
     loop = os.environ.get(LOOP_ENV, "auto")
     if loop not in ("auto", "persistent", "step"):
         raise ValueError(f"{LOOP_ENV}: expected 'auto', 'persistent' or 'step', got {loop!r}")
-    block_k = _pow2_between(H, 16, 64)
+    # Shorter K tiles for float32/float64 FMA dots keep the pipelined weight tiles of all gates
+    # well inside shared memory (float64 LSTM with 64 would need 278 KB on sm_90).
+    block_k = _pow2_between(H, 16, 64 if dtype in (torch.bfloat16, torch.float16) else 32)
     if loop == "auto":
         if _interpreted(device):
             loop = "persistent"
@@ -420,15 +441,9 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-_TL = {torch.float32: tl.float32, torch.float64: tl.float64, torch.bfloat16: tl.bfloat16,
-       torch.float16: tl.float16}
-
-
-def _dot_dtype(dtype: torch.dtype, device: torch.device):
+def _dot_f32(dtype: torch.dtype, device: torch.device) -> bool:
     # The interpreter computes bfloat16 dots wrongly; there they run on float32 operands.
-    if dtype == torch.bfloat16 and _interpreted(device):
-        return tl.float32
-    return _TL[dtype]
+    return dtype == torch.bfloat16 and _interpreted(device)
 
 
 def _alloc(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -466,10 +481,17 @@ def _check_mode(op: str, mode: str) -> int:
     return GATES[mode]
 
 
+def _kernels_interpreted() -> bool:
+    # Triton picks the interpreter when a kernel is decorated, from TRITON_INTERPRET at that time.
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(_forward_kernel, InterpretedFunction)
+
+
 def _check_device(op: str, device: torch.device) -> None:
     if device.type == "cuda":
         return
-    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") == "1":
+    if device.type == "cpu" and _kernels_interpreted():
         return
     _fail(op, RuntimeError, f"the Triton kernels run on CUDA tensors (or on CPU tensors with "
           f"TRITON_INTERPRET=1 set before triton is imported), got tensors on {device}; use the cpp "
@@ -535,7 +557,7 @@ def _forward_impl(xproj, h0, c0, w_hh, b_hh, lengths, mode, reverse, track):
     _check_lengths(op, lengths, B)
 
     acc = _acc_dtype(dtype)
-    plan = _plan(B, H, G, device)
+    plan = _plan(B, H, G, device, dtype)
     xproj = xproj.contiguous()
     wt = w_hh.t().contiguous()
     states = _alloc((T + 1, B, H), acc, device)
@@ -558,7 +580,7 @@ def _forward_impl(xproj, h0, c0, w_hh, b_hh, lengths, mode, reverse, track):
     bhh = b_hh.contiguous() if b_hh is not None else states.new_empty(0)
     meta = dict(
         MODE=_MODE_ID[mode], G=G, REVERSE=bool(reverse), HAS_LEN=lengths is not None,
-        HAS_BHH=b_hh is not None, TRACK=bool(track), ACC=_TL[acc], DOT=_dot_dtype(dtype, device),
+        HAS_BHH=b_hh is not None, TRACK=bool(track), DOT_F32=_dot_f32(dtype, device),
         BLOCK_B=plan["BLOCK_B"], BLOCK_J=plan["BLOCK_J"], BLOCK_K=plan["BLOCK_K"],
         num_warps=plan["num_warps"],
     )
@@ -652,7 +674,7 @@ def _backward_impl(grad_states, grad_cell_states, states, cell_states, workspace
         _fail(op, ValueError, f"has_b_hh is for mode 'gru' only, got mode {mode!r}")
 
     acc = _acc_dtype(dtype)
-    plan = _plan(B, H, G, device)
+    plan = _plan(B, H, G, device, dtype)
     persistent = plan["loop"] == "persistent"
     n_tiles = triton.cdiv(H, plan["BLOCK_J"])
     nsq = 2 if mode == "lstm" else 1
@@ -670,7 +692,7 @@ def _backward_impl(grad_states, grad_cell_states, states, cell_states, workspace
     len_dev = lengths.to(device) if lengths is not None else gs.new_empty(0)
     meta = dict(
         MODE=_MODE_ID[mode], G=G, NSQ=nsq, REVERSE=bool(reverse), HAS_LEN=lengths is not None,
-        HAS_CLIP=grad_clip is not None, TRACK=bool(track), ACC=_TL[acc], DOT=_dot_dtype(dtype, device),
+        HAS_CLIP=grad_clip is not None, TRACK=bool(track), DOT_F32=_dot_f32(dtype, device),
         BLOCK_B=plan["BLOCK_B"], BLOCK_J=plan["BLOCK_J"], BLOCK_K=plan["BLOCK_K"],
         num_warps=plan["num_warps"],
     )
