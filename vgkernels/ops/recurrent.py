@@ -54,13 +54,13 @@ def workspace_width(mode: str, hidden_size: int, layer_norm: bool) -> int:
     """Per position and sample, the number of values the forward saves for the backward.
 
     Plain cells: LSTM the 4 activated gates; GRU r, z, n and W_hn h + b_hn; RNN nothing (the activation
-    derivative follows from h). Layer-normalized cells add the normalized W_hh h (G*H values), its
-    1/std, and for the LSTM the normalized c and its 1/std.
+    derivative follows from h). Layer-normalized cells add the normalized W_hh h (G*H values) and its
+    1/std, and for the LSTM the normalized c, tanh(LN(c)) and the 1/std of c.
     """
     H = hidden_size
     if not layer_norm:
         return {"lstm": 4 * H, "gru": 4 * H}.get(mode, 0)
-    return {"lstm": 9 * H + 2, "gru": 7 * H + 1}[mode]
+    return {"lstm": 10 * H + 2, "gru": 7 * H + 1}[mode]
 
 
 # ---------------------------------------------------------------------------------------------------
