@@ -18,7 +18,10 @@ walks over all hidden tiles of a step, and then to the next step; all its data d
 inside the program (a block barrier separates the steps), so no grid-wide synchronisation is needed.
 The *step* loop launches once per step with one program per (batch block, hidden tile), which spreads
 a step over many more SMs but pays a launch per step. ``VGK_RNN_TRITON_LOOP`` = ``persistent`` |
-``step`` | ``auto`` (default) picks one; ``auto`` takes the persistent loop when a step is small.
+``step`` | ``auto`` (default) picks one; ``auto`` takes the persistent loop when a step is small (a
+first guess, not yet tuned on a GPU). No CUDA graph is built in: the GPU benchmark
+(bench/bench_recurrent_gpu.py) times both loops and a CUDA-graph capture of the step loop's forward
+and backward, to settle which launch strategy wins.
 
 The input projection is the caller's GEMM; the weight gradient is one GEMM after the time loop.
 
@@ -26,7 +29,8 @@ Dtypes: float32, float64, bfloat16 and float16 inputs (all inputs in one dtype).
 intermediate buffers are float64 for float64 inputs and float32 otherwise; the outputs ``states``,
 ``cell_states``, ``workspace`` and the gradients are returned in the input dtype (``grad_w_hh`` in
 w_hh's), ``jac_sq`` and ``grad_sq`` always in float32. The recurrent dots take half-precision operands
-(tensor cores, float32 accumulation) for half inputs and IEEE float32 for float32 inputs.
+(tensor cores, float32 accumulation) for half inputs and IEEE float32/float64 otherwise. (The Triton
+interpreter computes bfloat16 dots wrongly, so there bfloat16 dots run on float32 operands.)
 
 Workspace layout (private to this backend): LSTM [T, B, 4H] activated gates (i, f, g, o); GRU
 [T, B, 4H] (r, z, n, W_hn h + b_hn); Elman RNN: empty, the derivative follows from h.
