@@ -52,16 +52,12 @@ def cell_step(
     Returns:
         (h_t, c_t), c_t None except for the LSTM.
     """
+    if mode == "lstm":
+        c_new, o = lstm_cell_state(xproj_t, h, c, w_hh, norm)
+        return lstm_hidden(o, c_new, norm), c_new
     gh = h @ w_hh.t()
     if norm is not None:
         gh = F.layer_norm(gh, gh.shape[-1:], norm.hh_weight, norm.hh_bias, norm.eps)
-    if mode == "lstm":
-        i, f, g, o = (xproj_t + gh).chunk(4, dim=-1)
-        c_new = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-        c_out = c_new
-        if norm is not None:
-            c_out = F.layer_norm(c_new, c_new.shape[-1:], norm.cell_weight, norm.cell_bias, norm.eps)
-        return torch.sigmoid(o) * torch.tanh(c_out), c_new
     if mode == "gru":
         if b_hh is not None:
             gh = gh + b_hh
@@ -79,6 +75,24 @@ def cell_step(
     if mode == "rnn_sigmoid":
         return torch.sigmoid(pre), None
     raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+
+
+def lstm_cell_state(
+    xproj_t: torch.Tensor, h: torch.Tensor, c: torch.Tensor, w_hh: torch.Tensor, norm: CellNorm | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The LSTM's new cell state c_t [B, H] and its output gate pre-activation o [B, H]."""
+    gh = h @ w_hh.t()
+    if norm is not None:
+        gh = F.layer_norm(gh, gh.shape[-1:], norm.hh_weight, norm.hh_bias, norm.eps)
+    i, f, g, o = (xproj_t + gh).chunk(4, dim=-1)
+    return torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g), o
+
+
+def lstm_hidden(o: torch.Tensor, c: torch.Tensor, norm: CellNorm | None) -> torch.Tensor:
+    """h_t = sigmoid(o) * tanh(c_t), with LN(c_t) in the layer-normalized cell."""
+    if norm is not None:
+        c = F.layer_norm(c, c.shape[-1:], norm.cell_weight, norm.cell_bias, norm.eps)
+    return torch.sigmoid(o) * torch.tanh(c)
 
 
 def step_jacobian_sq(
@@ -182,15 +196,18 @@ def layer_forward(
     for t in positions:
         if track:
             jac[t] = step_jacobian_sq(mode, xproj[t], h, c, w_hh, b_hh, norm) * valid[t]
-        h_new, c_new = cell_step(mode, xproj[t], h, c, w_hh, b_hh, norm)
         keep = valid[t][:, None]
-        h = torch.where(keep, h_new, h)
-        if c is not None:
+        if mode == "lstm":
+            # h_t is computed from the retained c_t so that c_t's gradient includes the path through h_t
+            c_new, o = lstm_cell_state(xproj[t], h, c, w_hh, norm)
             c = torch.where(keep, c_new, c)
+            if track and c.requires_grad:
+                c.retain_grad()
+            h = torch.where(keep, lstm_hidden(o, c, norm), h)
+        else:
+            h = torch.where(keep, cell_step(mode, xproj[t], h, c, w_hh, b_hh, norm)[0], h)
         if track and h.requires_grad:
             h.retain_grad()
-            if c is not None:
-                c.retain_grad()
         hidden[t], cell[t] = h, c
     ordered = [h0] + hidden if not reverse else hidden + [h0]
     states = torch.stack(ordered)
