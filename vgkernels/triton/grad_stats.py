@@ -93,12 +93,13 @@ def _finalize_kernel(
     first = tl.load(meta_ptr + 2 * n_tensors + t)
     last = tl.load(meta_ptr + 3 * n_tensors + t)
     cols = tl.arange(0, NCOL_PAD)
-    total = tl.full((), 0.0, dtype=tl.float64)
+    one = tl.arange(0, 1)
+    total = tl.zeros([1], dtype=tl.float64)
     counts = tl.zeros([NCOL_PAD], dtype=tl.int64)
     for c in range(first, last):
-        total += tl.load(part_sumsq_ptr + c)
+        total += tl.load(part_sumsq_ptr + c + one)
         counts += tl.load(part_hist_ptr + c * NCOL_PAD + cols).to(tl.int64)
-    tl.store(sumsq_ptr + t, total)
+    tl.store(sumsq_ptr + t + one, total)
     tl.store(hist_ptr + t * NCOL + cols, counts, mask=cols < NCOL)
 
 
