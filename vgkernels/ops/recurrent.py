@@ -114,8 +114,9 @@ def _(grad_states, grad_cell_states, states, cell_states, workspace, w_hh, ln_hh
       lengths, mode, reverse, grad_clip, track, has_b_hh):
     grad_xproj, grad_h0, grad_c0, grad_w_hh, grad_b_hh, grad_sq = _fake_backward_shapes(
         states, w_hh, mode, track, has_b_hh)
-    cell = (ln_cell_weight.new_empty(ln_cell_weight.shape),) * 2 if ln_cell_weight is not None else (
-        _empty(states),) * 2
+    # Two distinct tensors: the kernels' outputs never alias each other.
+    cell = tuple(_empty(states) if ln_cell_weight is None else ln_cell_weight.new_empty(ln_cell_weight.shape)
+                 for _ in range(2))
     return (grad_xproj, grad_h0, grad_c0, grad_w_hh, grad_b_hh, ln_hh_weight.new_empty(ln_hh_weight.shape),
             ln_hh_weight.new_empty(ln_hh_weight.shape), *cell, grad_sq)
 
