@@ -10,17 +10,11 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
+#include "cpu/norm_simd.h"
 #include "ops.h"
-
-// See layer_norm.cpp: plain loops, also compiled for AVX2/FMA and picked at load time on x86-64.
-#if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__)
-#define VGK_SIMD_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
-#else
-#define VGK_SIMD_CLONES
-#endif
-#define VGK_INLINE __attribute__((always_inline)) inline
 
 namespace vgk {
 namespace {
@@ -38,46 +32,87 @@ NormKind norm_kind(double p) {
 
 // Partial of one chunk: the sum of |x|^p, or for p = inf the maximum of |x| (NaN when the chunk holds
 // a NaN). Runs of kRun elements are summed in A (float for float32 and the 16-bit types, double for
-// float64) with vector lanes, and the runs are added up in double, which keeps float32 sums accurate.
+// float64), and the runs are added up in double, which keeps float32 sums accurate.
 constexpr int64_t kRun = 1024;
 
-template <typename T, typename A>
-VGK_INLINE A run_sum(const T* x, int64_t n, NormKind kind, A p) {
-  A acc = 0;
+template <typename V>
+VGK_INLINE V magnitude(V v) {
+  return v < 0 ? -v : v;  // NaN stays NaN
+}
+
+// float32 and float64: explicit vectors (norm_simd.h).
+template <typename T>
+VGK_INLINE T run_sum(const T* x, int64_t n, NormKind kind, T p) {
   switch (kind) {
     case NormKind::kOne:
-#pragma omp simd reduction(+ : acc)
-      for (int64_t i = 0; i < n; ++i) acc += std::abs(static_cast<A>(x[i]));
-      break;
+      return simd::sums<T, 1>(n, [&](auto ops, int64_t i) {
+        using O = decltype(ops);
+        return std::array<typename O::V, 1>{magnitude(O::load(x + i))};
+      })[0];
     case NormKind::kTwo:
-#pragma omp simd reduction(+ : acc)
-      for (int64_t i = 0; i < n; ++i) {
-        const A v = static_cast<A>(x[i]);
-        acc += v * v;
-      }
-      break;
-    default:
-      for (int64_t i = 0; i < n; ++i) acc += std::pow(std::abs(static_cast<A>(x[i])), p);
+      return simd::sums<T, 1>(n, [&](auto ops, int64_t i) {
+        using O = decltype(ops);
+        const auto v = O::load(x + i);
+        return std::array<typename O::V, 1>{v * v};
+      })[0];
+    default: {
+      T acc = 0;
+      for (int64_t i = 0; i < n; ++i) acc += std::pow(std::abs(x[i]), p);
+      return acc;
+    }
+  }
+}
+
+// The 16-bit types: element by element through float.
+template <typename T>
+VGK_INLINE float run_sum_16(const T* x, int64_t n, NormKind kind, float p) {
+  float acc = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const float v = std::abs(static_cast<float>(x[i]));
+    acc += kind == NormKind::kOne ? v : kind == NormKind::kTwo ? v * v : std::pow(v, p);
   }
   return acc;
 }
 
+// max |x| over the chunk; a NaN, once met, sticks (a plain max would drop it).
+template <typename T>
+VGK_INLINE T chunk_max(const T* x, int64_t n) {
+  if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
+    simd::Vec<T> vm = {};
+    T sm = 0;
+    simd::for_each<T>(n, [&](auto ops, int64_t i) {
+      using O = decltype(ops);
+      const auto v = magnitude(O::load(x + i));
+      if constexpr (std::is_same_v<O, simd::VecOps<T>>) {
+        vm = ((v > vm) | (v != v)) ? v : vm;
+      } else {
+        sm = (v > sm || v != v) ? v : sm;
+      }
+    });
+    for (int j = 0; j < simd::kLanes<T>; ++j) sm = (vm[j] > sm || vm[j] != vm[j]) ? vm[j] : sm;
+    return sm;
+  } else {
+    float m = 0;
+    for (int64_t i = 0; i < n; ++i) {
+      const float v = std::abs(static_cast<float>(x[i]));
+      m = (v > m || v != v) ? v : m;
+    }
+    return static_cast<T>(m);
+  }
+}
+
 template <typename T, typename A>
 VGK_INLINE double chunk_partial(const T* x, int64_t n, NormKind kind, A p) {
-  if (kind == NormKind::kInf) {
-    // A max reduction drops NaNs, so count them separately.
-    A acc = 0;
-    int nans = 0;
-#pragma omp simd reduction(max : acc) reduction(+ : nans)
-    for (int64_t i = 0; i < n; ++i) {
-      const A v = std::abs(static_cast<A>(x[i]));
-      acc = v > acc ? v : acc;
-      nans += v != v;
-    }
-    return nans ? std::numeric_limits<double>::quiet_NaN() : static_cast<double>(acc);
-  }
+  if (kind == NormKind::kInf) return static_cast<double>(static_cast<A>(chunk_max<T>(x, n)));
   double total = 0;
-  for (int64_t b = 0; b < n; b += kRun) total += run_sum<T, A>(x + b, std::min(kRun, n - b), kind, p);
+  for (int64_t b = 0; b < n; b += kRun) {
+    const int64_t len = std::min(kRun, n - b);
+    if constexpr (std::is_same_v<T, A>) {
+      total += run_sum<T>(x + b, len, kind, p);
+    } else {
+      total += run_sum_16<T>(x + b, len, kind, p);
+    }
+  }
   return total;
 }
 
@@ -104,8 +139,14 @@ double dispatch_partial(const at::BFloat16* x, int64_t n, NormKind k, float p) {
 
 template <typename T, typename A>
 VGK_INLINE void scale_chunk(T* x, int64_t n, A s) {
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) x[i] = static_cast<T>(static_cast<A>(x[i]) * s);
+  if constexpr (std::is_same_v<T, A>) {
+    simd::for_each<T>(n, [&](auto ops, int64_t i) {
+      using O = decltype(ops);
+      O::store(x + i, O::load(x + i) * s);
+    });
+  } else {
+    for (int64_t i = 0; i < n; ++i) x[i] = static_cast<T>(static_cast<A>(x[i]) * s);
+  }
 }
 
 #define VGK_SCALE_CHUNK(T, A, NAME) \

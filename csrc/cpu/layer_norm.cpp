@@ -11,16 +11,8 @@
 #include <cmath>
 #include <vector>
 
+#include "cpu/norm_simd.h"
 #include "ops.h"
-
-// The row loops are written plainly and vectorised by the compiler; on x86-64 each kernel is also
-// compiled for AVX2/FMA and picked at load time, since the extension itself is built for baseline x86-64.
-#if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__)
-#define VGK_SIMD_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
-#else
-#define VGK_SIMD_CLONES
-#endif
-#define VGK_INLINE __attribute__((always_inline)) inline
 
 namespace vgk {
 namespace {
@@ -64,25 +56,25 @@ std::vector<int64_t> leading_shape(const at::Tensor& input, int64_t normalized_n
 template <typename T, bool W, bool B>
 VGK_INLINE void forward_row(const T* x, T* y, const T* w, const T* b, int64_t n, T eps, T* mean_out,
                             T* rstd_out) {
-  T sum = 0;
-#pragma omp simd reduction(+ : sum)
-  for (int64_t i = 0; i < n; ++i) sum += x[i];
+  const T sum = simd::sums<T, 1>(n, [&](auto ops, int64_t i) {
+    using O = decltype(ops);
+    return std::array<typename O::V, 1>{O::load(x + i)};
+  })[0];
   const T mean = sum / static_cast<T>(n);
   // Centred second pass: the row is in cache, and it avoids the cancellation of E[x^2] - E[x]^2.
-  T sq = 0;
-#pragma omp simd reduction(+ : sq)
-  for (int64_t i = 0; i < n; ++i) {
-    const T d = x[i] - mean;
-    sq += d * d;
-  }
+  const T sq = simd::sums<T, 1>(n, [&](auto ops, int64_t i) {
+    using O = decltype(ops);
+    const auto d = O::load(x + i) - mean;
+    return std::array<typename O::V, 1>{d * d};
+  })[0];
   const T rstd = T(1) / std::sqrt(sq / static_cast<T>(n) + eps);
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) {
-    T v = (x[i] - mean) * rstd;
-    if constexpr (W) v = v * w[i];
-    if constexpr (B) v = v + b[i];
-    y[i] = v;
-  }
+  simd::for_each<T>(n, [&](auto ops, int64_t i) {
+    using O = decltype(ops);
+    auto v = (O::load(x + i) - mean) * rstd;
+    if constexpr (W) v = v * O::load(w + i);
+    if constexpr (B) v = v + O::load(b + i);
+    O::store(y + i, v);
+  });
   *mean_out = mean;
   *rstd_out = rstd;
 }
@@ -157,31 +149,34 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_forward_cpu(
 template <typename T, bool W, bool DW, bool DB>
 VGK_INLINE void backward_row(const T* dy, const T* x, const T* w, T mean, T rstd, int64_t n, T clip, T* dx,
                              T* dw_acc, T* db_acc) {
-  T sum_g = 0, sum_gx = 0;
-#pragma omp simd reduction(+ : sum_g, sum_gx)
-  for (int64_t i = 0; i < n; ++i) {
-    const T xh = (x[i] - mean) * rstd;
-    const T g = W ? dy[i] * w[i] : dy[i];
-    sum_g += g;
-    sum_gx += g * xh;
-    if constexpr (DW) dw_acc[i] += dy[i] * xh;
-    if constexpr (DB) db_acc[i] += dy[i];
-  }
-  const T a = sum_g / static_cast<T>(n);
-  const T c = sum_gx / static_cast<T>(n);
-  T sq = 0;
-#pragma omp simd reduction(+ : sq)
-  for (int64_t i = 0; i < n; ++i) {
-    const T xh = (x[i] - mean) * rstd;
-    const T g = W ? dy[i] * w[i] : dy[i];
-    const T d = rstd * (g - a - xh * c);
-    dx[i] = d;
-    sq += d * d;
-  }
+  // One pass for the two row sums and this row's share of dW and db.
+  const auto row_sums = simd::sums<T, 2>(n, [&](auto ops, int64_t i) {
+    using O = decltype(ops);
+    const auto d = O::load(dy + i);
+    const auto xh = (O::load(x + i) - mean) * rstd;
+    auto g = d;
+    if constexpr (W) g = g * O::load(w + i);
+    if constexpr (DW) O::store(dw_acc + i, O::load(dw_acc + i) + d * xh);
+    if constexpr (DB) O::store(db_acc + i, O::load(db_acc + i) + d);
+    return std::array<typename O::V, 2>{g, g * xh};
+  });
+  const T a = row_sums[0] / static_cast<T>(n);
+  const T c = row_sums[1] / static_cast<T>(n);
+  const T sq = simd::sums<T, 1>(n, [&](auto ops, int64_t i) {
+    using O = decltype(ops);
+    const auto xh = (O::load(x + i) - mean) * rstd;
+    auto g = O::load(dy + i);
+    if constexpr (W) g = g * O::load(w + i);
+    const auto d = (g - a - xh * c) * rstd;
+    O::store(dx + i, d);
+    return std::array<typename O::V, 1>{d * d};
+  })[0];
   if (clip >= 0 && sq > clip * clip) {
     const T scale = clip / std::sqrt(sq);
-#pragma omp simd
-    for (int64_t i = 0; i < n; ++i) dx[i] *= scale;
+    simd::for_each<T>(n, [&](auto ops, int64_t i) {
+      using O = decltype(ops);
+      O::store(dx + i, O::load(dx + i) * scale);
+    });
   }
 }
 

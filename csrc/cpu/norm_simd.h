@@ -1,0 +1,92 @@
+// Explicit SIMD for the row and chunk loops of layer_norm.cpp and clip_grad.cpp.
+//
+// The extension is compiled for baseline x86-64, and the compiler's own vectorisation of reductions
+// keeps one accumulator (latency-bound) and spills when a loop also stores. So the loops are written
+// once as generic lambdas over an "ops" type: VecOps<T> works on 32-byte GCC/Clang vector-extension
+// values (one AVX2 register, two SSE registers), ScalarOps<T> on single elements for the tail. Each
+// kernel is compiled twice (VGK_SIMD_CLONES): for x86-64-v3 (AVX2, FMA) and for baseline x86-64, and
+// the loader picks the clone the CPU supports.
+#pragma once
+
+#include <array>
+#include <cstdint>
+
+#pragma GCC diagnostic ignored "-Wpsabi"  // 32-byte vectors only pass between inlined functions
+
+#if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__)
+#define VGK_SIMD_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define VGK_SIMD_CLONES
+#endif
+#define VGK_INLINE __attribute__((always_inline)) inline
+
+namespace vgk::simd {
+
+template <typename T>
+struct VecOf {
+  typedef T type __attribute__((vector_size(32)));
+};
+template <typename T>
+using Vec = typename VecOf<T>::type;
+template <typename T>
+constexpr int kLanes = 32 / sizeof(T);
+constexpr int kUnroll = 4;  // independent accumulators per sum
+
+template <typename T>
+struct VecOps {
+  using V = Vec<T>;
+  static VGK_INLINE V load(const T* p) {
+    V v;
+    __builtin_memcpy(&v, p, sizeof(V));
+    return v;
+  }
+  static VGK_INLINE void store(T* p, V v) { __builtin_memcpy(p, &v, sizeof(V)); }
+};
+
+template <typename T>
+struct ScalarOps {
+  using V = T;
+  static VGK_INLINE T load(const T* p) { return *p; }
+  static VGK_INLINE void store(T* p, T v) { *p = v; }
+};
+
+template <typename T>
+VGK_INLINE T hsum(Vec<T> v) {
+  T s = 0;
+  for (int j = 0; j < kLanes<T>; ++j) s += v[j];
+  return s;
+}
+
+// step(ops, i) for the elements [i, i + width) of [0, n): a vector at a time, then scalars.
+template <typename T, typename Step>
+VGK_INLINE void for_each(int64_t n, Step step) {
+  int64_t i = 0;
+  for (; i + kLanes<T> <= n; i += kLanes<T>) step(VecOps<T>{}, i);
+  for (; i < n; ++i) step(ScalarOps<T>{}, i);
+}
+
+// Sums over [0, n) of the K terms that step(ops, i) returns as std::array<ops::V, K> (it may also
+// store per element).
+template <typename T, int K, typename Step>
+VGK_INLINE std::array<T, K> sums(int64_t n, Step step) {
+  constexpr int W = kLanes<T> * kUnroll;
+  Vec<T> acc[kUnroll][K] = {};
+  int64_t i = 0;
+  for (; i + W <= n; i += W) {
+    for (int u = 0; u < kUnroll; ++u) {
+      const auto t = step(VecOps<T>{}, i + u * kLanes<T>);
+      for (int k = 0; k < K; ++k) acc[u][k] += t[k];
+    }
+  }
+  std::array<T, K> out{};
+  for (; i < n; ++i) {
+    const auto t = step(ScalarOps<T>{}, i);
+    for (int k = 0; k < K; ++k) out[k] += t[k];
+  }
+  for (int u = 0; u < kUnroll; ++u) {
+    for (int k = 0; k < K; ++k) out[k] += hsum<T>(acc[u][k]);
+  }
+  return out;
+}
+
+}  // namespace vgk::simd
