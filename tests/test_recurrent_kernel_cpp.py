@@ -1,0 +1,514 @@
+"""Raw-op tests of the C++ recurrent kernels ``vgk::rnn_forward`` / ``vgk::rnn_backward``.
+
+Oracle: ``vgkernels.reference.recurrent.layer_forward`` (eager autograd, ``retain_grad`` for the
+per-step gradient norms, ``jacrev`` for the step Jacobians); for ``grad_clip`` a hooked eager loop
+in this file that clamps every gate pre-activation gradient.
+
+Tolerances:
+- float64 against the float64 oracle: rtol 1e-9, atol 1e-10 (values, every gradient, traces).
+- float32 against the float64 oracle on O(1) data: rtol 1e-4, atol 1e-5.
+- float64 ``gradcheck``: torch's defaults (eps 1e-6, atol 1e-5, rtol 1e-3).
+- The linear regime (tiny inputs, orthogonal W_hh scaled by rho): rtol 1e-3, since tanh' = 1 - h^2
+  is 1 only up to the tiny h^2.
+- Different GEMM paths (brgemm, BLAS, at::addmm) and thread counts: rtol 1e-5, atol 1e-6 (float32).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import vgkernels  # noqa: F401
+from vgkernels import _library
+from vgkernels.reference import recurrent as reference
+
+_library.require_cpp()
+OPS = torch.ops.vgk
+MODES = ("lstm", "gru", "rnn_tanh", "rnn_relu", "rnn_sigmoid")
+GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1, "rnn_sigmoid": 1}
+F64 = {"rtol": 1e-9, "atol": 1e-10}
+F32 = {"rtol": 1e-4, "atol": 1e-5}
+
+
+def make_inputs(mode, T, B, H, dtype=torch.float64, lengths=False, b_hh=True, seed=0):
+    """Random layer inputs on the scale of torch.nn's initialisation (W ~ U(-1/sqrt(H), 1/sqrt(H)))."""
+    g = torch.Generator().manual_seed(seed)
+    G = GATES[mode]
+    k = H**-0.5
+    xproj = torch.randn(T, B, G * H, generator=g, dtype=dtype)
+    h0 = 0.5 * torch.randn(B, H, generator=g, dtype=dtype)
+    c0 = torch.randn(B, H, generator=g, dtype=dtype) if mode == "lstm" else None
+    w_hh = (torch.rand(G * H, H, generator=g, dtype=dtype) * 2 - 1) * 2 * k
+    bias = 0.3 * torch.randn(G * H, generator=g, dtype=dtype) if mode == "gru" and b_hh else None
+    lens = None
+    if lengths:
+        lens = torch.randint(1, T + 1, (B,), generator=g)
+        lens[0] = T
+    return xproj, h0, c0, w_hh, bias, lens
+
+
+def op_forward(mode, xproj, h0, c0, w_hh, b_hh, lengths, reverse, track=True):
+    return OPS.rnn_forward(xproj, h0, c0, w_hh, b_hh, lengths, None, mode, reverse, track)
+
+
+def op_backward(
+    mode, fwd, grad_states, grad_cells, w_hh, lengths, reverse, grad_clip=None, track=True, has_b_hh=False
+):
+    states, cells, workspace, _ = fwd
+    return OPS.rnn_backward(
+        grad_states,
+        grad_cells,
+        states,
+        cells,
+        workspace,
+        w_hh,
+        lengths,
+        mode,
+        reverse,
+        grad_clip,
+        track,
+        has_b_hh,
+    )
+
+
+def upstream(mode, T, B, H, dtype, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    gs = torch.randn(T + 1, B, H, generator=g, dtype=dtype)
+    gc = torch.randn(T + 1, B, H, generator=g, dtype=dtype) if mode == "lstm" else torch.empty(0, dtype=dtype)
+    return gs, gc
+
+
+def oracle(mode, xproj, h0, c0, w_hh, b_hh, lengths, reverse, gs, gc):
+    """Forward values, traces and every gradient from the eager reference (in float64)."""
+    inputs = (xproj, h0, c0, w_hh, b_hh)
+    leaves = [t.detach().double().requires_grad_() if t is not None else None for t in inputs]
+    res = reference.layer_forward(*leaves, lengths, mode, reverse, track=True)
+    loss = (res.states * gs.double()).sum()
+    if mode == "lstm":
+        loss = loss + (res.cell_states * gc.double()).sum()
+    loss.backward()
+    grads = [t.grad if t is not None else None for t in leaves]
+    return res, grads
+
+
+def check_against_oracle(mode, T, B, H, dtype, reverse, lengths, tol):
+    xproj, h0, c0, w_hh, b_hh, lens = make_inputs(mode, T, B, H, dtype, lengths)
+    gs, gc = upstream(mode, T, B, H, dtype)
+    fwd = op_forward(mode, xproj, h0, c0, w_hh, b_hh, lens, reverse)
+    states, cells, workspace, jac = fwd
+    gx, gh0, gc0, gw, gb, gsq = op_backward(mode, fwd, gs, gc, w_hh, lens, reverse, has_b_hh=b_hh is not None)
+    res, (dx, dh0, dc0, dw, db) = oracle(mode, xproj, h0, c0, w_hh, b_hh, lens, reverse, gs, gc)
+
+    def close(actual, expected, name):
+        assert actual.dtype == (torch.float32 if name in ("jac_sq", "grad_sq") else dtype), name
+        torch.testing.assert_close(actual.double(), expected.double(), **tol, msg=lambda m: f"{name}: {m}")
+
+    close(states, res.states, "states")
+    close(jac, res.jac_sq, "jac_sq")
+    close(gx, dx, "grad_xproj")
+    close(gh0, dh0, "grad_h0")
+    close(gw, dw, "grad_w_hh")
+    close(gsq, res.grad_sq(), "grad_sq")
+    if mode == "lstm":
+        close(cells, res.cell_states, "cell_states")
+        close(gc0, dc0, "grad_c0")
+        assert workspace.shape == (T, B, 4 * H)
+    else:
+        assert cells.shape == (0,) and gc0.shape == (0,)
+    if mode == "gru":
+        assert workspace.shape == (T, B, 4 * H)
+        close(gb, db, "grad_b_hh")
+    else:
+        assert gb.shape == (0,)
+    if mode.startswith("rnn"):
+        assert workspace.shape == (0,)
+    return fwd
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("lengths", [False, True])
+@pytest.mark.parametrize("T,B,H", [(5, 3, 4), (1, 1, 1), (4, 1, 3), (3, 2, 37)])
+def test_float64_matches_reference(mode, reverse, lengths, T, B, H):
+    check_against_oracle(mode, T, B, H, torch.float64, reverse, lengths, F64)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("reverse", [False, True])
+def test_float32_matches_reference(mode, reverse):
+    check_against_oracle(mode, 6, 5, 37, torch.float32, reverse, True, F32)
+
+
+def test_float32_hidden_256_matches_reference():
+    # The sizes of the benchmark (vector loops, GEMM micro-kernels) on a short sequence.
+    for mode in ("lstm", "gru", "rnn_tanh"):
+        check_against_oracle(mode, 3, 9, 256, torch.float32, False, True, F32)
+
+
+def test_gru_without_b_hh():
+    check_against_oracle("gru", 4, 3, 5, torch.float64, False, False, F64)
+    xproj, h0, _, w_hh, b_hh, _ = make_inputs("gru", 4, 3, 5)
+    a = op_forward("gru", xproj, h0, None, w_hh, None, None, False)
+    b = op_forward("gru", xproj, h0, None, w_hh, torch.zeros_like(b_hh), None, False)
+    torch.testing.assert_close(a[0], b[0], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_lengths_carry_state_and_zero_the_rest(mode):
+    T, B, H = 6, 4, 5
+    xproj, h0, c0, w_hh, b_hh, _ = make_inputs(mode, T, B, H)
+    lens = torch.tensor([6, 2, 4, 1])
+    gs, gc = upstream(mode, T, B, H, torch.float64)
+    for reverse in (False, True):
+        fwd = op_forward(mode, xproj, h0, c0, w_hh, b_hh, lens, reverse)
+        states, cells, workspace, jac = fwd
+        gx, _, _, _, _, gsq = op_backward(mode, fwd, gs, gc, w_hh, lens, reverse, has_b_hh=b_hh is not None)
+        valid = torch.arange(T)[:, None] < lens[None, :]
+        assert (jac[~valid] == 0).all() and (jac[valid] > 0).all()
+        assert (gsq[:, ~valid] == 0).all() and (gsq[:, valid] > 0).all()
+        assert (gx[~valid] == 0).all()
+        if workspace.numel():
+            assert (workspace[~valid] == 0).all()
+        for b in range(B):
+            n = int(lens[b])
+            if reverse:  # positions T-1 .. n carry h0; h_n lands in slot 0
+                assert torch.equal(states[n:, b], h0[b].expand(T + 1 - n, H))
+            else:  # h_n stays in every slot after position n - 1
+                assert torch.equal(states[n:, b], states[n, b].expand(T + 1 - n, H))
+            if mode == "lstm":
+                ref = c0[b] if reverse else cells[n, b]
+                assert torch.equal(cells[n:, b], ref.expand(T + 1 - n, H))
+
+
+# ------------------------------------------------------------------------------------------ grad_clip
+
+
+def clipped_loop(mode, xproj, h0, c0, w_hh, b_hh, reverse, clip):
+    """Eager loop whose hooks clamp every gate pre-activation gradient to [-clip, clip]."""
+
+    def hook(g):
+        return g.clamp(-clip, clip)
+
+    T, H = xproj.shape[0], h0.shape[1]
+    h, c = h0, c0
+    outs, cells = [None] * T, [None] * T
+    for t in range(T - 1, -1, -1) if reverse else range(T):
+        gh = h @ w_hh.t()
+        if mode == "lstm":
+            pre = xproj[t] + gh
+            pre.register_hook(hook)
+            i, f, g, o = pre.chunk(4, -1)
+            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+            h = torch.sigmoid(o) * torch.tanh(c)
+        elif mode == "gru":
+            gh = gh + b_hh
+            r_pre = xproj[t, :, :H] + gh[:, :H]
+            z_pre = xproj[t, :, H : 2 * H] + gh[:, H : 2 * H]
+            r, z = torch.sigmoid(r_pre), torch.sigmoid(z_pre)
+            n_pre = xproj[t, :, 2 * H :] + r * gh[:, 2 * H :]
+            for p in (r_pre, z_pre, n_pre):
+                p.register_hook(hook)
+            h = (1 - z) * torch.tanh(n_pre) + z * h
+        else:
+            pre = xproj[t] + gh
+            pre.register_hook(hook)
+            act = {"rnn_tanh": torch.tanh, "rnn_relu": torch.relu, "rnn_sigmoid": torch.sigmoid}[mode]
+            h = act(pre)
+        outs[t], cells[t] = h, c
+    states = torch.stack(outs + [h0] if reverse else [h0] + outs)
+    cell_states = torch.stack(cells + [c0] if reverse else [c0] + cells) if mode == "lstm" else None
+    return states, cell_states
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("reverse", [False, True])
+def test_grad_clip_matches_hooked_loop(mode, reverse):
+    T, B, H = 5, 3, 4
+    xproj, h0, c0, w_hh, b_hh, _ = make_inputs(mode, T, B, H)
+    gs, gc = upstream(mode, T, B, H, torch.float64)
+    gs, gc = 3 * gs, 3 * gc  # large enough that the clip bites
+    clip = 0.1
+    fwd = op_forward(mode, xproj, h0, c0, w_hh, b_hh, None, reverse)
+    has_b = b_hh is not None
+    gx, gh0, gc0, gw, gb, _ = op_backward(mode, fwd, gs, gc, w_hh, None, reverse, clip, has_b_hh=has_b)
+    unclipped = op_backward(mode, fwd, gs, gc, w_hh, None, reverse, None, has_b_hh=has_b)
+
+    leaves = [t.clone().requires_grad_() if t is not None else None for t in (xproj, h0, c0, w_hh, b_hh)]
+    states, cells = clipped_loop(mode, *leaves, reverse, clip)
+    loss = (states * gs).sum() + ((cells * gc).sum() if cells is not None else 0)
+    loss.backward()
+    torch.testing.assert_close(gx, leaves[0].grad, **F64)
+    torch.testing.assert_close(gh0, leaves[1].grad, **F64)
+    torch.testing.assert_close(gw, leaves[3].grad, **F64)
+    if mode == "lstm":
+        torch.testing.assert_close(gc0, leaves[2].grad, **F64)
+    if mode == "gru":
+        torch.testing.assert_close(gb, leaves[4].grad, **F64)
+    assert gx.abs().max() <= clip
+    assert unclipped[0].abs().max() > clip  # the clip changed something
+
+
+# ------------------------------------------------------------------------------------------ gradcheck
+
+
+class Layer(torch.autograd.Function):
+    """The two raw ops as one differentiable function, for gradcheck."""
+
+    @staticmethod
+    def forward(ctx, xproj, h0, c0, w_hh, b_hh, mode, reverse, lengths):
+        states, cells, workspace, _ = OPS.rnn_forward(
+            xproj, h0, c0, w_hh, b_hh, lengths, None, mode, reverse, False
+        )
+        ctx.save_for_backward(states, cells, workspace, w_hh)
+        ctx.args = (mode, reverse, lengths, b_hh is not None)
+        if mode != "lstm":
+            ctx.mark_non_differentiable(cells)
+        return states, cells
+
+    @staticmethod
+    def backward(ctx, grad_states, grad_cells):
+        states, cells, workspace, w_hh = ctx.saved_tensors
+        mode, reverse, lengths, has_b = ctx.args
+        if grad_states is None:
+            grad_states = torch.zeros_like(states)
+        if grad_cells is None:
+            grad_cells = torch.zeros_like(cells)
+        gx, gh0, gc0, gw, gb, _ = OPS.rnn_backward(
+            grad_states,
+            grad_cells,
+            states,
+            cells,
+            workspace,
+            w_hh,
+            lengths,
+            mode,
+            reverse,
+            None,
+            False,
+            has_b,
+        )
+        return (gx, gh0, gc0 if mode == "lstm" else None, gw, gb if has_b else None, None, None, None)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("reverse,lengths", [(False, False), (True, True)])
+def test_gradcheck(mode, reverse, lengths):
+    xproj, h0, c0, w_hh, b_hh, lens = make_inputs(mode, 3, 2, 3, lengths=lengths, seed=4)
+    if mode == "rnn_relu":  # keep pre-activations away from the kink at 0
+        xproj = xproj + torch.sign(xproj) * 0.2
+    inputs = [t.requires_grad_() if t is not None else None for t in (xproj, h0, c0, w_hh, b_hh)]
+
+    def fn(x, h, c, w, b):
+        return Layer.apply(x, h, c, w, b, mode, reverse, lens)
+
+    assert torch.autograd.gradcheck(fn, inputs)
+
+
+# ------------------------------------------------------------------------------------------ traces
+
+
+def test_linear_regime_traces():
+    # Orthogonal W scaled by rho, tiny inputs and h0 = 0: the tanh RNN is linear, each step's Jacobian
+    # is rho Q (squared Frobenius norm rho^2 H), and a loss on the last output gives
+    # ||dL/dh_t|| = rho^(T-1-t) ||dL/dh_{T-1}||.
+    T, B, H, rho = 8, 2, 16, 0.8
+    q, _ = torch.linalg.qr(torch.randn(H, H, dtype=torch.float64))
+    w_hh = rho * q
+    xproj = 1e-4 * torch.randn(T, B, H, dtype=torch.float64)
+    h0 = torch.zeros(B, H, dtype=torch.float64)
+    fwd = op_forward("rnn_tanh", xproj, h0, None, w_hh, None, None, False)
+    expected_jac = torch.full((T, B), rho**2 * H, dtype=torch.float64)
+    torch.testing.assert_close(fwd[3].double(), expected_jac, rtol=1e-3, atol=0)
+    gs = torch.zeros(T + 1, B, H, dtype=torch.float64)
+    gs[T] = torch.randn(B, H, dtype=torch.float64)
+    gsq = op_backward("rnn_tanh", fwd, gs, torch.empty(0), w_hh, None, False)[5][0]
+    norms = gsq.double().sqrt()
+    expected = rho ** torch.arange(T - 1, -1, -1, dtype=torch.float64)[:, None] * norms[T - 1]
+    torch.testing.assert_close(norms, expected, rtol=1e-3, atol=0)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_tracking_changes_no_value(mode):
+    # Untracked traces are empty float32 tensors, and tracking leaves every other output bit for bit.
+    T, B, H = 3, 5, 37
+    xproj, h0, c0, w_hh, b_hh, lens = make_inputs(mode, T, B, H, torch.float32, lengths=True)
+    gs, gc = upstream(mode, T, B, H, torch.float32)
+    has_b = b_hh is not None
+    plain = op_forward(mode, xproj, h0, c0, w_hh, b_hh, lens, False, track=False)
+    tracked = op_forward(mode, xproj, h0, c0, w_hh, b_hh, lens, False, track=True)
+    assert plain[3].shape == (0,) and plain[3].dtype == torch.float32
+    assert tracked[3].shape == (T, B)
+    for a, b in zip(plain[:3], tracked[:3], strict=True):
+        assert torch.equal(a, b)
+    plain_b = op_backward(mode, plain, gs, gc, w_hh, lens, False, 0.5, track=False, has_b_hh=has_b)
+    tracked_b = op_backward(mode, plain, gs, gc, w_hh, lens, False, 0.5, track=True, has_b_hh=has_b)
+    assert plain_b[5].shape == (0,) and plain_b[5].dtype == torch.float32
+    assert tracked_b[5].shape == ((2 if mode == "lstm" else 1), T, B)
+    for a, b in zip(plain_b[:5], tracked_b[:5], strict=True):
+        assert torch.equal(a, b)
+
+
+# ------------------------------------------------------------------------------------------ robustness
+
+
+def test_non_contiguous_inputs():
+    mode, T, B, H = "lstm", 4, 3, 5
+    xproj, h0, c0, w_hh, _, _ = make_inputs(mode, T, B, H)
+    gs, gc = upstream(mode, T, B, H, torch.float64)
+    fwd = op_forward(mode, xproj, h0, c0, w_hh, None, None, False)
+    out = op_backward(mode, fwd, gs, gc, w_hh, None, False)
+    x_nc = xproj.transpose(0, 1).contiguous().transpose(0, 1)
+    h0_nc = h0.t().contiguous().t()
+    c0_nc = torch.stack([c0, c0], -1)[..., 0]
+    w_nc = w_hh.t().contiguous().t()
+    assert not any(t.is_contiguous() for t in (x_nc, h0_nc, c0_nc, w_nc))
+    fwd_nc = op_forward(mode, x_nc, h0_nc, c0_nc, w_nc, None, None, False)
+    for a, b in zip(fwd, fwd_nc, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    states, cells, ws, _ = fwd
+    out_nc = OPS.rnn_backward(
+        gs.transpose(1, 2).contiguous().transpose(1, 2),
+        gc[:, :, :, None][..., 0],
+        states,
+        cells,
+        ws,
+        w_nc,
+        None,
+        mode,
+        False,
+        None,
+        True,
+        False,
+    )
+    for a, b in zip(out, out_nc, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_nonfinite_stays_in_its_sample():
+    mode, T, B, H = "lstm", 4, 3, 8
+    xproj, h0, c0, w_hh, _, _ = make_inputs(mode, T, B, H, torch.float32)
+    xproj[1, 0, 3] = float("nan")
+    states, cells, _, jac = op_forward(mode, xproj, h0, c0, w_hh, None, None, False)
+    assert states[2:, 0].isnan().any() and cells[2:, 0].isnan().any() and jac[1:, 0].isnan().all()
+    assert states[:, 1:].isfinite().all() and jac[:, 1:].isfinite().all()
+
+
+def test_batch_zero():
+    for mode in MODES:
+        xproj, h0, c0, w_hh, b_hh, _ = make_inputs(mode, 3, 0, 4)
+        fwd = op_forward(mode, xproj, h0, c0, w_hh, b_hh, None, False)
+        assert fwd[0].shape == (4, 0, 4)
+        gs, gc = upstream(mode, 3, 0, 4, torch.float64)
+        gx, gh0, _, gw, gb, gsq = op_backward(mode, fwd, gs, gc, w_hh, None, False, has_b_hh=b_hh is not None)
+        assert gx.shape == (3, 0, GATES[mode] * 4) and (gw == 0).all()
+        assert gsq.shape == ((2 if mode == "lstm" else 1), 3, 0)
+
+
+GEMM_PATH_SCRIPT = """
+import sys, torch, vgkernels._C  # noqa
+torch.manual_seed(0)
+torch.set_num_threads(int(sys.argv[1]))
+out = []
+for mode, G in (("lstm", 4), ("gru", 3), ("rnn_tanh", 1)):
+    T, B, H = 5, 7, 37
+    x = torch.randn(T, B, G * H); h0 = torch.randn(B, H); c0 = torch.randn(B, H) if mode == "lstm" else None
+    w = torch.randn(G * H, H) * H ** -0.5; b = torch.randn(G * H) if mode == "gru" else None
+    lens = torch.tensor([5, 3, 5, 1, 4, 5, 2])
+    for reverse in (False, True):
+        st, cs, ws, jac = torch.ops.vgk.rnn_forward(x, h0, c0, w, b, lens, None, mode, reverse, True)
+        gs = torch.randn(T + 1, B, H); gc = torch.randn_like(cs)
+        res = torch.ops.vgk.rnn_backward(gs, gc, st, cs, ws, w, lens, mode, reverse, 0.5, True, b is not None)
+        out += [st, cs, ws, jac, *res]
+torch.save(out, sys.argv[2])
+"""
+
+
+@pytest.mark.parametrize("env,threads", [("", 2), ("blas", 1), ("aten", 2)])
+def test_gemm_paths_and_threads_agree(tmp_path, env, threads):
+    # The per-step GEMMs run on brgemm (float, default), the BLAS, or at::addmm; and the batch rows are
+    # split over threads. All must give the same results as the default path on one thread.
+    script = tmp_path / "run.py"
+    script.write_text(GEMM_PATH_SCRIPT)
+    results = []
+    for e, n in (("", 1), (env, threads)):
+        out = tmp_path / f"out_{e or 'default'}_{n}.pt"
+        environ = {k: v for k, v in os.environ.items() if k != "VGK_CPU_BLAS"}
+        if e:
+            environ["VGK_CPU_BLAS"] = e
+        subprocess.run([sys.executable, str(script), str(n), str(out)], check=True, env=environ, timeout=300)
+        results.append(torch.load(out))
+    assert len(results[0]) == len(results[1]) == 60
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------ bad input
+
+
+def test_bad_forward_inputs():
+    xproj, h0, c0, w_hh, _, _ = make_inputs("lstm", 3, 2, 4)
+    fwd = OPS.rnn_forward
+
+    with pytest.raises(ValueError, match="mode"):
+        fwd(xproj, h0, c0, w_hh, None, None, None, "lstm2", False, False)
+    with pytest.raises(TypeError, match="float32 or float64"):
+        fwd(xproj.half(), h0.half(), c0.half(), w_hh.half(), None, None, None, "lstm", False, False)
+    with pytest.raises(TypeError, match="h0 must have dtype"):
+        fwd(xproj, h0.float(), c0, w_hh, None, None, None, "lstm", False, False)
+    with pytest.raises(ValueError, match=r"xproj must have shape \[T, B, G\*H\]"):
+        fwd(xproj[0], h0, c0, w_hh, None, None, None, "lstm", False, False)
+    with pytest.raises(ValueError, match="T >= 1"):
+        fwd(xproj[:0], h0, c0, w_hh, None, None, None, "lstm", False, False)
+    with pytest.raises(ValueError, match="xproj must have shape"):
+        fwd(xproj[..., :-1], h0, c0, w_hh, None, None, None, "lstm", False, False)
+    with pytest.raises(ValueError, match="w_hh must have shape"):
+        fwd(xproj, h0, c0, w_hh[:, :-1], None, None, None, "lstm", False, False)
+    with pytest.raises(ValueError, match="c0"):
+        fwd(xproj, h0, None, w_hh, None, None, None, "lstm", False, False)
+    with pytest.raises(ValueError, match="c0 must have shape"):
+        fwd(xproj, h0, c0[:1], w_hh, None, None, None, "lstm", False, False)
+    with pytest.raises(ValueError, match="b_hh must be None"):
+        fwd(xproj, h0, c0, w_hh, torch.zeros(16, dtype=torch.float64), None, None, "lstm", False, False)
+    with pytest.raises(ValueError, match="lengths must lie in"):
+        fwd(xproj, h0, c0, w_hh, None, torch.tensor([3, 4]), None, "lstm", False, False)
+    with pytest.raises(ValueError, match="lengths must lie in"):
+        fwd(xproj, h0, c0, w_hh, None, torch.tensor([0, 1]), None, "lstm", False, False)
+    with pytest.raises(TypeError, match="lengths must have dtype"):
+        fwd(xproj, h0, c0, w_hh, None, torch.tensor([1.0, 2.0]), None, "lstm", False, False)
+    with pytest.raises(ValueError, match="lengths must have shape"):
+        fwd(xproj, h0, c0, w_hh, None, torch.tensor([1, 2, 3]), None, "lstm", False, False)
+
+    gx, gh, _, gw, gb, _ = make_inputs("gru", 3, 2, 4)
+    with pytest.raises(ValueError, match="c0 must be None"):
+        fwd(gx, gh, c0, gw, gb, None, None, "gru", False, False)
+    with pytest.raises(ValueError, match="b_hh must have shape"):
+        fwd(gx, gh, None, gw, gb[:-1], None, None, "gru", False, False)
+
+
+def test_bad_backward_inputs():
+    mode, T, B, H = "lstm", 3, 2, 4
+    xproj, h0, c0, w_hh, _, _ = make_inputs(mode, T, B, H)
+    states, cells, ws, _ = op_forward(mode, xproj, h0, c0, w_hh, None, None, False)
+    gs, gc = upstream(mode, T, B, H, torch.float64)
+    bwd = OPS.rnn_backward
+
+    with pytest.raises(ValueError, match="grad_states must have shape"):
+        bwd(gs[1:], gc, states, cells, ws, w_hh, None, mode, False, None, False, False)
+    with pytest.raises(ValueError, match="grad_cell_states must have shape"):
+        bwd(gs, gc[1:], states, cells, ws, w_hh, None, mode, False, None, False, False)
+    with pytest.raises(ValueError, match="workspace must have shape"):
+        bwd(gs, gc, states, cells, ws[..., 1:], w_hh, None, mode, False, None, False, False)
+    with pytest.raises(ValueError, match="cell_states must have shape"):
+        bwd(gs, gc, states, cells[1:], ws, w_hh, None, mode, False, None, False, False)
+    with pytest.raises(ValueError, match="grad_clip must be None or > 0"):
+        bwd(gs, gc, states, cells, ws, w_hh, None, mode, False, 0.0, False, False)
+    with pytest.raises(TypeError, match="grad_states must have dtype"):
+        bwd(gs.float(), gc, states, cells, ws, w_hh, None, mode, False, None, False, False)
+    with pytest.raises(ValueError, match="states must have shape"):
+        bwd(gs, gc, states[:1], cells, ws, w_hh, None, mode, False, None, False, False)
+    with pytest.raises(ValueError, match="lengths must lie in"):
+        bwd(gs, gc, states, cells, ws, w_hh, torch.tensor([4, 1]), mode, False, None, False, False)
