@@ -18,6 +18,9 @@ Ops (each with a fake implementation and registered autograd):
 Backends: ``"cpp"`` runs float32 and float64; float16 and bfloat16 inputs are computed in float32 and
 the result cast back. ``"triton"`` runs all four dtypes natively with float32 statistics.
 ``"reference"`` is the eager oracle of :mod:`vgkernels.reference.layer_norm`.
+
+The fused backends give first-order gradients; a double backward through them raises (the reference
+backend supports it).
 """
 
 from __future__ import annotations
@@ -98,14 +101,28 @@ def _make_backward(backward_op):
     return backward
 
 
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError(
+        f"{OP}: double backward (create_graph=True through the LayerNorm gradient) is not supported; "
+        "use backend='reference' for higher-order gradients"
+    )
+
+
+def _register_autograd(forward: str, backward: str) -> None:
+    """Autograd of ``vgk::<forward>`` through ``vgk::<backward>``, which is itself not differentiable."""
+    torch.library.register_autograd(
+        f"vgk::{forward}", _make_backward(getattr(torch.ops.vgk, backward)), setup_context=_setup_context
+    )
+    # Say so on double backward instead of returning zeros.
+    torch.library.register_autograd(
+        f"vgk::{backward}", _no_double_backward, setup_context=lambda ctx, inputs, output: None
+    )
+
+
 if cpp_available():  # without the build only the other backends work (and say why cpp does not)
     torch.library.register_fake("vgk::layer_norm_forward")(_forward_fake)
     torch.library.register_fake("vgk::layer_norm_backward")(_backward_fake)
-    torch.library.register_autograd(
-        "vgk::layer_norm_forward",
-        _make_backward(torch.ops.vgk.layer_norm_backward),
-        setup_context=_setup_context,
-    )
+    _register_autograd("layer_norm_forward", "layer_norm_backward")
 
 _triton_forward = None
 
@@ -116,11 +133,7 @@ def _triton_ops():
     if _triton_forward is None:
         import vgkernels.triton.layer_norm  # noqa: F401  (defines the Triton ops)
 
-        torch.library.register_autograd(
-            "vgk::layer_norm_forward_triton",
-            _make_backward(torch.ops.vgk.layer_norm_backward_triton),
-            setup_context=_setup_context,
-        )
+        _register_autograd("layer_norm_forward_triton", "layer_norm_backward_triton")
         _triton_forward = torch.ops.vgk.layer_norm_forward_triton
     return _triton_forward
 
