@@ -14,7 +14,8 @@ the reverse one. "Steps back" count against processing order, the way back-propa
   exploding). For the forward direction it is the slope of log10 grad_norm over t.
 - The **ratio** is the gradient norm at the first processed step over that at the anchor.
 
-In float32 a vanishing gradient underflows to exactly 0 (below about 1e-45). Such steps are counted
+In float32 a vanishing gradient underflows to exactly 0: the trace accumulates squared norms, so a norm
+below about 1e-22 (a square below ~1e-45) reads 0. Such steps are counted
 (``zero_steps``), excluded from the decay fit, named in the report's notes, and drawn as markers on the
 bottom edge of :func:`plot_trace`'s log-scale axes rather than silently dropped.
 """
@@ -157,6 +158,18 @@ def _direction(index: int, num_directions: int) -> bool:
     return num_directions == 2 and index % 2 == 1
 
 
+def _per_curve(source: BPTTTrace | torch.Tensor, anchor: int | None, measure) -> object:
+    """``measure(curve in processing order, anchor index)`` per layer and direction; a bare value
+    for a 1-D tensor."""
+    curves, dirs, _ = _as_curves(source)
+    out = []
+    for i, curve in enumerate(curves):
+        reverse = _direction(i, dirs)
+        g = _processing_order(curve, reverse)
+        out.append(measure(g, _anchor(g, anchor, reverse)))
+    return out[0] if isinstance(source, torch.Tensor) and source.dim() == 1 else out
+
+
 def gradient_horizon(
     source: BPTTTrace | torch.Tensor, threshold: float = DEFAULT_THRESHOLD, *, anchor: int | None = None
 ) -> int | list[int]:
@@ -173,15 +186,7 @@ def gradient_horizon(
     """
     if not threshold > 0:
         raise ValueError(f"threshold must be > 0, got {threshold!r}")
-    curves, dirs, _ = _as_curves(source)
-    out = []
-    for i, curve in enumerate(curves):
-        reverse = _direction(i, dirs)
-        g = _processing_order(curve, reverse)
-        out.append(_horizon(g, _anchor(g, anchor, reverse), threshold)[0])
-    if isinstance(source, torch.Tensor) and source.dim() == 1:
-        return out[0]
-    return out
+    return _per_curve(source, anchor, lambda g, a: _horizon(g, a, threshold)[0])
 
 
 def decay_rate(source: BPTTTrace | torch.Tensor, *, anchor: int | None = None) -> float | list[float]:
@@ -194,15 +199,7 @@ def decay_rate(source: BPTTTrace | torch.Tensor, *, anchor: int | None = None) -
     Returns:
         a float for a [T] tensor, else a list of L floats.
     """
-    curves, dirs, _ = _as_curves(source)
-    out = []
-    for i, curve in enumerate(curves):
-        reverse = _direction(i, dirs)
-        g = _processing_order(curve, reverse)
-        out.append(_slope(g, _anchor(g, anchor, reverse)))
-    if isinstance(source, torch.Tensor) and source.dim() == 1:
-        return out[0]
-    return out
+    return _per_curve(source, anchor, _slope)
 
 
 def jacobian_stats(trace: BPTTTrace) -> list[dict[str, float]]:
@@ -350,10 +347,10 @@ class TraceReport:
                 where = f" (t = {r.zero_span[0]} ... {r.zero_span[1]})" if r.zero_span else ""
                 out.append(
                     f"{r.label}: the gradient norm is exactly 0 at {r.zero_steps} of {self.seq_len} "
-                    f"steps{where}. "
-                    f"In float32 a norm below ~1e-45 underflows to 0 (a dead ReLU path also gives 0), so the "
-                    f"true ratio is smaller than float32 can show. These steps are left out of the decay fit "
-                    f"and marked on the plot."
+                    f"steps{where}. The trace sums squared norms in float32, so a norm below about 1e-22 "
+                    f"(a square below ~1e-45) underflows to 0; a dead ReLU path also gives 0. The true "
+                    f"ratio is then smaller than float32 can show. These steps are left out of the decay "
+                    f"fit and marked on the plot."
                 )
             if r.nonfinite_steps:
                 out.append(f"{r.label}: {r.nonfinite_steps} steps have a non-finite gradient norm (inf/nan).")
@@ -502,6 +499,7 @@ def draw_log_curves(
     Returns:
         how many zeros were drawn.
     """
+    from matplotlib.patches import Rectangle
     from matplotlib.transforms import blended_transform_factory
 
     styles = list(styles) if styles is not None else line_styles(len(series))
@@ -555,7 +553,8 @@ def draw_log_curves(
             clip_on=False,
         )
         drawn += int(zero.sum())
-    ax.axhspan(0, band, xmin=0, xmax=1, transform=ax.transAxes, color="0.5", alpha=0.08, linewidth=0)
+    ax.add_patch(Rectangle((0, 0), 1, band, transform=ax.transAxes, color="0.5", alpha=0.1, lw=0, zorder=0))
+    ax.text(1.005, band / 2, "0", transform=ax.transAxes, ha="left", va="center", fontsize=9, color="0.3")
     return drawn
 
 
@@ -587,6 +586,7 @@ def plot_trace(
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
+    from matplotlib.ticker import MaxNLocator
 
     if isinstance(trace, Mapping):
         traces = dict(trace)
@@ -622,6 +622,7 @@ def plot_trace(
             fontsize=9,
         )
     axes[-1].set_xlabel("time step t (input position)")
+    axes[-1].xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
     fig.savefig(path, bbox_inches="tight")
     return path
