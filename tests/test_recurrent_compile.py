@@ -26,10 +26,9 @@ class Tagger(torch.nn.Module):
         return self.head(h)
 
 
-@pytest.mark.parametrize("track", [False, True])
-def test_compile_fullgraph_matches_eager(track):
+def test_compile_fullgraph_matches_eager():
     torch._dynamo.reset()
-    model = Tagger(track=track)
+    model = Tagger()
     x = torch.randn(7, 3, 3)
     eager_out = model(x)
     eager_grads = torch.autograd.grad(eager_out.square().sum(), list(model.parameters()))
@@ -39,6 +38,25 @@ def test_compile_fullgraph_matches_eager(track):
     torch.testing.assert_close(out, eager_out, atol=1e-5, rtol=1e-4)
     for a, b in zip(grads, eager_grads, strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_compile_tracked_forward_under_no_grad_matches_eager():
+    torch._dynamo.reset()
+    model = Tagger(track=True)
+    x = torch.randn(6, 2, 3)
+    with torch.no_grad():
+        model(x)
+        eager = model.lstm.trace.jacobian_norm_per_sample.clone()
+        model.lstm.trace = None
+        torch.compile(model, fullgraph=True, backend="aot_eager")(x)
+    assert model.lstm.trace is not None and model.lstm.trace.grad_norm is None
+    torch.testing.assert_close(model.lstm.trace.jacobian_norm_per_sample, eager, atol=1e-5, rtol=1e-4)
+
+
+def test_compile_tracked_backward_raises_clearly():
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="BPTT tracking with gradients is not supported inside torch.compile"):
+        torch.compile(Tagger(track=True), fullgraph=True, backend="aot_eager")(torch.randn(4, 2, 3))
 
 
 def test_compile_has_no_graph_breaks():
@@ -64,7 +82,8 @@ def _layer_args(mode, T=4, B=3, H=5, dtype=torch.float64, track=True, lengths=No
     b_hh = torch.randn(G * H, dtype=dtype, requires_grad=True) if mode == "gru" else None
     K = 2 if mode == "lstm" else 1
     probe = torch.zeros(K, T, B, dtype=torch.float32, requires_grad=True) if track else None
-    return (xproj, h0, c0, w_hh, b_hh, lengths, probe, mode, reverse, track, None, "cpp")
+    return (xproj, h0, c0, w_hh, b_hh, None, None, None, None, lengths, probe, mode, reverse, track, None,
+            1e-5, "cpp")
 
 
 @pytest.mark.parametrize("mode", ["lstm", "gru", "rnn_tanh", "rnn_relu", "rnn_sigmoid"])
@@ -77,7 +96,7 @@ def test_opcheck_recurrent_layer(mode, reverse):
 
 @pytest.mark.parametrize("mode", ["lstm", "gru", "rnn_tanh"])
 def test_opcheck_kernel_ops(mode):
-    xproj, h0, c0, w_hh, b_hh, lengths, _, mode, reverse, track, _, _ = _layer_args(mode)
+    xproj, h0, c0, w_hh, b_hh, *_, lengths, _, mode, reverse, track, _, _, _ = _layer_args(mode)
     fwd_args = tuple(t.detach() if isinstance(t, torch.Tensor) else t
                      for t in (xproj, h0, c0, w_hh, b_hh, lengths, None, mode, reverse, track))
     torch.library.opcheck(torch.ops.vgk.rnn_forward.default, fwd_args)

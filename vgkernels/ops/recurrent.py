@@ -287,6 +287,13 @@ def _check_inputs(input, h0, c0, weights, names, mode, lengths, backend, grad_cl
 def _probe(mode: str, T: int, B: int, device: torch.device) -> torch.Tensor | None:
     if not torch.is_grad_enabled():
         return None
+    if torch.compiler.is_compiling():
+        # The probe must be a fresh leaf that requires grad, which dynamo cannot create in a graph.
+        raise RuntimeError(
+            "track: BPTT tracking with gradients is not supported inside torch.compile; compile the "
+            "model with track=False, run tracked steps eagerly, or trace the forward only under "
+            "torch.no_grad()"
+        )
     K = 2 if mode == "lstm" else 1
     return torch.zeros(K, T, B, dtype=torch.float32, device=device, requires_grad=True)
 
