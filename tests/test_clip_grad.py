@@ -347,6 +347,19 @@ def test_triton_norm_over_many_tiles_and_programs(norm_type):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=0)
 
 
+def test_triton_unaligned_views():
+    storage = torch.randn(300)
+    tensors = [storage[1:38], storage[40:41], storage[43:243]]  # odd element offsets: not 16-byte aligned
+    want_norm = torch.linalg.vector_norm(torch.cat(tensors))
+    got_norm = torch.ops.vgk.multi_tensor_norm_triton(tensors, 2.0)
+    torch.testing.assert_close(got_norm, want_norm, rtol=1e-5, atol=0)
+    want = storage.clone()
+    for lo, hi in ((1, 38), (40, 41), (43, 243)):
+        want[lo:hi] *= 0.5
+    torch.ops.vgk.multi_tensor_scale_triton_(tensors, torch.tensor(0.5))
+    torch.testing.assert_close(storage, want, rtol=0, atol=0)
+
+
 def test_triton_scale_over_many_tiles():
     tensors = [torch.randn(n) for n in (1, 3, 37, 16, 17, 200)]
     want = [t * 0.25 for t in tensors]

@@ -39,6 +39,7 @@ FUSED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
 
 TensorOrTensors = torch.Tensor | Iterable[torch.Tensor]
+Groups = dict[tuple[torch.device, torch.dtype], list[torch.Tensor]]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -67,8 +68,8 @@ def _is_plain(tensors: list[torch.Tensor]) -> bool:
     return all(type(t) in _PLAIN_TYPES for t in tensors)
 
 
-def _groups(tensors: list[torch.Tensor]) -> dict[tuple[torch.device, torch.dtype], list[torch.Tensor]]:
-    groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+def _groups(tensors: list[torch.Tensor]) -> Groups:
+    groups: Groups = {}
     for t in tensors:
         groups.setdefault((t.device, t.dtype), []).append(t)
     return groups
@@ -115,10 +116,10 @@ def _group_scale_(group: list[torch.Tensor], scale: torch.Tensor, backend: str) 
             g.mul_(scale)
 
 
-def _total_norm(tensors: list[torch.Tensor], norm_type: float, error_if_nonfinite: bool,
+def _total_norm(tensors: list[torch.Tensor], groups: Groups, norm_type: float, error_if_nonfinite: bool,
                 foreach: bool | None, backend: str | None, op: str) -> torch.Tensor:
+    """Total norm of the non-empty list ``tensors``, already grouped by (device, dtype) in ``groups``."""
     first_device = tensors[0].device
-    groups = _groups(tensors)
     for device, _ in groups:
         _check_foreach(foreach, device)
     if not norm_type > 0:
@@ -164,13 +165,13 @@ def get_total_norm(
         return nn_utils.get_total_norm(tensors, norm_type, error_if_nonfinite, foreach)
     with torch.no_grad():
         op = "vgkernels.get_total_norm"
-        return _total_norm(tensors, norm_type, error_if_nonfinite, foreach, backend, op)
+        return _total_norm(tensors, _groups(tensors), norm_type, error_if_nonfinite, foreach, backend, op)
 
 
-def _scale_grads_(grads: list[torch.Tensor], max_norm: float, total_norm: torch.Tensor,
-                  foreach: bool | None, backend: str | None, op: str) -> None:
+def _scale_groups_(groups: Groups, max_norm: float, total_norm: torch.Tensor, foreach: bool | None,
+                   backend: str | None, op: str) -> None:
     coef = reference.clip_coefficient(max_norm, total_norm)
-    for (device, dtype), group in _groups(grads).items():
+    for (device, dtype), group in groups.items():
         _check_foreach(foreach, device)
         group_backend = _group_backend(backend, device, dtype, op)
         _group_scale_(group, coef.to(device), group_backend)
@@ -199,7 +200,8 @@ def clip_grads_with_norm_(
         nn_utils.clip_grads_with_norm_(parameters, max_norm, total_norm, foreach)
         return
     with torch.no_grad():
-        _scale_grads_(grads, max_norm, total_norm, foreach, backend, "vgkernels.clip_grads_with_norm_")
+        op = "vgkernels.clip_grads_with_norm_"
+        _scale_groups_(_groups(grads), max_norm, total_norm, foreach, backend, op)
 
 
 def clip_grad_norm_(
@@ -229,8 +231,12 @@ def clip_grad_norm_(
     grads = [p.grad for p in parameters if p.grad is not None]
     if not _is_plain(grads):
         return nn_utils.clip_grad_norm_(parameters, max_norm, norm_type, error_if_nonfinite, foreach)
-    total = get_total_norm(grads, norm_type, error_if_nonfinite, foreach, backend=backend)
-    if grads:
-        with torch.no_grad():
-            _scale_grads_(grads, float(max_norm), total, foreach, backend, "vgkernels.clip_grad_norm_")
+    norm_type = float(norm_type)
+    if not grads:
+        return torch.tensor(0.0)
+    op = "vgkernels.clip_grad_norm_"
+    with torch.no_grad():
+        groups = _groups(grads)  # once for both passes
+        total = _total_norm(grads, groups, norm_type, error_if_nonfinite, foreach, backend, op)
+        _scale_groups_(groups, float(max_norm), total, foreach, backend, op)
     return total

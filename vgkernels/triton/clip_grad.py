@@ -37,27 +37,36 @@ _ONE, _TWO, _INF, _POW = 0, 1, 2, 3
 
 
 @triton.jit
-def _tile_pointer(meta_ptr, like_ptr, n_tensors, n_tiles, tile, TILE: tl.constexpr):
-    """Typed base pointer of tile ``tile``'s tensor, the tile's offsets and its mask."""
+def _tile(meta_ptr, like_ptr, n_tensors, n_tiles, tile, TILE: tl.constexpr, ALIGNED: tl.constexpr):
+    """Typed base pointer of tile ``tile``'s tensor, the tile's offsets, the tensor's length, and
+    whether the tile is full (its loads need no mask)."""
     # meta layout (int64): addresses [N], lengths [N], tile's tensor [T], tile's first element [T]
     tensor = tl.load(meta_ptr + 2 * n_tensors + tile)
     start = tl.load(meta_ptr + 2 * n_tensors + n_tiles + tile)
     numel = tl.load(meta_ptr + n_tensors + tensor)
     base = tl.load(meta_ptr + tensor).to(like_ptr.dtype)
+    if ALIGNED:
+        # Every address is 16-byte aligned and TILE is a multiple of 16: full tiles load as vectors.
+        base = tl.multiple_of(base, 16)
+        start = tl.multiple_of(start, 16)
     offs = start + tl.arange(0, TILE)
-    return base, offs, offs < numel
+    return base, offs, numel, start + TILE <= numel
 
 
 @triton.jit
 def _norm_partial_kernel(meta_ptr, like_ptr, part_ptr, n_tensors, n_tiles, p, KIND: tl.constexpr,
-                         TILE: tl.constexpr):
+                         TILE: tl.constexpr, ALIGNED: tl.constexpr):
     pid = tl.program_id(0)
     acc_ty = part_ptr.dtype.element_ty
     acc = tl.zeros([TILE], dtype=acc_ty)
     nans = tl.zeros([TILE], dtype=tl.int32)
     for tile in range(pid, n_tiles, tl.num_programs(0)):
-        base, offs, mask = _tile_pointer(meta_ptr, like_ptr, n_tensors, n_tiles, tile, TILE)
-        a = tl.abs(tl.load(base + offs, mask=mask, other=0.0).to(acc_ty))
+        base, offs, numel, full = _tile(meta_ptr, like_ptr, n_tensors, n_tiles, tile, TILE, ALIGNED)
+        if full:
+            x = tl.load(base + offs)
+        else:
+            x = tl.load(base + offs, mask=offs < numel, other=0.0)
+        a = tl.abs(x.to(acc_ty))
         if KIND == 0:
             acc += a
         elif KIND == 1:
@@ -94,17 +103,22 @@ def _norm_finish_kernel(part_ptr, out_ptr, n_parts, inv_p, KIND: tl.constexpr, B
 
 
 @triton.jit
-def _scale_kernel(meta_ptr, like_ptr, scale_ptr, n_tensors, n_tiles, TILE: tl.constexpr,
-                  F64: tl.constexpr):
+def _scale_kernel(meta_ptr, like_ptr, scale_ptr, n_tensors, n_tiles, TILE: tl.constexpr, F64: tl.constexpr,
+                  ALIGNED: tl.constexpr):
     pid = tl.program_id(0)
     if F64:
         s = tl.load(scale_ptr).to(tl.float64)
     else:
         s = tl.load(scale_ptr).to(tl.float32)
     for tile in range(pid, n_tiles, tl.num_programs(0)):
-        base, offs, mask = _tile_pointer(meta_ptr, like_ptr, n_tensors, n_tiles, tile, TILE)
-        x = tl.load(base + offs, mask=mask)
-        tl.store(base + offs, (x.to(s.dtype) * s).to(x.dtype), mask=mask)
+        base, offs, numel, full = _tile(meta_ptr, like_ptr, n_tensors, n_tiles, tile, TILE, ALIGNED)
+        if full:
+            x = tl.load(base + offs)
+            tl.store(base + offs, (x.to(s.dtype) * s).to(x.dtype))
+        else:
+            mask = offs < numel
+            x = tl.load(base + offs, mask=mask)
+            tl.store(base + offs, (x.to(s.dtype) * s).to(x.dtype), mask=mask)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -113,8 +127,9 @@ def _scale_kernel(meta_ptr, like_ptr, scale_ptr, n_tensors, n_tiles, TILE: tl.co
 _cache: dict[str, object] = {"key": None, "meta": None}
 
 
-def _meta(tensors: list[torch.Tensor], device: torch.device) -> tuple[torch.Tensor, int]:
-    """Device table of addresses, lengths and tiles (cached for the last key), and the tile count."""
+def _meta(tensors: list[torch.Tensor], device: torch.device) -> tuple[torch.Tensor, int, bool]:
+    """Device table of addresses, lengths and tiles (cached for the last key), the tile count, and
+    whether every address is 16-byte aligned."""
     addresses = [t.data_ptr() for t in tensors]
     numels = [t.numel() for t in tensors]
     key = (device, TILE, tuple(addresses), tuple(numels))
@@ -129,7 +144,8 @@ def _meta(tensors: list[torch.Tensor], device: torch.device) -> tuple[torch.Tens
                                             tile_start]))
     if device.type == "cuda":
         host = host.pin_memory()
-    meta = (host.to(device, non_blocking=True), int(tile_tensor.size))
+    aligned = TILE % 16 == 0 and all(a % 16 == 0 for a in addresses)
+    meta = (host.to(device, non_blocking=True), int(tile_tensor.size), aligned)
     _cache["key"], _cache["meta"] = key, meta
     return meta
 
@@ -168,13 +184,13 @@ def multi_tensor_norm_triton(tensors: list[torch.Tensor], norm_type: float) -> t
     kind = _kind(norm_type)
     out = torch.empty((), dtype=dtype, device=device)
     with _device_ctx(device):
-        meta, n_tiles = _meta(data, device)
+        meta, n_tiles, aligned = _meta(data, device)
         programs = _programs(n_tiles, device)
         partials = torch.zeros(programs, dtype=acc_dtype, device=device)
         if n_tiles > 0:
             wrap_triton(_norm_partial_kernel)[(programs,)](
                 meta, data[0], partials, len(data), n_tiles, float(norm_type), KIND=kind, TILE=TILE,
-                num_warps=8,
+                ALIGNED=aligned, num_warps=8,
             )
         wrap_triton(_norm_finish_kernel)[(1,)](
             partials, out, programs, 1.0 / float(norm_type), KIND=kind,
@@ -201,11 +217,11 @@ def multi_tensor_scale_triton_(tensors: list[torch.Tensor], scale: torch.Tensor)
         return
     device = dense[0].device
     with _device_ctx(device):
-        meta, n_tiles = _meta(dense, device)
+        meta, n_tiles, aligned = _meta(dense, device)
         if n_tiles > 0:
             wrap_triton(_scale_kernel)[(_programs(n_tiles, device),)](
                 meta, dense[0], scale, len(dense), n_tiles, TILE=TILE, F64=dense[0].dtype == torch.float64,
-                num_warps=8,
+                ALIGNED=aligned, num_warps=8,
             )
 
 
