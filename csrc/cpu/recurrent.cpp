@@ -283,8 +283,8 @@ void backward_impl(Cell cell, int64_t G, const at::Tensor& gstates, const at::Te
   // Gradient reaching the state before the current step (and the cell state): zero at the end.
   at::Tensor dh = at::zeros({B, H}, states.options());
   at::Tensor dc = lstm ? at::zeros({B, H}, states.options()) : at::Tensor();
-  at::Tensor rec = gru ? at::empty({B, GH}, states.options()) : at::Tensor();
-  at::Tensor dhn = gru ? at::empty({T_, B, H}, states.options()) : at::Tensor();
+  // GRU: the gradient of h_prev W_hh^T + b_hh differs from grad_xproj in its n block (d hn = r * d n_pre).
+  at::Tensor rec = gru ? at::empty({T_, B, GH}, states.options()) : at::Tensor();
   const RowsGemm<T> step_gemm(w, /*trans_w=*/false);  // dgates W_hh
   const BackwardRows<T> rows = pick_backward<T>(cell, track);
   const T clip = grad_clip.has_value() ? static_cast<T>(*grad_clip) : std::numeric_limits<T>::infinity();
@@ -305,7 +305,6 @@ void backward_impl(Cell cell, int64_t G, const at::Tensor& gstates, const at::Te
     st.H = H;
     st.dh = dh.data_ptr<T>() + b0 * H;
     st.dc = lstm ? dc.data_ptr<T>() + b0 * H : nullptr;
-    st.rec = gru ? rec.data_ptr<T>() + b0 * GH : nullptr;
     st.len = lp ? lp + b0 : nullptr;
     st.clip = clip;
     for (int64_t s = T_ - 1; s >= 0; --s) {
@@ -322,7 +321,7 @@ void backward_impl(Cell cell, int64_t G, const at::Tensor& gstates, const at::Te
       }
       if (wsp) st.ws = wsp + (t * B + b0) * 4 * H;
       st.gx = gxp + (t * B + b0) * GH;
-      if (gru) st.dhn = dhn.data_ptr<T>() + (t * B + b0) * H;
+      if (gru) st.rec = rec.data_ptr<T>() + (t * B + b0) * GH;
       if (qp) {
         st.gsq_h = qp + t * B + b0;
         if (lstm) st.gsq_c = qp + (T_ + t) * B + b0;
@@ -334,21 +333,23 @@ void backward_impl(Cell cell, int64_t G, const at::Tensor& gstates, const at::Te
 
   at::add_out(gh0, dh, gstates.select(0, steps.init_slot()));
   if (lstm) at::add_out(gc0, dc, gcells.select(0, steps.init_slot()));
-  // grad_w_hh = sum over steps of the recurrent pre-activation gradients^T h_prev: one GEMM over T*B rows.
-  const T* hprev = sp + (reverse ? BH : 0);
-  T* gwp = gw.data_ptr<T>();
-  if (gru) {
-    // r and z blocks: their recurrent gradients are grad_xproj's; the n block's is d hn = r * d n_pre.
-    gemm<T>(true, false, 2 * H, H, T_ * B, gxp, GH, hprev, H, T(0), gwp, H);
-    gemm<T>(true, false, H, H, T_ * B, dhn.const_data_ptr<T>(), H, hprev, H, T(0), gwp + 2 * H * H, H);
-    if (gb.numel()) {
-      at::Tensor gb_rz = gb.narrow(0, 0, 2 * H), gb_n = gb.narrow(0, 2 * H, H);
-      at::sum_out(gb_rz, gx.view({T_ * B, GH}).narrow(1, 0, 2 * H), at::IntArrayRef{0});
-      at::sum_out(gb_n, dhn.view({T_ * B, H}), at::IntArrayRef{0});
+  // grad_w_hh = sum over positions of the recurrent pre-activation gradients^T h_prev: one GEMM over the
+  // T*B rows. brgemm wants both operands row-major, so it computes grad_w_hh^T = H_prev^T D.
+  const at::Tensor D = (gru ? rec : gx).view({T_ * B, GH});
+  const at::Tensor hprev = states.narrow(0, reverse ? 1 : 0, T_).reshape({T_ * B, H});
+  if (brgemm_enabled<T>()) {
+    const at::Tensor hprev_t = hprev.t().contiguous();
+    at::Tensor gw_t = at::empty({H, GH}, gw.options());
+    if constexpr (std::is_same_v<T, float>) {
+      tiled_brgemm(H, GH, T_ * B, hprev_t.const_data_ptr<float>(), T_ * B, D.const_data_ptr<float>(), GH,
+                   gw_t.data_ptr<float>(), GH);
     }
+    gw.copy_(gw_t.t());
   } else {
-    gemm<T>(true, false, GH, H, T_ * B, gxp, GH, hprev, H, T(0), gwp, H);
+    gemm<T>(true, false, GH, H, T_ * B, D.const_data_ptr<T>(), GH, hprev.const_data_ptr<T>(), H, T(0),
+            gw.data_ptr<T>(), H);
   }
+  if (gb.numel()) at::sum_out(gb, D, at::IntArrayRef{0});
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_backward_cpu(

@@ -45,7 +45,6 @@ struct BwdStep {
   const T* cp = nullptr;    // LSTM c_prev
   T* gx = nullptr;          // grad_xproj[t]             [B, G*H]
   T* rec = nullptr;         // GRU: gradient of h_prev W_hh^T + b_hh   [B, 3H]
-  T* dhn = nullptr;         // GRU: its n block, kept for grad_w_hh   [B, H]
   float* gsq_h = nullptr;   // grad_sq[0, t]             [B]
   float* gsq_c = nullptr;   // grad_sq[1, t] (LSTM)      [B]
   const int64_t* len = nullptr;

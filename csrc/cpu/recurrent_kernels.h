@@ -235,7 +235,7 @@ VGK_FN void gru_forward_rows(const FwdStep<T>& a, int64_t b0, int64_t b1) {
 
 template <typename T, bool TRACK>
 VGK_ROW T gru_backward_row(int64_t H, T clip, const T* __restrict gs, T* __restrict dh, const T* __restrict w,
-                           const T* __restrict hp, T* __restrict gx, T* __restrict rec, T* __restrict dhn) {
+                           const T* __restrict hp, T* __restrict gx, T* __restrict rec) {
   T acc = 0;
 #pragma omp simd reduction(+ : acc)
   for (int64_t j = 0; j < H; ++j) {
@@ -252,7 +252,6 @@ VGK_ROW T gru_backward_row(int64_t H, T clip, const T* __restrict gs, T* __restr
     rec[j] = dr;
     rec[H + j] = dz;
     rec[2 * H + j] = dn_h;
-    dhn[j] = dn_h;
     dh[j] = dhj * z;
     if constexpr (TRACK) acc += dhj * dhj;
   }
@@ -267,12 +266,11 @@ VGK_FN void gru_backward_rows(const BwdStep<T>& a, int64_t b0, int64_t b1) {
       for (int64_t j = 0; j < H; ++j) a.dh[b * H + j] += a.gs[b * H + j];
       zero_row(a.gx + b * 3 * H, 3 * H);
       zero_row(a.rec + b * 3 * H, 3 * H);
-      zero_row(a.dhn + b * H, H);
       if (TRACK) a.gsq_h[b] = 0.0f;
       continue;
     }
     const T acc = gru_backward_row<T, TRACK>(H, a.clip, a.gs + b * H, a.dh + b * H, a.ws + b * 4 * H,
-                                             a.hp + b * H, a.gx + b * 3 * H, a.rec + b * 3 * H, a.dhn + b * H);
+                                             a.hp + b * H, a.gx + b * 3 * H, a.rec + b * 3 * H);
     if (TRACK) a.gsq_h[b] = static_cast<float>(acc);
   }
 }
