@@ -32,7 +32,7 @@ from collections.abc import Sequence
 import torch
 
 from vgkernels._library import cpp_available
-from vgkernels.backends import resolve_backend
+from vgkernels.backends import resolve_backend, triton_available
 from vgkernels.reference import layer_norm as reference
 
 OP = "vgkernels.ops.layer_norm"
@@ -136,6 +136,10 @@ def _triton_ops():
         _register_autograd("layer_norm_forward_triton", "layer_norm_backward_triton")
         _triton_forward = torch.ops.vgk.layer_norm_forward_triton
     return _triton_forward
+
+
+if torch.cuda.is_available() and triton_available():
+    _triton_ops()  # registered up front, so that torch.compile never traces the registration
 
 
 # ---------------------------------------------------------------------------------------------------
