@@ -67,17 +67,19 @@ def _ldf(ptr, mask, ACC: tl.constexpr):
 
 @triton.jit
 def _ln_forward_kernel(
-    x_ptr, st_ptr, cs_ptr, ws_ptr, y_ptr, wt_ptr, gam_ptr, sh_ptr, gc_ptr, bc_ptr, len_ptr,
-    T, B, H, eps,
+    x_ptr, st_ptr, cs_ptr, ws_ptr, y_ptr, wt_ptr, gam_ptr, sh_ptr, gc_ptr, bc_ptr, len_ptr, eps_ptr,
+    T, B, H,
     LSTM: tl.constexpr, REVERSE: tl.constexpr, HAS_LEN: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """All T steps for one block of batch rows.
 
     x [T, B, N]; st, cs [T+1, B, H]; ws [T, B, WS]; y [B, N] scratch; wt = W_hh^T [H, N]; gam, sh [N]
-    (sh includes the GRU's b_hh); gc, bc [H]; len [B].
+    (sh includes the GRU's b_hh); gc, bc [H]; len [B]; eps [1] (a tensor: a float argument would be
+    float32 on a GPU).
     """
     pid = tl.program_id(0)
+    eps = tl.load(eps_ptr).to(ACC)
     rows = pid * BLOCK_B + tl.arange(0, BLOCK_B)
     row_ok = rows < B
     if LSTM:
@@ -220,8 +222,8 @@ def _ln_forward_kernel(
 @triton.jit
 def _ln_backward_kernel(
     gs_ptr, gcs_ptr, st_ptr, cs_ptr, ws_ptr, w_ptr, gam_ptr, gc_ptr, len_ptr,
-    gx_ptr, dl_ptr, dy_ptr, dh_ptr, ch_ptr, cc_ptr, gsq_ptr,
-    T, B, H, clip,
+    gx_ptr, dl_ptr, dy_ptr, dh_ptr, ch_ptr, cc_ptr, gsq_ptr, clip_ptr,
+    T, B, H,
     LSTM: tl.constexpr, REVERSE: tl.constexpr, HAS_LEN: tl.constexpr, HAS_CLIP: tl.constexpr,
     TRACK: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -230,10 +232,12 @@ def _ln_backward_kernel(
 
     gs, gcs, st, cs [T+1, B, H]; ws [T, B, WS]; w = W_hh [N, H]; gx [T, B, N] (grad_xproj); dl [T, B, N]
     (GRU: gradient of LN(W_hh h) + b_hh) or [T, B, H] (LSTM: of LN(c)); dy [T, B, N] gradient of
-    W_hh h_prev; dh [B, H] scratch; ch, cc [B, H] the gradients carried to the previous state (zeros on
-    entry, the final ones on exit); gsq [K, T, B].
+    W_hh h_prev; dh [B, H] scratch; ch, cc [2, B, H] ping-pong buffers of the gradients carried to the
+    previous state (zeros on entry; step s reads slot (s+1) % 2 and writes slot s % 2, so the final ones
+    are in slot 0); gsq [K, T, B]; clip [1].
     """
     pid = tl.program_id(0)
+    clip = tl.load(clip_ptr).to(ACC)
     rows = pid * BLOCK_B + tl.arange(0, BLOCK_B)
     row_ok = rows < B
     if LSTM:
@@ -274,6 +278,8 @@ def _ln_backward_kernel(
         ws_base = tl.cast(pos, tl.int64) * B * WS
         row_ws = ws_ptr + ws_base + rows * WS
         rstd = _ldf(row_ws + R_OFF, row_ok, ACC)
+        rd = tl.cast((s + 1) % 2, tl.int64) * BH
+        wr = tl.cast(s % 2, tl.int64) * BH
         sq_h = tl.zeros([BLOCK_B], dtype=ACC)
         sq_c = tl.zeros([BLOCK_B], dtype=ACC)
         # Sums of the LN(W_hh h) backward: g = (its output's gradient) * gamma; sum g and sum g * yh.
@@ -297,7 +303,7 @@ def _ln_backward_kernel(
                 w = tl.load(w_ptr + ks[:, None] * H + cols[None, :], mask=k_ok[:, None] & col_ok[None, :],
                             other=0.0)
                 rec = _dot(d, w, rec, DOT)
-            dh = _ldf(gs_ptr + out_base + hoff, m, ACC) + _ldf(ch_ptr + hoff, m, ACC) + rec
+            dh = _ldf(gs_ptr + out_base + hoff, m, ACC) + _ldf(ch_ptr + rd + hoff, m, ACC) + rec
             if TRACK:
                 sq_h += tl.sum(tl.where(keep, dh * dh, 0.0), axis=1)
             wp = ws_ptr + ws_base + rows[:, None] * WS + cols[None, :]
@@ -309,7 +315,7 @@ def _ln_backward_kernel(
                 g = dlc * _ldf(gc_ptr + cols, col_ok, ACC)[None, :]
                 sgc += tl.sum(g, axis=1)
                 sgcc += tl.sum(g * _ldf(wp + 8 * H, m, ACC), axis=1)
-                tl.store(ch_ptr + hoff, tl.where(keep, 0.0, dh), mask=m)
+                tl.store(ch_ptr + wr + hoff, tl.where(keep, 0.0, dh), mask=m)
             else:
                 r = _ldf(wp, m, ACC)
                 z = _ldf(wp + H, m, ACC)
@@ -334,7 +340,7 @@ def _ln_backward_kernel(
                 sg += tl.sum(g0 + g1 + g2, axis=1)
                 sgy += tl.sum(g0 * _ldf(wp + 4 * H, m, ACC) + g1 * _ldf(wp + 5 * H, m, ACC)
                               + g2 * _ldf(wp + 6 * H, m, ACC), axis=1)
-                tl.store(ch_ptr + hoff, tl.where(keep, dh * z, dh), mask=m)
+                tl.store(ch_ptr + wr + hoff, tl.where(keep, dh * z, dh), mask=m)
         if LSTM:
             # dc = dc_carried + grad_cell_states + the cell LN backward of dlc; then the gate gradients.
             tl.debug_barrier()
@@ -353,7 +359,7 @@ def _ln_backward_kernel(
                 dlc = _ldf(dl_ptr + l_base + hoff, m, ACC)
                 from_h = rstd_c[:, None] * (dlc * _ldf(gc_ptr + cols, col_ok, ACC)[None, :] - mg[:, None]
                                             - ch * mgc[:, None])
-                dc = (_ldf(gcs_ptr + out_base + hoff, m, ACC) + _ldf(cc_ptr + hoff, m, ACC)
+                dc = (_ldf(gcs_ptr + out_base + hoff, m, ACC) + _ldf(cc_ptr + rd + hoff, m, ACC)
                       + tl.where(keep, from_h, 0.0))
                 if TRACK:
                     sq_c += tl.sum(tl.where(keep, dc * dc, 0.0), axis=1)
@@ -372,7 +378,7 @@ def _ln_backward_kernel(
                 tl.store(gp + H, d_f, mask=m)
                 tl.store(gp + 2 * H, d_g, mask=m)
                 tl.store(gp + 3 * H, d_o, mask=m)
-                tl.store(cc_ptr + hoff, tl.where(keep, dc * sf, dc), mask=m)
+                tl.store(cc_ptr + wr + hoff, tl.where(keep, dc * sf, dc), mask=m)
                 g0 = d_i * _ldf(gam_ptr + cols, col_ok, ACC)[None, :]
                 g1 = d_f * _ldf(gam_ptr + H + cols, col_ok, ACC)[None, :]
                 g2 = d_g * _ldf(gam_ptr + 2 * H + cols, col_ok, ACC)[None, :]
@@ -428,7 +434,7 @@ def _quad(w0, w1, w2, w3, gram_ptr, cols, col_ok, H, G: tl.constexpr):
 @triton.jit
 def _ln_jacobian_kernel(
     ws_ptr, hp_ptr, cp_ptr, gam_ptr, gc_ptr, v_ptr, q_ptr, u_ptr, wu_ptr, gram_ptr, diag_ptr, len_ptr,
-    jac_ptr, R, B, H, t0, uu,
+    jac_ptr, R, B, H, t0,
     LSTM: tl.constexpr, HAS_LEN: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_J: tl.constexpr,
 ):
     """Squared Frobenius norms of the step Jacobians of R = (positions t0..) x B rows, in float64.
@@ -458,6 +464,7 @@ def _ln_jacobian_kernel(
     RN = tl.cast(R, tl.int64) * N
     rstd = tl.load(ws_ptr + rows64 * WS + R_OFF, mask=row_ok, other=0.0).to(tl.float64)[:, None]
     # Gram entries of the dense vectors x = (u, v, m1, m2) per row.
+    x_uu = tl.zeros([BLOCK_R], dtype=tl.float64)
     x_uv = tl.zeros([BLOCK_R], dtype=tl.float64)
     x_vv = tl.zeros([BLOCK_R], dtype=tl.float64)
     x_u1 = tl.zeros([BLOCK_R], dtype=tl.float64)
@@ -477,6 +484,7 @@ def _ln_jacobian_kernel(
         hoff = rows64[:, None] * H + cols[None, :]
         u = tl.load(u_ptr + cols, mask=col_ok, other=0.0)[None, :]
         v = tl.load(v_ptr + hoff, mask=m, other=0.0)
+        x_uu += tl.sum(tl.broadcast_to(u * u, [BLOCK_R, BLOCK_J]), axis=1)
         x_uv += tl.sum(u * v, axis=1)
         x_vv += tl.sum(v * v, axis=1)
         if LSTM:
@@ -495,6 +503,7 @@ def _ln_jacobian_kernel(
             s1 += tl.sum(sf * sf, axis=1)
             s2 += tl.sum(ch * ch * sf * sf, axis=1)
             s12 += tl.sum(ch * sf * sf, axis=1)
+    uu = x_uu[:, None]
     x_uv = x_uv[:, None]
     x_vv = x_vv[:, None]
     x_u1 = x_u1[:, None]
@@ -705,7 +714,7 @@ def _jacobian_sq(ws, states, cells, w_hh, gamma, gamma_c, lengths, mode, reverse
         kernel[grid](wsc.contiguous(), hp, hp, gamma.contiguous(),
                      gamma_c.contiguous() if lstm else gamma.contiguous(), v.contiguous(), q.contiguous(),
                      u.contiguous(), wu, gram, diag, len_dev, jac[t0:t1].view(-1),
-                     R, B, H, t0, float((u @ u).item()),
+                     R, B, H, t0,
                      LSTM=lstm, HAS_LEN=lengths is not None, BLOCK_R=16, BLOCK_J=_pow2_between(H, 16, 64))
     return jac.to(torch.float32)
 
@@ -764,7 +773,7 @@ def _forward_impl(xproj, h0, c0, w_hh, b_hh, ln_hh_weight, ln_hh_bias, ln_cell_w
     with _plain._device_ctx(device):
         wrap_triton(_ln_forward_kernel)[(triton.cdiv(B, plan["BLOCK_B"]),)](
             xproj.contiguous(), states, cells, ws, y, w_hh.t().contiguous(), ln_hh_weight.contiguous(),
-            shift.contiguous(), gc, bc, len_dev, T, B, H, float(eps),
+            shift.contiguous(), gc, bc, len_dev, torch.tensor([eps], dtype=acc, device=device), T, B, H,
             LSTM=lstm, REVERSE=bool(reverse), HAS_LEN=lengths is not None, ACC=_TL[acc],
             DOT=_dot_tl(dtype, device), BLOCK_B=plan["BLOCK_B"], BLOCK_N=plan["BLOCK_N"],
             BLOCK_J=plan["BLOCK_J"], BLOCK_K=plan["BLOCK_K"], num_warps=plan["num_warps"],
@@ -874,16 +883,16 @@ def _backward_impl(grad_states, grad_cell_states, states, cell_states, workspace
     dl = alloc((T, B, H if lstm else N), acc, device)
     dy = alloc((T, B, N), acc, device)
     dh = alloc((B, H), acc, device)
-    carry_h = torch.zeros(B, H, dtype=acc, device=device)
-    carry_c = torch.zeros(B, H, dtype=acc, device=device) if lstm else carry_h
+    carry_h = torch.zeros(2, B, H, dtype=acc, device=device)
+    carry_c = torch.zeros(2, B, H, dtype=acc, device=device) if lstm else carry_h
     gsq = alloc((2 if lstm else 1, T, B), acc, device) if track else gs.new_empty(0)
     len_dev = lengths.to(device) if lengths is not None else gs.new_empty(0, dtype=torch.int64)
     gc = ln_cell_weight.contiguous() if lstm else gs.new_empty(0)
     with _plain._device_ctx(device):
         wrap_triton(_ln_backward_kernel)[(triton.cdiv(B, plan["BLOCK_B"]),)](
             gs, gcs, st, cs, ws, w, ln_hh_weight.contiguous(), gc, len_dev, gx, dl, dy, dh, carry_h, carry_c,
-            gsq,
-            T, B, H, float(grad_clip) if grad_clip is not None else 0.0,
+            gsq, torch.tensor([grad_clip if grad_clip is not None else 0.0], dtype=acc, device=device),
+            T, B, H,
             LSTM=lstm, REVERSE=bool(reverse), HAS_LEN=lengths is not None, HAS_CLIP=grad_clip is not None,
             TRACK=bool(track), ACC=_TL[acc], DOT=_dot_tl(dtype, device), BLOCK_B=plan["BLOCK_B"],
             BLOCK_N=plan["BLOCK_N"], BLOCK_J=plan["BLOCK_J"], BLOCK_K=plan["BLOCK_K"],
@@ -891,8 +900,8 @@ def _backward_impl(grad_states, grad_cell_states, states, cell_states, workspace
         )
     # The step processed first leaves its dy for the initial state.
     first, init = (T - 1, T) if reverse else (0, 0)
-    grad_h0 = gs[init] + carry_h + dy[first] @ w
-    grad_c0 = (gcs[init] + carry_c).to(dtype) if lstm else st.new_empty(0, dtype=dtype)
+    grad_h0 = gs[init] + carry_h[0] + dy[first] @ w
+    grad_c0 = (gcs[init] + carry_c[0]).to(dtype) if lstm else st.new_empty(0, dtype=dtype)
     h_prev = st[1:] if reverse else st[:-1]
     # One GEMM over all steps for grad_w_hh; the gains and shifts: sums over all rows.
     grad_w_hh = dy.reshape(T * B, N).t() @ h_prev.reshape(T * B, H)
