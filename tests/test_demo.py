@@ -157,6 +157,7 @@ CLASSIC = {
 def test_verdict_names_what_vanished_and_why():
     probes = [
         fake_probe("sigmoid + standard init", 1e-17, 1.0),
+        fake_probe("sigmoid + negative mean", 1e-3, 1.0),
         fake_probe("relu + he + residual", 0.3, 1.0, top=1e8),
         fake_probe("relu + he + residual + LayerNorm", 0.3, 1.0, top=2e3),
     ]
@@ -164,15 +165,18 @@ def test_verdict_names_what_vanished_and_why():
     lines = demo._verdict(fake_bptt(CLASSIC), probes, training, demo.QUICK)
     text = "\n".join(lines)
     first = lines[0]
-    assert "below 1e-10 of its value at the loss for RNN-sigmoid" in first
+    assert "below 1e-10 of its value at the loss for RNN-sigmoid (underflow to 0, " in first
     assert "It keeps at least 0.01 for IRNN (ratio 0.7" in first
     assert "in between: LSTM, forget bias 1 (ratio 1e-05" in first
     assert "underflowed to exactly 0 for RNN-sigmoid, RNN-tanh, GRU and LSTM" in text
     assert "Gating alone does not save the gradient" in text and "keep nothing that float32 can show" in text
     assert "(17 orders of magnitude)" in text
+    assert "from 1e-17 to 0.001, 14 orders of magnitude closer to 1" in text
+    assert "Outside that band: sigmoid + negative mean (0.001)" in text
     assert "gradient norms up to 1e+08" in text and "With LayerNorm the largest norm is 2e+03" in text
     assert "Learned (held-out MSE below 0.05): GRU (MSE 0.004" in text
     assert "(above 0.12): RNN-tanh (MSE 0.17" in text
+    assert "the gradient of RNN-tanh never did" in text  # 8 steps back: short of the marker
 
 
 def test_verdict_changes_with_the_numbers():

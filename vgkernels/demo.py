@@ -438,9 +438,8 @@ def _verdict(
     vanished = [n for n, r in rows.items() if r.ratio < VANISHED]
     kept = [n for n, r in rows.items() if r.ratio >= KEPT]
     middle = [n for n in rows if n not in vanished and n not in kept]
-    cite = lambda n: (
-        f"{n} (ratio {_ratio_text(rows[n].ratio)}, {format_number(rows[n].decay_rate)} decades lost per step)"
-    )
+    ratio = lambda n: "underflow to 0" if rows[n].ratio == 0 else f"ratio {format_number(rows[n].ratio)}"
+    cite = lambda n: f"{n} ({ratio(n)}, {format_number(rows[n].decay_rate)} decades lost per step)"
     out.append(
         f"**Recurrent nets at initialization, {T} steps.** The gradient that reaches t = 0 is below "
         f"{VANISHED:g} of its value at the loss for {_names([cite(n) for n in vanished])}. "
@@ -476,13 +475,21 @@ def _verdict(
     if plain is not None:
         fixed = [p for p in probes if p is not plain and 1e-2 <= p.ratio <= 1e2]
         broken = [p for p in probes if p is not plain and not 1e-2 <= p.ratio <= 1e2]
+        negative = by.get("sigmoid + negative mean")
+        lift = ""
+        if negative is not None and negative.ratio > 0 and plain.ratio > 0:
+            lift = (
+                f" The negative-mean init moves the plain sigmoid's ratio from {format_number(plain.ratio)} "
+                f"to {format_number(negative.ratio)}, {math.log10(negative.ratio / plain.ratio):.0f} orders "
+                f"of magnitude closer to 1."
+            )
         out.append(
             f"**Depth at initialization, {plain.depth} layers.** With the sigmoid and standard init the "
             f"first layer's gradient is {format_number(plain.ratio)} of the last layer's "
             f"({_orders(plain.ratio)} orders of magnitude): the sigmoid's derivative is at most 0.25. "
             f"Ratios between 1e-2 and 1e2: "
             f"{_names([f'{p.setup} ({format_number(p.ratio)})' for p in fixed])}. Outside that band: "
-            f"{_names([f'{p.setup} ({format_number(p.ratio)})' for p in broken])}."
+            f"{_names([f'{p.setup} ({format_number(p.ratio)})' for p in broken])}." + lift
         )
     largest = lambda p: format_number(max(p.weight_grad_norms))
     exploding = [p for p in probes if max(p.weight_grad_norms) > 1e6]
@@ -512,18 +519,22 @@ def _verdict(
             f"{r.name} from {_horizon_text(r.init_report)} to {_horizon_text(r.trained_report)} steps"
             for r in training
         ]
+        reach = cfg.train_seq_len - cfg.train_seq_len // 2  # the first marker lies at least this far back
+        short = [r.name for r in stuck if r.trained_report.rows[0].horizon < reach]
         out.append(
-            f"After training the picture changes: the gradient horizon went {_names(moved)}. "
-            f"A model can only learn the sum if the gradient reaches the first marker, which lies up to "
-            f"{cfg.train_seq_len - 1} steps before the loss."
+            f"After training the picture changes: the gradient horizon went {_names(moved)}. The first "
+            f"marker lies {reach} to {cfg.train_seq_len - 1} steps before the loss, so a model learns the "
+            f"sum only once its gradient reaches that far back"
+            + (f"; the gradient of {_names(short)} never did." if short else ".")
         )
     return out
 
 
 def _platform() -> str:
     cpu = platform.processor() or platform.machine()
+    threads = torch.get_num_threads()
     return (
-        f"{platform.system()} {cpu}, {torch.get_num_threads()} torch threads; Python "
+        f"{platform.system()} {cpu}, {threads} torch thread{'s' if threads != 1 else ''}; Python "
         f"{platform.python_version()}, torch {torch.__version__}, vgkernels {vgkernels.__version__}"
     )
 
