@@ -196,3 +196,14 @@ def test_run_demo_bad_arguments(tmp_path):
     with pytest.raises(TypeError, match="seed must be an int"):
         demo.run_demo(tmp_path, seed="0")
     assert not any(tmp_path.iterdir())  # nothing ran
+
+
+def test_threads_set_for_the_run_and_restored(monkeypatch, tmp_path):
+    seen = []
+    monkeypatch.setattr(demo, "_run", lambda *args: seen.append(torch.get_num_threads()) or "ran")
+    before = torch.get_num_threads()
+    assert demo.run_demo(tmp_path, threads=1) == "ran"
+    assert demo.run_demo(tmp_path, threads=None) == "ran"
+    assert seen == [1, before] and torch.get_num_threads() == before
+    with pytest.raises(ValueError, match="threads must be a positive int or None, got 0"):
+        demo.run_demo(tmp_path, threads=0)

@@ -16,6 +16,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from vgkernels import init as vinit
+from vgkernels.nn import LayerNorm
+
 __all__ = [
     "ADDING_BASELINE_MSE",
     "COPY_BLANK",
@@ -173,8 +176,6 @@ MLP_INITS = ("standard", "negative_mean", "xavier", "he")
 class _Block(torch.nn.Module):
     def __init__(self, width: int, activation: str, residual: bool, layer_norm: bool) -> None:
         super().__init__()
-        from vgkernels.nn import LayerNorm
-
         self.norm = LayerNorm(width) if layer_norm else None
         self.linear = torch.nn.Linear(width, width)
         self.activation = {"sigmoid": torch.sigmoid, "tanh": torch.tanh, "relu": torch.relu}[activation]
@@ -211,8 +212,6 @@ def deep_mlp(
     Returns:
         a float32 ``torch.nn.Sequential`` of the blocks on the CPU.
     """
-    from vgkernels import init as vinit
-
     _check_size("depth", depth, 1)
     _check_size("width", width, 1)
     if activation not in MLP_ACTIVATIONS:
