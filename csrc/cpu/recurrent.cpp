@@ -134,6 +134,7 @@ at::Tensor gram_entries(const at::Tensor& w_hh, Cell cell, int64_t H) {
           const T* wa = w + (a * H + j) * H;
           const T* wb = w + (b * H + j) * H;
           double acc = 0;
+#pragma omp simd reduction(+ : acc)
           for (int64_t k = 0; k < H; ++k) acc += static_cast<double>(wa[k]) * static_cast<double>(wb[k]);
           out[e * H + j] = static_cast<T>(acc);
         }
