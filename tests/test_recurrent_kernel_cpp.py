@@ -408,6 +408,19 @@ def test_batch_zero():
         assert gsq.shape == ((2 if mode == "lstm" else 1), 3, 0)
 
 
+def test_lstm_empty_cell_gradient_means_zero():
+    # The autograd layer may pass an empty grad_cell_states when no gradient reaches the cell states.
+    T, B, H = 4, 5, 6
+    xproj, h0, c0, w_hh, _, lens = make_inputs("lstm", T, B, H, torch.float32, lengths=True)
+    gs, _ = upstream("lstm", T, B, H, torch.float32)
+    for reverse in (False, True):
+        fwd = op_forward("lstm", xproj, h0, c0, w_hh, None, lens, reverse)
+        zeros = op_backward("lstm", fwd, gs, torch.zeros(T + 1, B, H), w_hh, lens, reverse)
+        empty = op_backward("lstm", fwd, gs, torch.empty(0), w_hh, lens, reverse)
+        for a, b in zip(zeros, empty, strict=True):
+            assert torch.equal(a, b)
+
+
 GEMM_PATH_SCRIPT = """
 import sys, torch, vgkernels._C  # noqa
 torch.manual_seed(0)

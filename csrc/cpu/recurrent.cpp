@@ -275,7 +275,7 @@ void backward_impl(Cell cell, int64_t G, const at::Tensor& gstates, const at::Te
   const bool lstm = cell == Cell::kLstm, gru = cell == Cell::kGru;
   if (B == 0) {
     gh0.copy_(gstates.select(0, steps.init_slot()));
-    if (lstm) gc0.copy_(gcells.select(0, steps.init_slot()));
+    if (lstm) gcells.defined() ? gc0.copy_(gcells.select(0, steps.init_slot())) : gc0.zero_();
     gw.zero_();
     gb.zero_();
     return;
@@ -293,7 +293,10 @@ void backward_impl(Cell cell, int64_t G, const at::Tensor& gstates, const at::Te
   const T* sp = states.const_data_ptr<T>();
   const T* gsp = gstates.const_data_ptr<T>();
   const T* cp = lstm ? cells.const_data_ptr<T>() : nullptr;
-  const T* gcp = lstm ? gcells.const_data_ptr<T>() : nullptr;
+  // An LSTM called without a cell-state gradient reads one zero row block at every step instead.
+  const at::Tensor zero_rows = lstm && !gcells.defined() ? at::zeros({B, H}, states.options()) : at::Tensor();
+  const T* gcp = !lstm ? nullptr : gcells.defined() ? gcells.const_data_ptr<T>() : zero_rows.const_data_ptr<T>();
+  const int64_t gc_step = gcells.defined() ? BH : 0;
   const T* wsp = ws.numel() ? ws.const_data_ptr<T>() : nullptr;
   T* gxp = gx.data_ptr<T>();
   float* qp = track ? gsq.data_ptr<float>() : nullptr;
@@ -316,7 +319,7 @@ void backward_impl(Cell cell, int64_t G, const at::Tensor& gstates, const at::Te
       st.h = sp + out;
       st.hp = sp + prev;
       if (lstm) {
-        st.gcs = gcp + out;
+        st.gcs = gcp + (gc_step ? out : b0 * H);
         st.c = cp + out;
         st.cp = cp + prev;
       }
@@ -333,7 +336,7 @@ void backward_impl(Cell cell, int64_t G, const at::Tensor& gstates, const at::Te
   });
 
   at::add_out(gh0, dh, gstates.select(0, steps.init_slot()));
-  if (lstm) at::add_out(gc0, dc, gcells.select(0, steps.init_slot()));
+  if (lstm) gcells.defined() ? at::add_out(gc0, dc, gcells.select(0, steps.init_slot())) : gc0.copy_(dc);
   // grad_w_hh = sum over positions of the recurrent pre-activation gradients^T h_prev: one GEMM over the
   // T*B rows. brgemm wants both operands row-major, so it computes grad_w_hh^T = H_prev^T D.
   const at::Tensor D = (gru ? rec : gx).view({T_ * B, GH});
@@ -372,7 +375,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   check_tensor(op, "w_hh", w_hh, dtype, {GH, H});
   if (lstm) {
     check_tensor(op, "cell_states", cell_states, dtype, {T_ + 1, B, H});
-    check_tensor(op, "grad_cell_states", grad_cell_states, dtype, {T_ + 1, B, H});
+    // An empty grad_cell_states stands for zeros (no gradient reaches the cell states from outside).
+    if (grad_cell_states.numel() != 0 || grad_cell_states.dim() != 1) {
+      check_tensor(op, "grad_cell_states", grad_cell_states, dtype, {T_ + 1, B, H});
+    }
   }
   if (lstm || gru) check_tensor(op, "workspace", workspace, dtype, {T_, B, 4 * H});
   if (grad_clip.has_value()) {
@@ -391,7 +397,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 
   AT_DISPATCH_FLOATING_TYPES(dtype, "rnn_backward", [&] {
     backward_impl<scalar_t>(m.cell, m.gates, grad_states.contiguous(),
-                            lstm ? grad_cell_states.contiguous() : at::Tensor(), states.contiguous(),
+                            lstm && grad_cell_states.numel() ? grad_cell_states.contiguous() : at::Tensor(),
+                            states.contiguous(),
                             lstm ? cell_states.contiguous() : at::Tensor(),
                             lstm || gru ? workspace.contiguous() : at::Tensor(), w_hh.contiguous(), len,
                             reverse, grad_clip, track, gx, gh0, gc0, gw, gb, gsq);
