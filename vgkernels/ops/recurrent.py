@@ -37,16 +37,17 @@ def _empty(like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor
 
 def _kernel_ops(backend: str, layer_norm: bool):
     """The (forward, backward) kernel ops of a backend, plain or layer-normalized cells."""
+    ops = torch.ops.vgk
     if backend == "cpp":
-        ops = torch.ops.vgk
         if layer_norm:
             return ops.rnn_ln_forward, ops.rnn_ln_backward
         return ops.rnn_forward, ops.rnn_backward
+    if layer_norm:
+        import vgkernels.triton.recurrent_ln  # noqa: F401  (registers the Triton ops)
+
+        return ops.rnn_ln_forward_triton, ops.rnn_ln_backward_triton
     import vgkernels.triton.recurrent  # noqa: F401  (registers the Triton ops)
 
-    ops = torch.ops.vgk
-    if layer_norm:
-        return ops.rnn_ln_forward_triton, ops.rnn_ln_backward_triton
     return ops.rnn_forward_triton, ops.rnn_backward_triton
 
 
