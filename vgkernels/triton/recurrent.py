@@ -115,6 +115,68 @@ def _clamp(d, clip, HAS_CLIP: tl.constexpr):
     return d
 
 
+@triton.jit
+def _step_slots(s, T, REVERSE: tl.constexpr):
+    """Position of processed step s, its successor's position, and the state slots it reads and writes.
+
+    States are [T+1, ...]: the forward direction reads slot pos and writes pos+1, the reverse one reads
+    pos+1 and writes pos.
+    """
+    if REVERSE:
+        pos = T - 1 - s
+        pos_next = pos - 1
+        slot_in = pos + 1
+        slot_out = pos
+    else:
+        pos = s
+        pos_next = pos + 1
+        slot_in = pos
+        slot_out = pos + 1
+    return pos, pos_next, slot_in, slot_out
+
+
+@triton.jit
+def _rec_dot(d_ptr, w_ptr, rows, row_ok, cols, col_ok, k_end, K, H, acc, DOT: tl.constexpr,
+             BLOCK_K: tl.constexpr):
+    """acc + d[rows, :k_end] @ w[:k_end, cols]: the recurrent term of the backward.
+
+    d rows have K entries, w = W_hh [K, H]; k_end <= K (0 for the last processed step).
+    """
+    for k0 in range(0, k_end, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_ok = ks < K
+        d = tl.load(d_ptr + rows[:, None] * K + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(w_ptr + ks[:, None] * H + cols[None, :], mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        acc = _dot(d, w, acc, DOT)
+    return acc
+
+
+@triton.jit
+def _lstm_gate_grads(dc, dh, si, sf, tg, so, c_prev, tc, keep, clip, HAS_CLIP: tl.constexpr):
+    """Clamped gradients of the LSTM gate pre-activations (i, f, g, o), zero outside keep.
+
+    tc = tanh of the (normalized) cell that h = so * tc reads.
+    """
+    d_i = tl.where(keep, _clamp(dc * tg * si * (1.0 - si), clip, HAS_CLIP), 0.0)
+    d_f = tl.where(keep, _clamp(dc * c_prev * sf * (1.0 - sf), clip, HAS_CLIP), 0.0)
+    d_g = tl.where(keep, _clamp(dc * si * (1.0 - tg * tg), clip, HAS_CLIP), 0.0)
+    d_o = tl.where(keep, _clamp(dh * tc * so * (1.0 - so), clip, HAS_CLIP), 0.0)
+    return d_i, d_f, d_g, d_o
+
+
+@triton.jit
+def _gru_gate_grads(dh, r, z, n, hn, h_prev, keep, clip, HAS_CLIP: tl.constexpr):
+    """Clamped gradients of the GRU gate pre-activations (r, z, n), zero outside keep.
+
+    hn is what r multiplies inside n's pre-activation.
+    """
+    # n_pre's gradient is clamped before it reaches r through n_pre = xn + r * hn.
+    d_n = tl.where(keep, _clamp(dh * (1.0 - z) * (1.0 - n * n), clip, HAS_CLIP), 0.0)
+    d_z = tl.where(keep, _clamp(dh * (h_prev - n) * z * (1.0 - z), clip, HAS_CLIP), 0.0)
+    d_r = tl.where(keep, _clamp(d_n * hn * r * (1.0 - r), clip, HAS_CLIP), 0.0)
+    return d_r, d_z, d_n
+
+
 @triton.jit(do_not_specialize=["s0"])
 def _forward_kernel(
     x_ptr, st_ptr, cs_ptr, ws_ptr, wt_ptr, bhh_ptr, len_ptr, gram_ptr, diag_ptr, jac_ptr,
@@ -143,14 +205,7 @@ def _forward_kernel(
     if HAS_LEN:
         lens = tl.load(len_ptr + rows, mask=row_ok, other=0)
     for s in range(s0, s0 + n_steps):
-        if REVERSE:
-            pos = T - 1 - s
-            slot_in = pos + 1
-            slot_out = pos
-        else:
-            pos = s
-            slot_in = pos
-            slot_out = pos + 1
+        pos, _, slot_in, slot_out = _step_slots(s, T, REVERSE)
         valid = row_ok
         if HAS_LEN:
             valid = valid & (pos < lens)
@@ -296,16 +351,7 @@ def _backward_kernel(
         lens = tl.load(len_ptr + rows, mask=row_ok, other=0)
     for i in range(n_steps):
         s = s_hi - i
-        if REVERSE:
-            pos = T - 1 - s
-            pos_next = pos - 1
-            slot_in = pos + 1
-            slot_out = pos
-        else:
-            pos = s
-            pos_next = pos + 1
-            slot_in = pos
-            slot_out = pos + 1
+        pos, pos_next, slot_in, slot_out = _step_slots(s, T, REVERSE)
         valid = row_ok
         if HAS_LEN:
             valid = valid & (pos < lens)
@@ -325,15 +371,8 @@ def _backward_kernel(
             col_ok = cols < H
             m2 = row_ok[:, None] & col_ok[None, :]
             keep = valid[:, None] & col_ok[None, :]
-            acc = tl.zeros([BLOCK_B, BLOCK_J], dtype=ACC)
-            for k0 in range(0, k_end, BLOCK_K):
-                ks = k0 + tl.arange(0, BLOCK_K)
-                k_ok = ks < GH
-                d = tl.load(dr_ptr + next_base + rows[:, None] * GH + ks[None, :],
-                            mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-                w = tl.load(w_ptr + ks[:, None] * H + cols[None, :], mask=k_ok[:, None] & col_ok[None, :],
-                            other=0.0)
-                acc = _dot(d, w, acc, DOT)
+            acc = _rec_dot(dr_ptr + next_base, w_ptr, rows, row_ok, cols, col_ok, k_end, GH, H,
+                           tl.zeros([BLOCK_B, BLOCK_J], dtype=ACC), DOT, BLOCK_K)
             hoff = rows[:, None] * H + cols[None, :]
             dh = _ld(gs_ptr + out_base + hoff, m2, ACC) + _ld(ch_ptr + rd + hoff, m2, ACC) + acc
             if TRACK:
@@ -352,10 +391,8 @@ def _backward_kernel(
                       + _ld(gcs_ptr + out_base + hoff, m2, ACC))
                 if TRACK:
                     sq_c += tl.sum(tl.where(keep, dc * dc, 0.0), axis=1)
-                d_i = tl.where(keep, _clamp(dc * tg * si * (1.0 - si), clip, HAS_CLIP), 0.0)
-                d_f = tl.where(keep, _clamp(dc * c_prev * sf * (1.0 - sf), clip, HAS_CLIP), 0.0)
-                d_g = tl.where(keep, _clamp(dc * si * (1.0 - tg * tg), clip, HAS_CLIP), 0.0)
-                d_o = tl.where(keep, _clamp(dh * tc * so * (1.0 - so), clip, HAS_CLIP), 0.0)
+                d_i, d_f, d_g, d_o = _lstm_gate_grads(dc, dh, si, sf, tg, so, c_prev, tc, keep, clip,
+                                                      HAS_CLIP)
                 tl.store(dx_ptr + d_ptrs, d_i, mask=m2)
                 tl.store(dx_ptr + d_ptrs + H, d_f, mask=m2)
                 tl.store(dx_ptr + d_ptrs + 2 * H, d_g, mask=m2)
@@ -368,10 +405,7 @@ def _backward_kernel(
                 n = _ld(ws_ptrs + 2 * H, m2, ACC)
                 hn = _ld(ws_ptrs + 3 * H, m2, ACC)
                 h_prev = _ld(st_ptr + in_base + hoff, m2, ACC)
-                # n_pre's gradient is clamped before it reaches r through n_pre = xn + r * hn.
-                d_n = tl.where(keep, _clamp(dh * (1.0 - z) * (1.0 - n * n), clip, HAS_CLIP), 0.0)
-                d_z = tl.where(keep, _clamp(dh * (h_prev - n) * z * (1.0 - z), clip, HAS_CLIP), 0.0)
-                d_r = tl.where(keep, _clamp(d_n * hn * r * (1.0 - r), clip, HAS_CLIP), 0.0)
+                d_r, d_z, d_n = _gru_gate_grads(dh, r, z, n, hn, h_prev, keep, clip, HAS_CLIP)
                 tl.store(dx_ptr + d_ptrs, d_r, mask=m2)
                 tl.store(dx_ptr + d_ptrs + H, d_z, mask=m2)
                 tl.store(dx_ptr + d_ptrs + 2 * H, d_n, mask=m2)

@@ -41,7 +41,16 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from vgkernels.triton import recurrent as _plain
-from vgkernels.triton.recurrent import _clamp, _dot, _sigmoid, _tanh
+from vgkernels.triton.recurrent import (
+    _dot,
+    _gru_gate_grads,
+    _ld,
+    _lstm_gate_grads,
+    _rec_dot,
+    _sigmoid,
+    _step_slots,
+    _tanh,
+)
 
 GATES = {"lstm": 4, "gru": 3}
 _DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
@@ -58,11 +67,6 @@ def workspace_width(mode: str, H: int) -> int:
 
 # ---------------------------------------------------------------------------------------------------
 # Kernels
-
-
-@triton.jit
-def _ldf(ptr, mask, ACC: tl.constexpr):
-    return tl.load(ptr, mask=mask, other=0.0).to(ACC)
 
 
 @triton.jit
@@ -92,14 +96,7 @@ def _ln_forward_kernel(
     if HAS_LEN:
         lens = tl.load(len_ptr + rows, mask=row_ok, other=0)
     for s in range(T):
-        if REVERSE:
-            pos = T - 1 - s
-            slot_in = pos + 1
-            slot_out = pos
-        else:
-            pos = s
-            slot_in = pos
-            slot_out = pos + 1
+        pos, _, slot_in, slot_out = _step_slots(s, T, REVERSE)
         valid = row_ok
         if HAS_LEN:
             valid = valid & (pos < lens)
@@ -130,7 +127,7 @@ def _ln_forward_kernel(
         for n0 in range(0, N, BLOCK_N):
             cols = n0 + tl.arange(0, BLOCK_N)
             m = row_ok[:, None] & (cols < N)[None, :]
-            d = tl.where(m, _ldf(y_ptr + rows[:, None] * N + cols[None, :], m, ACC) - mean[:, None], 0.0)
+            d = tl.where(m, _ld(y_ptr + rows[:, None] * N + cols[None, :], m, ACC) - mean[:, None], 0.0)
             ssq += tl.sum(d * d, axis=1)
         rstd = 1.0 / tl.sqrt(ssq / N + eps)
         # Gates and new state, a tile of hidden units at a time.
@@ -144,27 +141,27 @@ def _ln_forward_kernel(
             xp = x_ptr + x_base + rows[:, None] * N + cols[None, :]
             yp = y_ptr + rows[:, None] * N + cols[None, :]
             wp = ws_ptr + ws_base + rows[:, None] * WS + cols[None, :]
-            yh0 = (_ldf(yp, m, ACC) - mean[:, None]) * rstd[:, None]
-            yh1 = (_ldf(yp + H, m, ACC) - mean[:, None]) * rstd[:, None]
-            yh2 = (_ldf(yp + 2 * H, m, ACC) - mean[:, None]) * rstd[:, None]
+            yh0 = (_ld(yp, m, ACC) - mean[:, None]) * rstd[:, None]
+            yh1 = (_ld(yp + H, m, ACC) - mean[:, None]) * rstd[:, None]
+            yh2 = (_ld(yp + 2 * H, m, ACC) - mean[:, None]) * rstd[:, None]
             tl.store(wp + 4 * H, tl.where(keep, yh0, 0.0), mask=m)
             tl.store(wp + 5 * H, tl.where(keep, yh1, 0.0), mask=m)
             tl.store(wp + 6 * H, tl.where(keep, yh2, 0.0), mask=m)
-            ln0 = _ldf(gam_ptr + cols, col_ok, ACC)[None, :] * yh0 + _ldf(sh_ptr + cols, col_ok, ACC)[None, :]
-            ln1 = (_ldf(gam_ptr + H + cols, col_ok, ACC)[None, :] * yh1
-                   + _ldf(sh_ptr + H + cols, col_ok, ACC)[None, :])
-            ln2 = (_ldf(gam_ptr + 2 * H + cols, col_ok, ACC)[None, :] * yh2
-                   + _ldf(sh_ptr + 2 * H + cols, col_ok, ACC)[None, :])
+            ln0 = _ld(gam_ptr + cols, col_ok, ACC)[None, :] * yh0 + _ld(sh_ptr + cols, col_ok, ACC)[None, :]
+            ln1 = (_ld(gam_ptr + H + cols, col_ok, ACC)[None, :] * yh1
+                   + _ld(sh_ptr + H + cols, col_ok, ACC)[None, :])
+            ln2 = (_ld(gam_ptr + 2 * H + cols, col_ok, ACC)[None, :] * yh2
+                   + _ld(sh_ptr + 2 * H + cols, col_ok, ACC)[None, :])
             if LSTM:
-                yh3 = (_ldf(yp + 3 * H, m, ACC) - mean[:, None]) * rstd[:, None]
+                yh3 = (_ld(yp + 3 * H, m, ACC) - mean[:, None]) * rstd[:, None]
                 tl.store(wp + 7 * H, tl.where(keep, yh3, 0.0), mask=m)
-                ln3 = (_ldf(gam_ptr + 3 * H + cols, col_ok, ACC)[None, :] * yh3
-                       + _ldf(sh_ptr + 3 * H + cols, col_ok, ACC)[None, :])
-                si = _sigmoid(_ldf(xp, m, ACC) + ln0)
-                sf = _sigmoid(_ldf(xp + H, m, ACC) + ln1)
-                tg = _tanh(_ldf(xp + 2 * H, m, ACC) + ln2)
-                so = _sigmoid(_ldf(xp + 3 * H, m, ACC) + ln3)
-                c_prev = _ldf(cs_ptr + in_base + hoff, m, ACC)
+                ln3 = (_ld(gam_ptr + 3 * H + cols, col_ok, ACC)[None, :] * yh3
+                       + _ld(sh_ptr + 3 * H + cols, col_ok, ACC)[None, :])
+                si = _sigmoid(_ld(xp, m, ACC) + ln0)
+                sf = _sigmoid(_ld(xp + H, m, ACC) + ln1)
+                tg = _tanh(_ld(xp + 2 * H, m, ACC) + ln2)
+                so = _sigmoid(_ld(xp + 3 * H, m, ACC) + ln3)
+                c_prev = _ld(cs_ptr + in_base + hoff, m, ACC)
                 c = sf * c_prev + si * tg
                 tl.store(wp, tl.where(keep, si, 0.0), mask=m)
                 tl.store(wp + H, tl.where(keep, sf, 0.0), mask=m)
@@ -173,10 +170,10 @@ def _ln_forward_kernel(
                 tl.store(cs_ptr + out_base + hoff, tl.where(keep, c, c_prev), mask=m)
                 sum_c += tl.sum(tl.where(keep, c, 0.0), axis=1)
             else:
-                h_prev = _ldf(st_ptr + in_base + hoff, m, ACC)
-                r = _sigmoid(_ldf(xp, m, ACC) + ln0)
-                z = _sigmoid(_ldf(xp + H, m, ACC) + ln1)
-                n = _tanh(_ldf(xp + 2 * H, m, ACC) + r * ln2)
+                h_prev = _ld(st_ptr + in_base + hoff, m, ACC)
+                r = _sigmoid(_ld(xp, m, ACC) + ln0)
+                z = _sigmoid(_ld(xp + H, m, ACC) + ln1)
+                n = _tanh(_ld(xp + 2 * H, m, ACC) + r * ln2)
                 h = (1.0 - z) * n + z * h_prev
                 tl.store(wp, tl.where(keep, r, 0.0), mask=m)
                 tl.store(wp + H, tl.where(keep, z, 0.0), mask=m)
@@ -192,7 +189,7 @@ def _ln_forward_kernel(
             for j0 in range(0, H, BLOCK_J):
                 cols = j0 + tl.arange(0, BLOCK_J)
                 keep = valid[:, None] & (cols < H)[None, :]
-                d = tl.where(keep, _ldf(cs_ptr + out_base + rows[:, None] * H + cols[None, :], keep, ACC)
+                d = tl.where(keep, _ld(cs_ptr + out_base + rows[:, None] * H + cols[None, :], keep, ACC)
                              - mean_c[:, None], 0.0)
                 ssq_c += tl.sum(d * d, axis=1)
             rstd_c = 1.0 / tl.sqrt(ssq_c / H + eps)
@@ -203,13 +200,13 @@ def _ln_forward_kernel(
                 keep = valid[:, None] & col_ok[None, :]
                 hoff = rows[:, None] * H + cols[None, :]
                 wp = ws_ptr + ws_base + rows[:, None] * WS + cols[None, :]
-                ch = (_ldf(cs_ptr + out_base + hoff, m, ACC) - mean_c[:, None]) * rstd_c[:, None]
-                t = _tanh(_ldf(gc_ptr + cols, col_ok, ACC)[None, :] * ch
-                          + _ldf(bc_ptr + cols, col_ok, ACC)[None, :])
-                h = _ldf(wp + 3 * H, m, ACC) * t
+                ch = (_ld(cs_ptr + out_base + hoff, m, ACC) - mean_c[:, None]) * rstd_c[:, None]
+                t = _tanh(_ld(gc_ptr + cols, col_ok, ACC)[None, :] * ch
+                          + _ld(bc_ptr + cols, col_ok, ACC)[None, :])
+                h = _ld(wp + 3 * H, m, ACC) * t
                 tl.store(wp + 8 * H, tl.where(keep, ch, 0.0), mask=m)
                 tl.store(wp + 9 * H, tl.where(keep, t, 0.0), mask=m)
-                h_prev = _ldf(st_ptr + in_base + hoff, m, ACC)
+                h_prev = _ld(st_ptr + in_base + hoff, m, ACC)
                 tl.store(st_ptr + out_base + hoff, tl.where(keep, h, h_prev), mask=m)
             tl.store(row_ws + 10 * H, tl.where(valid, rstd, 0.0), mask=row_ok)
             tl.store(row_ws + 10 * H + 1, tl.where(valid, rstd_c, 0.0), mask=row_ok)
@@ -255,16 +252,7 @@ def _ln_backward_kernel(
         lens = tl.load(len_ptr + rows, mask=row_ok, other=0)
     for i in range(T):
         s = T - 1 - i
-        if REVERSE:
-            pos = T - 1 - s
-            pos_next = pos - 1
-            slot_in = pos + 1
-            slot_out = pos
-        else:
-            pos = s
-            pos_next = pos + 1
-            slot_in = pos
-            slot_out = pos + 1
+        pos, pos_next, slot_in, slot_out = _step_slots(s, T, REVERSE)
         valid = row_ok
         if HAS_LEN:
             valid = valid & (pos < lens)
@@ -277,7 +265,7 @@ def _ln_backward_kernel(
         l_base = tl.cast(pos, tl.int64) * B * DL
         ws_base = tl.cast(pos, tl.int64) * B * WS
         row_ws = ws_ptr + ws_base + rows * WS
-        rstd = _ldf(row_ws + R_OFF, row_ok, ACC)
+        rstd = _ld(row_ws + R_OFF, row_ok, ACC)
         rd = tl.cast((s + 1) % 2, tl.int64) * BH
         wr = tl.cast(s % 2, tl.int64) * BH
         sq_h = tl.zeros([BLOCK_B], dtype=ACC)
@@ -294,38 +282,28 @@ def _ln_backward_kernel(
             m = row_ok[:, None] & col_ok[None, :]
             keep = valid[:, None] & col_ok[None, :]
             hoff = rows[:, None] * H + cols[None, :]
-            rec = tl.zeros([BLOCK_B, BLOCK_J], dtype=ACC)
-            for k0 in range(0, k_end, BLOCK_K):
-                ks = k0 + tl.arange(0, BLOCK_K)
-                k_ok = ks < N
-                d = tl.load(dy_ptr + next_base + rows[:, None] * N + ks[None, :],
-                            mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-                w = tl.load(w_ptr + ks[:, None] * H + cols[None, :], mask=k_ok[:, None] & col_ok[None, :],
-                            other=0.0)
-                rec = _dot(d, w, rec, DOT)
-            dh = _ldf(gs_ptr + out_base + hoff, m, ACC) + _ldf(ch_ptr + rd + hoff, m, ACC) + rec
+            rec = _rec_dot(dy_ptr + next_base, w_ptr, rows, row_ok, cols, col_ok, k_end, N, H,
+                           tl.zeros([BLOCK_B, BLOCK_J], dtype=ACC), DOT, BLOCK_K)
+            dh = _ld(gs_ptr + out_base + hoff, m, ACC) + _ld(ch_ptr + rd + hoff, m, ACC) + rec
             if TRACK:
                 sq_h += tl.sum(tl.where(keep, dh * dh, 0.0), axis=1)
             wp = ws_ptr + ws_base + rows[:, None] * WS + cols[None, :]
             if LSTM:
-                t = _ldf(wp + 9 * H, m, ACC)
-                dlc = tl.where(keep, dh * _ldf(wp + 3 * H, m, ACC) * (1.0 - t * t), 0.0)
+                t = _ld(wp + 9 * H, m, ACC)
+                dlc = tl.where(keep, dh * _ld(wp + 3 * H, m, ACC) * (1.0 - t * t), 0.0)
                 tl.store(dl_ptr + l_base + hoff, dlc, mask=m)
                 tl.store(dh_ptr + hoff, dh, mask=m)
-                g = dlc * _ldf(gc_ptr + cols, col_ok, ACC)[None, :]
+                g = dlc * _ld(gc_ptr + cols, col_ok, ACC)[None, :]
                 sgc += tl.sum(g, axis=1)
-                sgcc += tl.sum(g * _ldf(wp + 8 * H, m, ACC), axis=1)
+                sgcc += tl.sum(g * _ld(wp + 8 * H, m, ACC), axis=1)
                 tl.store(ch_ptr + wr + hoff, tl.where(keep, 0.0, dh), mask=m)
             else:
-                r = _ldf(wp, m, ACC)
-                z = _ldf(wp + H, m, ACC)
-                n = _ldf(wp + 2 * H, m, ACC)
-                hn = _ldf(wp + 3 * H, m, ACC)
-                h_prev = _ldf(st_ptr + in_base + hoff, m, ACC)
-                # n_pre's gradient is clamped before it reaches r through n_pre = xn + r * hn.
-                d_n = tl.where(keep, _clamp(dh * (1.0 - z) * (1.0 - n * n), clip, HAS_CLIP), 0.0)
-                d_z = tl.where(keep, _clamp(dh * (h_prev - n) * z * (1.0 - z), clip, HAS_CLIP), 0.0)
-                d_r = tl.where(keep, _clamp(d_n * hn * r * (1.0 - r), clip, HAS_CLIP), 0.0)
+                r = _ld(wp, m, ACC)
+                z = _ld(wp + H, m, ACC)
+                n = _ld(wp + 2 * H, m, ACC)
+                hn = _ld(wp + 3 * H, m, ACC)
+                h_prev = _ld(st_ptr + in_base + hoff, m, ACC)
+                d_r, d_z, d_n = _gru_gate_grads(dh, r, z, n, hn, h_prev, keep, clip, HAS_CLIP)
                 gp = gx_ptr + n_base + rows[:, None] * N + cols[None, :]
                 tl.store(gp, d_r, mask=m)
                 tl.store(gp + H, d_z, mask=m)
@@ -334,17 +312,17 @@ def _ln_backward_kernel(
                 tl.store(lp, d_r, mask=m)
                 tl.store(lp + H, d_z, mask=m)
                 tl.store(lp + 2 * H, d_n * r, mask=m)
-                g0 = d_r * _ldf(gam_ptr + cols, col_ok, ACC)[None, :]
-                g1 = d_z * _ldf(gam_ptr + H + cols, col_ok, ACC)[None, :]
-                g2 = d_n * r * _ldf(gam_ptr + 2 * H + cols, col_ok, ACC)[None, :]
+                g0 = d_r * _ld(gam_ptr + cols, col_ok, ACC)[None, :]
+                g1 = d_z * _ld(gam_ptr + H + cols, col_ok, ACC)[None, :]
+                g2 = d_n * r * _ld(gam_ptr + 2 * H + cols, col_ok, ACC)[None, :]
                 sg += tl.sum(g0 + g1 + g2, axis=1)
-                sgy += tl.sum(g0 * _ldf(wp + 4 * H, m, ACC) + g1 * _ldf(wp + 5 * H, m, ACC)
-                              + g2 * _ldf(wp + 6 * H, m, ACC), axis=1)
+                sgy += tl.sum(g0 * _ld(wp + 4 * H, m, ACC) + g1 * _ld(wp + 5 * H, m, ACC)
+                              + g2 * _ld(wp + 6 * H, m, ACC), axis=1)
                 tl.store(ch_ptr + wr + hoff, tl.where(keep, dh * z, dh), mask=m)
         if LSTM:
             # dc = dc_carried + grad_cell_states + the cell LN backward of dlc; then the gate gradients.
             tl.debug_barrier()
-            rstd_c = _ldf(row_ws + 10 * H + 1, row_ok, ACC)
+            rstd_c = _ld(row_ws + 10 * H + 1, row_ok, ACC)
             mg = sgc / H
             mgc = sgcc / H
             for j0 in range(0, H, BLOCK_J):
@@ -354,38 +332,35 @@ def _ln_backward_kernel(
                 keep = valid[:, None] & col_ok[None, :]
                 hoff = rows[:, None] * H + cols[None, :]
                 wp = ws_ptr + ws_base + rows[:, None] * WS + cols[None, :]
-                dh = _ldf(dh_ptr + hoff, m, ACC)
-                ch = _ldf(wp + 8 * H, m, ACC)
-                dlc = _ldf(dl_ptr + l_base + hoff, m, ACC)
-                from_h = rstd_c[:, None] * (dlc * _ldf(gc_ptr + cols, col_ok, ACC)[None, :] - mg[:, None]
+                dh = _ld(dh_ptr + hoff, m, ACC)
+                ch = _ld(wp + 8 * H, m, ACC)
+                dlc = _ld(dl_ptr + l_base + hoff, m, ACC)
+                from_h = rstd_c[:, None] * (dlc * _ld(gc_ptr + cols, col_ok, ACC)[None, :] - mg[:, None]
                                             - ch * mgc[:, None])
-                dc = (_ldf(gcs_ptr + out_base + hoff, m, ACC) + _ldf(cc_ptr + rd + hoff, m, ACC)
+                dc = (_ld(gcs_ptr + out_base + hoff, m, ACC) + _ld(cc_ptr + rd + hoff, m, ACC)
                       + tl.where(keep, from_h, 0.0))
                 if TRACK:
                     sq_c += tl.sum(tl.where(keep, dc * dc, 0.0), axis=1)
-                si = _ldf(wp, m, ACC)
-                sf = _ldf(wp + H, m, ACC)
-                tg = _ldf(wp + 2 * H, m, ACC)
-                so = _ldf(wp + 3 * H, m, ACC)
-                t = _ldf(wp + 9 * H, m, ACC)
-                c_prev = _ldf(cs_ptr + in_base + hoff, m, ACC)
-                d_i = tl.where(keep, _clamp(dc * tg * si * (1.0 - si), clip, HAS_CLIP), 0.0)
-                d_f = tl.where(keep, _clamp(dc * c_prev * sf * (1.0 - sf), clip, HAS_CLIP), 0.0)
-                d_g = tl.where(keep, _clamp(dc * si * (1.0 - tg * tg), clip, HAS_CLIP), 0.0)
-                d_o = tl.where(keep, _clamp(dh * t * so * (1.0 - so), clip, HAS_CLIP), 0.0)
+                si = _ld(wp, m, ACC)
+                sf = _ld(wp + H, m, ACC)
+                tg = _ld(wp + 2 * H, m, ACC)
+                so = _ld(wp + 3 * H, m, ACC)
+                t = _ld(wp + 9 * H, m, ACC)
+                c_prev = _ld(cs_ptr + in_base + hoff, m, ACC)
+                d_i, d_f, d_g, d_o = _lstm_gate_grads(dc, dh, si, sf, tg, so, c_prev, t, keep, clip, HAS_CLIP)
                 gp = gx_ptr + n_base + rows[:, None] * N + cols[None, :]
                 tl.store(gp, d_i, mask=m)
                 tl.store(gp + H, d_f, mask=m)
                 tl.store(gp + 2 * H, d_g, mask=m)
                 tl.store(gp + 3 * H, d_o, mask=m)
                 tl.store(cc_ptr + wr + hoff, tl.where(keep, dc * sf, dc), mask=m)
-                g0 = d_i * _ldf(gam_ptr + cols, col_ok, ACC)[None, :]
-                g1 = d_f * _ldf(gam_ptr + H + cols, col_ok, ACC)[None, :]
-                g2 = d_g * _ldf(gam_ptr + 2 * H + cols, col_ok, ACC)[None, :]
-                g3 = d_o * _ldf(gam_ptr + 3 * H + cols, col_ok, ACC)[None, :]
+                g0 = d_i * _ld(gam_ptr + cols, col_ok, ACC)[None, :]
+                g1 = d_f * _ld(gam_ptr + H + cols, col_ok, ACC)[None, :]
+                g2 = d_g * _ld(gam_ptr + 2 * H + cols, col_ok, ACC)[None, :]
+                g3 = d_o * _ld(gam_ptr + 3 * H + cols, col_ok, ACC)[None, :]
                 sg += tl.sum(g0 + g1 + g2 + g3, axis=1)
-                sgy += tl.sum(g0 * _ldf(wp + 4 * H, m, ACC) + g1 * _ldf(wp + 5 * H, m, ACC)
-                              + g2 * _ldf(wp + 6 * H, m, ACC) + g3 * _ldf(wp + 7 * H, m, ACC), axis=1)
+                sgy += tl.sum(g0 * _ld(wp + 4 * H, m, ACC) + g1 * _ld(wp + 5 * H, m, ACC)
+                              + g2 * _ld(wp + 6 * H, m, ACC) + g3 * _ld(wp + 7 * H, m, ACC), axis=1)
         # The LN backward into dy = d(W_hh h_prev), from the gradients this step stored.
         tl.debug_barrier()
         mean_g = sg / N
@@ -399,9 +374,9 @@ def _ln_backward_kernel(
             col_ok = cols < N
             m = row_ok[:, None] & col_ok[None, :]
             keep = valid[:, None] & col_ok[None, :]
-            g = (_ldf(src_ptr + rows[:, None] * N + cols[None, :], m, ACC)
-                 * _ldf(gam_ptr + cols, col_ok, ACC)[None, :])
-            yh = _ldf(ws_ptr + ws_base + rows[:, None] * WS + 4 * H + cols[None, :], m, ACC)
+            g = (_ld(src_ptr + rows[:, None] * N + cols[None, :], m, ACC)
+                 * _ld(gam_ptr + cols, col_ok, ACC)[None, :])
+            yh = _ld(ws_ptr + ws_base + rows[:, None] * WS + 4 * H + cols[None, :], m, ACC)
             dy = rstd[:, None] * (g - mean_g[:, None] - yh * mean_gy[:, None])
             tl.store(dy_ptr + n_base + rows[:, None] * N + cols[None, :], tl.where(keep, dy, 0.0), mask=m)
         if TRACK:
