@@ -116,11 +116,22 @@ def _clamp(d, clip, HAS_CLIP: tl.constexpr):
 
 
 @triton.jit
-def _step_slots(s, T, REVERSE: tl.constexpr):
-    """Position of processed step s, its successor's position, and the state slots it reads and writes.
+def _row_lengths(len_ptr, rows, row_ok, HAS_LEN: tl.constexpr):
+    """The rows' sequence lengths; without lengths a placeholder that _step ignores."""
+    lens = rows
+    if HAS_LEN:
+        lens = tl.load(len_ptr + rows, mask=row_ok, other=0)
+    return lens
 
-    States are [T+1, ...]: the forward direction reads slot pos and writes pos+1, the reverse one reads
-    pos+1 and writes pos.
+
+@triton.jit
+def _step(s, T, BH, row_ok, lens, REVERSE: tl.constexpr, HAS_LEN: tl.constexpr):
+    """Where processed step s works: (pos, pos_next, in_base, out_base, valid).
+
+    pos is its position and pos_next its successor's; in_base and out_base are the offsets of the state
+    slots it reads and writes in [T+1, B, H] buffers (BH = B*H as int64): the forward direction reads
+    slot pos and writes pos+1, the reverse one reads pos+1 and writes pos; valid marks the rows within
+    their length.
     """
     if REVERSE:
         pos = T - 1 - s
@@ -132,7 +143,10 @@ def _step_slots(s, T, REVERSE: tl.constexpr):
         pos_next = pos + 1
         slot_in = pos
         slot_out = pos + 1
-    return pos, pos_next, slot_in, slot_out
+    valid = row_ok
+    if HAS_LEN:
+        valid = valid & (pos < lens)
+    return pos, pos_next, tl.cast(slot_in, tl.int64) * BH, tl.cast(slot_out, tl.int64) * BH, valid
 
 
 @triton.jit
@@ -202,15 +216,10 @@ def _forward_kernel(
     rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
     row_ok = rows < B
     GH = G * H
-    if HAS_LEN:
-        lens = tl.load(len_ptr + rows, mask=row_ok, other=0)
+    BH = tl.cast(B, tl.int64) * H
+    lens = _row_lengths(len_ptr, rows, row_ok, HAS_LEN)
     for s in range(s0, s0 + n_steps):
-        pos, _, slot_in, slot_out = _step_slots(s, T, REVERSE)
-        valid = row_ok
-        if HAS_LEN:
-            valid = valid & (pos < lens)
-        in_base = tl.cast(slot_in, tl.int64) * B * H
-        out_base = tl.cast(slot_out, tl.int64) * B * H
+        pos, _, in_base, out_base, valid = _step(s, T, BH, row_ok, lens, REVERSE, HAS_LEN)
         x_base = tl.cast(pos, tl.int64) * B * GH
         ws_base = tl.cast(pos, tl.int64) * B * (4 * H)
         jac_row = tl.zeros([BLOCK_B], dtype=ACC)
@@ -347,18 +356,12 @@ def _backward_kernel(
     row_ok = rows < B
     GH = G * H
     BH = tl.cast(B, tl.int64) * H
-    if HAS_LEN:
-        lens = tl.load(len_ptr + rows, mask=row_ok, other=0)
+    lens = _row_lengths(len_ptr, rows, row_ok, HAS_LEN)
     for i in range(n_steps):
         s = s_hi - i
-        pos, pos_next, slot_in, slot_out = _step_slots(s, T, REVERSE)
-        valid = row_ok
-        if HAS_LEN:
-            valid = valid & (pos < lens)
+        pos, pos_next, in_base, out_base, valid = _step(s, T, BH, row_ok, lens, REVERSE, HAS_LEN)
         # The last processed step has no successor: its recurrent term is empty.
         k_end = tl.minimum((T - 1 - s) * GH, GH)
-        in_base = tl.cast(slot_in, tl.int64) * BH
-        out_base = tl.cast(slot_out, tl.int64) * BH
         next_base = tl.cast(pos_next, tl.int64) * B * GH
         d_base = tl.cast(pos, tl.int64) * B * GH
         ws_base = tl.cast(pos, tl.int64) * B * (4 * H)

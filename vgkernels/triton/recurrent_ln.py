@@ -47,8 +47,9 @@ from vgkernels.triton.recurrent import (
     _ld,
     _lstm_gate_grads,
     _rec_dot,
+    _row_lengths,
     _sigmoid,
-    _step_slots,
+    _step,
     _tanh,
 )
 
@@ -93,15 +94,9 @@ def _ln_forward_kernel(
         N = 3 * H
         WS = 7 * H + 1
     BH = tl.cast(B, tl.int64) * H
-    if HAS_LEN:
-        lens = tl.load(len_ptr + rows, mask=row_ok, other=0)
+    lens = _row_lengths(len_ptr, rows, row_ok, HAS_LEN)
     for s in range(T):
-        pos, _, slot_in, slot_out = _step_slots(s, T, REVERSE)
-        valid = row_ok
-        if HAS_LEN:
-            valid = valid & (pos < lens)
-        in_base = tl.cast(slot_in, tl.int64) * BH
-        out_base = tl.cast(slot_out, tl.int64) * BH
+        pos, _, in_base, out_base, valid = _step(s, T, BH, row_ok, lens, REVERSE, HAS_LEN)
         x_base = tl.cast(pos, tl.int64) * B * N
         ws_base = tl.cast(pos, tl.int64) * B * WS
         # y = h_prev W^T into the scratch rows, and its row sums.
@@ -248,18 +243,12 @@ def _ln_backward_kernel(
         DL = N
         R_OFF = 7 * H
     BH = tl.cast(B, tl.int64) * H
-    if HAS_LEN:
-        lens = tl.load(len_ptr + rows, mask=row_ok, other=0)
+    lens = _row_lengths(len_ptr, rows, row_ok, HAS_LEN)
     for i in range(T):
         s = T - 1 - i
-        pos, pos_next, slot_in, slot_out = _step_slots(s, T, REVERSE)
-        valid = row_ok
-        if HAS_LEN:
-            valid = valid & (pos < lens)
+        pos, pos_next, in_base, out_base, valid = _step(s, T, BH, row_ok, lens, REVERSE, HAS_LEN)
         # The last processed step has no successor: its recurrent term is empty.
         k_end = tl.minimum((T - 1 - s) * N, N)
-        in_base = tl.cast(slot_in, tl.int64) * BH
-        out_base = tl.cast(slot_out, tl.int64) * BH
         next_base = tl.cast(pos_next, tl.int64) * B * N
         n_base = tl.cast(pos, tl.int64) * B * N
         l_base = tl.cast(pos, tl.int64) * B * DL
