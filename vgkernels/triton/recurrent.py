@@ -539,6 +539,22 @@ def _check_device(op: str, device: torch.device) -> None:
           "backend for CPU tensors")
 
 
+def _check_leading(op: str, name: str, t, layout: str) -> tuple[torch.device, torch.dtype]:
+    """Checks the 3-D tensor whose device and dtype all other arguments must share; returns them."""
+    if not isinstance(t, torch.Tensor) or t.dim() != 3:
+        got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+        _fail(op, ValueError, f"{name} must be a 3-D tensor {layout}, got {got}")
+    if t.dtype not in _DTYPES:
+        _fail(op, TypeError, f"{name} must be float32, float64, bfloat16 or float16, got {t.dtype}")
+    _check_device(op, t.device)
+    return t.device, t.dtype
+
+
+def _check_grad_clip(op: str, grad_clip: float | None) -> None:
+    if grad_clip is not None and not grad_clip > 0:
+        _fail(op, ValueError, f"grad_clip must be a positive number or None, got {grad_clip}")
+
+
 def _check_lengths(op: str, lengths: torch.Tensor | None, B: int) -> None:
     if lengths is None:
         return
@@ -567,13 +583,7 @@ def _gram_terms(w_hh: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tens
 def _forward_impl(xproj, h0, c0, w_hh, b_hh, lengths, mode, reverse, track):
     op = "rnn_forward_triton"
     G = _check_mode(op, mode)
-    if not isinstance(xproj, torch.Tensor) or xproj.dim() != 3:
-        _fail(op, ValueError, f"xproj must be a 3-D tensor [T, B, G*H], got "
-              f"{tuple(xproj.shape) if isinstance(xproj, torch.Tensor) else type(xproj).__name__}")
-    if xproj.dtype not in _DTYPES:
-        _fail(op, TypeError, f"xproj must be float32, float64, bfloat16 or float16, got {xproj.dtype}")
-    device, dtype = xproj.device, xproj.dtype
-    _check_device(op, device)
+    device, dtype = _check_leading(op, "xproj", xproj, "[T, B, G*H]")
     T, B, GH = xproj.shape
     if w_hh.dim() != 2:
         _fail(op, ValueError, f"w_hh must be 2-D [G*H, H], got shape {tuple(w_hh.shape)}")
@@ -672,15 +682,22 @@ def rnn_forward_triton(
     return _forward_impl(xproj, h0, c0, w_hh, b_hh, lengths, mode, reverse, track)
 
 
-@rnn_forward_triton.register_fake
-def _forward_fake(xproj, h0, c0, w_hh, b_hh, lengths, probe, mode, reverse, track):
+def _fake_forward(xproj, w_hh, mode: str, track: bool, ws_width: int, ws_dtype: torch.dtype):
+    """Outputs of a forward op for tracing: states, cell_states, workspace [T, B, ws_width] ([0] for
+    width 0) and jac_sq; shared by the plain and the layer-normalized cells."""
     T, B, _ = xproj.shape
     H = w_hh.shape[1]
     states = xproj.new_empty(T + 1, B, H)
     cells = xproj.new_empty(T + 1, B, H) if mode == "lstm" else xproj.new_empty(0)
-    ws = xproj.new_empty(T, B, 4 * H) if mode in ("lstm", "gru") else xproj.new_empty(0)
+    ws = xproj.new_empty(T, B, ws_width, dtype=ws_dtype) if ws_width else xproj.new_empty(0)
     jac_sq = xproj.new_empty((T, B) if track else (0,), dtype=torch.float32)
     return states, cells, ws, jac_sq
+
+
+@rnn_forward_triton.register_fake
+def _forward_fake(xproj, h0, c0, w_hh, b_hh, lengths, probe, mode, reverse, track):
+    width = 4 * w_hh.shape[1] if mode in ("lstm", "gru") else 0
+    return _fake_forward(xproj, w_hh, mode, track, width, xproj.dtype)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -691,12 +708,7 @@ def _backward_impl(grad_states, grad_cell_states, states, cell_states, workspace
                    reverse, grad_clip, track, has_b_hh):
     op = "rnn_backward_triton"
     G = _check_mode(op, mode)
-    if not isinstance(states, torch.Tensor) or states.dim() != 3:
-        _fail(op, ValueError, "states must be a 3-D tensor [T+1, B, H]")
-    if states.dtype not in _DTYPES:
-        _fail(op, TypeError, f"states must be float32, float64, bfloat16 or float16, got {states.dtype}")
-    device, dtype = states.device, states.dtype
-    _check_device(op, device)
+    device, dtype = _check_leading(op, "states", states, "[T+1, B, H]")
     T, B, H = states.shape[0] - 1, states.shape[1], states.shape[2]
     if T < 1 or B < 1 or H < 1:
         _fail(op, ValueError, f"states must have shape [T+1, B, H] with T, B, H >= 1, got "
@@ -709,8 +721,7 @@ def _backward_impl(grad_states, grad_cell_states, states, cell_states, workspace
     if mode in ("lstm", "gru"):
         _check_tensor(op, "workspace", workspace, (T, B, 4 * H), dtype, device)
     _check_lengths(op, lengths, B)
-    if grad_clip is not None and not grad_clip > 0:
-        _fail(op, ValueError, f"grad_clip must be a positive number or None, got {grad_clip}")
+    _check_grad_clip(op, grad_clip)
     if has_b_hh and mode != "gru":
         _fail(op, ValueError, f"has_b_hh is for mode 'gru' only, got mode {mode!r}")
 
@@ -795,9 +806,9 @@ def rnn_backward_triton(
                           mode, reverse, grad_clip, track, has_b_hh)
 
 
-@rnn_backward_triton.register_fake
-def _backward_fake(grad_states, grad_cell_states, states, cell_states, workspace, w_hh, lengths, mode,
-                   reverse, grad_clip, track, has_b_hh):
+def _fake_backward(states, w_hh, mode: str, track: bool, has_b_hh: bool):
+    """grad_xproj, grad_h0, grad_c0, grad_w_hh, grad_b_hh and grad_sq of a backward op, for tracing;
+    shared by the plain and the layer-normalized cells."""
     T, B, H = states.shape[0] - 1, states.shape[1], states.shape[2]
     G = GATES[mode]
     K = 2 if mode == "lstm" else 1
@@ -809,3 +820,9 @@ def _backward_fake(grad_states, grad_cell_states, states, cell_states, workspace
         states.new_empty(G * H) if has_b_hh else states.new_empty(0),
         states.new_empty((K, T, B) if track else (0,), dtype=torch.float32),
     )
+
+
+@rnn_backward_triton.register_fake
+def _backward_fake(grad_states, grad_cell_states, states, cell_states, workspace, w_hh, lengths, mode,
+                   reverse, grad_clip, track, has_b_hh):
+    return _fake_backward(states, w_hh, mode, track, has_b_hh)

@@ -46,6 +46,7 @@ from vgkernels.triton.recurrent import (
     _gru_gate_grads,
     _ld,
     _lstm_gate_grads,
+    _pow2_between,
     _rec_dot,
     _row_lengths,
     _sigmoid,
@@ -54,7 +55,6 @@ from vgkernels.triton.recurrent import (
 )
 
 GATES = {"lstm": 4, "gru": 3}
-_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 _TL = {torch.float32: tl.float32, torch.float64: tl.float64, torch.bfloat16: tl.bfloat16,
        torch.float16: tl.float16}
 # Bytes of one float64 GEMM operand of the Jacobian post-pass, per chunk of positions.
@@ -590,10 +590,6 @@ def _ln_jacobian_kernel(
 # Launch planning and checks
 
 
-def _pow2_between(n: int, lo: int, hi: int) -> int:
-    return max(lo, min(hi, triton.next_power_of_2(n)))
-
-
 def _plan(H: int, G: int, dtype: torch.dtype) -> dict:
     """Block sizes. tl.dot needs every block dimension >= 16 on a GPU, so all are at least 16."""
     half = dtype in (torch.bfloat16, torch.float16)
@@ -688,13 +684,7 @@ def _forward_impl(xproj, h0, c0, w_hh, b_hh, ln_hh_weight, ln_hh_bias, ln_cell_w
     op = "rnn_ln_forward_triton"
     G = _check_ln_mode(op, mode)
     lstm = mode == "lstm"
-    if not isinstance(xproj, torch.Tensor) or xproj.dim() != 3:
-        _plain._fail(op, ValueError, "xproj must be a 3-D tensor [T, B, G*H], got "
-                     f"{tuple(xproj.shape) if isinstance(xproj, torch.Tensor) else type(xproj).__name__}")
-    if xproj.dtype not in _DTYPES:
-        _plain._fail(op, TypeError, f"xproj must be float32, float64, bfloat16 or float16, got {xproj.dtype}")
-    device, dtype = xproj.device, xproj.dtype
-    _plain._check_device(op, device)
+    device, dtype = _plain._check_leading(op, "xproj", xproj, "[T, B, G*H]")
     T, B, N = xproj.shape
     if not isinstance(w_hh, torch.Tensor) or w_hh.dim() != 2:
         _plain._fail(op, ValueError, "w_hh must be a 2-D tensor [G*H, H]")
@@ -790,13 +780,8 @@ def rnn_ln_forward_triton(
 @rnn_ln_forward_triton.register_fake
 def _forward_fake(xproj, h0, c0, w_hh, b_hh, ln_hh_weight, ln_hh_bias, ln_cell_weight, ln_cell_bias, eps,
                   lengths, mode, reverse, track):
-    T, B, _ = xproj.shape
-    H = w_hh.shape[1]
-    states = xproj.new_empty(T + 1, B, H)
-    cells = xproj.new_empty(T + 1, B, H) if mode == "lstm" else xproj.new_empty(0)
-    ws = xproj.new_empty(T, B, workspace_width(mode, H), dtype=_plain._acc_dtype(xproj.dtype))
-    jac_sq = xproj.new_empty((T, B) if track else (0,), dtype=torch.float32)
-    return states, cells, ws, jac_sq
+    return _plain._fake_forward(xproj, w_hh, mode, track, workspace_width(mode, w_hh.shape[1]),
+                                _plain._acc_dtype(xproj.dtype))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -808,13 +793,7 @@ def _backward_impl(grad_states, grad_cell_states, states, cell_states, workspace
     op = "rnn_ln_backward_triton"
     G = _check_ln_mode(op, mode)
     lstm = mode == "lstm"
-    if not isinstance(states, torch.Tensor) or states.dim() != 3:
-        _plain._fail(op, ValueError, "states must be a 3-D tensor [T+1, B, H]")
-    if states.dtype not in _DTYPES:
-        _plain._fail(op, TypeError,
-                     f"states must be float32, float64, bfloat16 or float16, got {states.dtype}")
-    device, dtype = states.device, states.dtype
-    _plain._check_device(op, device)
+    device, dtype = _plain._check_leading(op, "states", states, "[T+1, B, H]")
     T, B, H = states.shape[0] - 1, states.shape[1], states.shape[2]
     if T < 1 or B < 1 or H < 1:
         _plain._fail(op, ValueError, f"states must have shape [T+1, B, H] with T, B, H >= 1, got "
@@ -830,8 +809,7 @@ def _backward_impl(grad_states, grad_cell_states, states, cell_states, workspace
         _plain._check_tensor(op, "cell_states", cell_states, (T + 1, B, H), dtype, device)
         _plain._check_tensor(op, "grad_cell_states", grad_cell_states, (T + 1, B, H), None, device)
     _plain._check_lengths(op, lengths, B)
-    if grad_clip is not None and not grad_clip > 0:
-        _plain._fail(op, ValueError, f"grad_clip must be a positive number or None, got {grad_clip}")
+    _plain._check_grad_clip(op, grad_clip)
     if has_b_hh and lstm:
         _plain._fail(op, ValueError, "has_b_hh is for mode 'gru' only (the LSTM's b_hh is in xproj)")
 
@@ -928,18 +906,10 @@ def rnn_ln_backward_triton(
 @rnn_ln_backward_triton.register_fake
 def _backward_fake(grad_states, grad_cell_states, states, cell_states, workspace, w_hh, ln_hh_weight,
                    ln_cell_weight, lengths, mode, reverse, grad_clip, track, has_b_hh):
-    T, B, H = states.shape[0] - 1, states.shape[1], states.shape[2]
+    *grads, grad_sq = _plain._fake_backward(states, w_hh, mode, track, has_b_hh)
+    H = states.shape[2]
     N = GATES[mode] * H
-    lstm = mode == "lstm"
-    return (
-        states.new_empty(T, B, N),
-        states.new_empty(B, H),
-        states.new_empty(B, H) if lstm else states.new_empty(0),
-        w_hh.new_empty(w_hh.shape),
-        states.new_empty(N) if has_b_hh else states.new_empty(0),
-        states.new_empty(N),
-        states.new_empty(N),
-        states.new_empty(H) if lstm else states.new_empty(0),
-        states.new_empty(H) if lstm else states.new_empty(0),
-        states.new_empty((2 if lstm else 1, T, B) if track else (0,), dtype=torch.float32),
-    )
+    # The LN gains' and shifts' gradients sit between the plain cell's gradients and grad_sq.
+    cell = (H,) if mode == "lstm" else (0,)
+    return (*grads, states.new_empty(N), states.new_empty(N), states.new_empty(cell), states.new_empty(cell),
+            grad_sq)
