@@ -16,6 +16,8 @@ from vgkernels.reference import recurrent as reference
 
 GATES = {"lstm": 4, "gru": 3}
 EPS = 1e-5
+# (rtol, atol) of the ops against the oracle, by input dtype.
+TOL = {torch.float64: (1e-9, 1e-10), torch.float32: (1e-4, 1e-5)}
 
 
 def make_inputs(mode, T, B, H, dtype=torch.float64, lengths=None, gru_bias=True, seed=0):
@@ -64,6 +66,7 @@ def backward_args(inp, fwd, gs, gcs, mode, reverse, clip, track):
             inp["lengths"], mode, reverse, clip, track, inp["b_hh"] is not None)
 
 
+FORWARD_NAMES = ("states", "cell_states", "workspace", "jac_sq")
 INPUT_NAMES = ("xproj", "h0", "c0", "w_hh", "b_hh", "ln_hh_weight", "ln_hh_bias", "ln_cell_weight",
                "ln_cell_bias")
 BACKWARD_NAMES = ("grad_xproj", "grad_h0", "grad_c0", "grad_w_hh", "grad_b_hh", "grad_ln_hh_weight",
@@ -153,3 +156,46 @@ def assert_matches(got: dict, want: dict, rtol: float, atol: float, sq_scale: bo
             r = max(rtol, 1e-6)
             a = max(atol, 1e-7) * (max(1.0, w.abs().max().item()) if sq_scale else 1.0)
         torch.testing.assert_close(g, w, rtol=r, atol=a, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def run_ops(fwd_op, bwd_op, inp, mode, reverse, gs, gcs, clip=None, track=True) -> dict:
+    """Every output of a forward/backward op pair (the C++ or the Triton ops) on make_inputs, by name."""
+    fwd = fwd_op(*forward_args(inp, mode, reverse, track))
+    bwd = bwd_op(*backward_args(inp, fwd, gs, gcs, mode, reverse, clip, track))
+    got = dict(zip(FORWARD_NAMES, fwd, strict=True))
+    got.update(zip(BACKWARD_NAMES, bwd, strict=True))
+    return got
+
+
+def check_ops(fwd_op, bwd_op, mode, T, B, H, dtype, reverse=False, lengths=None, clip=None, track=True,
+              gru_bias=True):
+    """Run an op pair on make_inputs and compare every output to the oracle at TOL[dtype].
+
+    Also checks the output dtypes (the input dtype; float32 squared norms). Returns (inp, gs, gcs, got,
+    want).
+    """
+    inp = make_inputs(mode, T, B, H, dtype, lengths=lengths, gru_bias=gru_bias)
+    gs, gcs = make_output_grads(mode, T, B, H, dtype)
+    got = run_ops(fwd_op, bwd_op, inp, mode, reverse, gs, gcs, clip, track)
+    want = oracle(inp, mode, reverse, gs, gcs, clip, track)
+    assert got["jac_sq"].dtype == torch.float32 and got["grad_sq"].dtype == torch.float32
+    assert got["states"].dtype == dtype and got["grad_w_hh"].dtype == dtype
+    assert got["grad_ln_hh_weight"].dtype == dtype
+    assert_matches(got, want, *TOL[dtype])
+    return inp, gs, gcs, got, want
+
+
+def gradcheck_layer(mode: str, backend: str, reverse: bool, **gradcheck_kwargs) -> bool:
+    """Float64 gradcheck of the layer-normalized recurrent_layer on backend, w.r.t. every tensor input."""
+    from vgkernels.ops.recurrent import recurrent_layer
+
+    inp = make_inputs(mode, 3, 2, 3, lengths=[3, 2])
+    keys = [k for k in INPUT_NAMES if inp[k] is not None]
+
+    def fn(*tensors):
+        args = dict(zip(keys, tensors, strict=True))
+        states, cells, _, _ = recurrent_layer(*(args.get(k) for k in INPUT_NAMES), inp["lengths"], None, mode,
+                                              reverse, False, None, EPS, backend)
+        return (states, cells) if mode == "lstm" else states
+
+    return torch.autograd.gradcheck(fn, [inp[k].clone().requires_grad_() for k in keys], **gradcheck_kwargs)

@@ -8,15 +8,15 @@ jac_sq and grad_sq (float32 outputs) at least rtol 1e-6, with atol times their l
 gradcheck with torch's defaults.
 """
 
+import ln_cell_oracle
 import pytest
 import torch
 from ln_cell_oracle import (
     BACKWARD_NAMES,
-    EPS,
-    INPUT_NAMES,
-    assert_matches,
     backward_args,
+    check_ops,
     forward_args,
+    gradcheck_layer,
     make_inputs,
     make_output_grads,
     oracle,
@@ -25,25 +25,15 @@ from ln_cell_oracle import (
 import vgkernels  # noqa: F401  (registers the ops)
 
 OPS = torch.ops.vgk
-TOL = {torch.float64: (1e-9, 1e-10), torch.float32: (1e-4, 1e-5)}
 
 
 def run_ops(inp, mode, reverse, gs, gcs, clip=None, track=True):
-    fwd = OPS.rnn_ln_forward(*forward_args(inp, mode, reverse, track))
-    bwd = OPS.rnn_ln_backward(*backward_args(inp, fwd, gs, gcs, mode, reverse, clip, track))
-    got = dict(zip(("states", "cell_states", "workspace", "jac_sq"), fwd, strict=True))
-    got.update(zip(BACKWARD_NAMES, bwd, strict=True))
-    return got
+    return ln_cell_oracle.run_ops(OPS.rnn_ln_forward, OPS.rnn_ln_backward, inp, mode, reverse, gs, gcs, clip,
+                                  track)
 
 
-def check(mode, T, B, H, dtype, reverse=False, lengths=None, clip=None, track=True, gru_bias=True):
-    inp = make_inputs(mode, T, B, H, dtype, lengths=lengths, gru_bias=gru_bias)
-    gs, gcs = make_output_grads(mode, T, B, H, dtype)
-    got = run_ops(inp, mode, reverse, gs, gcs, clip, track)
-    want = oracle(inp, mode, reverse, gs, gcs, clip, track)
-    assert got["jac_sq"].dtype == torch.float32 and got["grad_sq"].dtype == torch.float32
-    assert got["states"].dtype == dtype and got["grad_w_hh"].dtype == dtype
-    assert_matches(got, want, *TOL[dtype])
+def check(mode, T, B, H, dtype, **kwargs):
+    _, _, _, got, want = check_ops(OPS.rnn_ln_forward, OPS.rnn_ln_backward, mode, T, B, H, dtype, **kwargs)
     return got, want
 
 
@@ -103,18 +93,7 @@ def test_lstm_h1_jacobian_in_float32():
 
 @pytest.mark.parametrize("mode", ["lstm", "gru"])
 def test_gradcheck_float64(mode):
-    inp = make_inputs(mode, 3, 2, 3, lengths=[3, 2])
-    keys = [k for k in INPUT_NAMES if inp[k] is not None]
-    from vgkernels.ops.recurrent import recurrent_layer
-
-    def fn(*tensors):
-        args = dict(zip(keys, tensors, strict=True))
-        a = {k: args.get(k) for k in INPUT_NAMES}
-        states, cells, _, _ = recurrent_layer(*a.values(), inp["lengths"], None, mode, True, False, None, EPS,
-                                              "cpp")
-        return (states, cells) if mode == "lstm" else states
-
-    assert torch.autograd.gradcheck(fn, [inp[k].clone().requires_grad_() for k in keys])
+    assert gradcheck_layer(mode, "cpp", reverse=True)
 
 
 @pytest.mark.parametrize("mode", ["lstm", "gru"])

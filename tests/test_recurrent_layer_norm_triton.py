@@ -15,15 +15,14 @@ reads before writing) fails the comparison.
 
 import os
 
+import ln_cell_oracle
 import pytest
 import torch
 from ln_cell_oracle import (
-    BACKWARD_NAMES,
-    EPS,
-    INPUT_NAMES,
-    assert_matches,
     backward_args,
+    check_ops,
     forward_args,
+    gradcheck_layer,
     make_inputs,
     make_output_grads,
     oracle,
@@ -34,7 +33,6 @@ import vgkernels.triton.recurrent as plain_triton
 import vgkernels.triton.recurrent_ln  # noqa: F401  (registers the ops)
 
 OPS = torch.ops.vgk
-TOL = {torch.float64: (1e-9, 1e-10), torch.float32: (1e-4, 1e-5)}
 CUDA = os.environ.get("VGK_TEST_CUDA") == "1"
 
 
@@ -46,20 +44,12 @@ def _nan_fill(monkeypatch):
 def run_ops(inp, mode, reverse, gs, gcs, clip=None, track=True, triton=True):
     fwd_op, bwd_op = ((OPS.rnn_ln_forward_triton, OPS.rnn_ln_backward_triton) if triton
                       else (OPS.rnn_ln_forward, OPS.rnn_ln_backward))
-    fwd = fwd_op(*forward_args(inp, mode, reverse, track))
-    bwd = bwd_op(*backward_args(inp, fwd, gs, gcs, mode, reverse, clip, track))
-    got = dict(zip(("states", "cell_states", "workspace", "jac_sq"), fwd, strict=True))
-    got.update(zip(BACKWARD_NAMES, bwd, strict=True))
-    return got
+    return ln_cell_oracle.run_ops(fwd_op, bwd_op, inp, mode, reverse, gs, gcs, clip, track)
 
 
-def check(mode, T, B, H, dtype, reverse=False, lengths=None, clip=None, track=True, gru_bias=True):
-    inp = make_inputs(mode, T, B, H, dtype, lengths=lengths, gru_bias=gru_bias)
-    gs, gcs = make_output_grads(mode, T, B, H, dtype)
-    got = run_ops(inp, mode, reverse, gs, gcs, clip, track)
-    want = oracle(inp, mode, reverse, gs, gcs, clip, track)
-    assert got["states"].dtype == dtype and got["grad_ln_hh_weight"].dtype == dtype
-    assert_matches(got, want, *TOL[dtype])
+def check(mode, T, B, H, dtype, **kwargs):
+    ops = (OPS.rnn_ln_forward_triton, OPS.rnn_ln_backward_triton)
+    inp, gs, gcs, got, _ = check_ops(*ops, mode, T, B, H, dtype, **kwargs)
     return inp, gs, gcs, got
 
 
@@ -113,20 +103,9 @@ def test_half_dtypes(mode, dtype, tol):
 
 @pytest.mark.parametrize("mode", ["lstm", "gru"])
 def test_gradcheck_float64(mode):
-    from vgkernels.ops.recurrent import recurrent_layer
-
-    inp = make_inputs(mode, 3, 2, 3, lengths=[3, 2])
-    keys = [k for k in INPUT_NAMES if inp[k] is not None]
-
-    def fn(*tensors):
-        args = dict(zip(keys, tensors, strict=True))
-        states, cells, _, _ = recurrent_layer(*(args.get(k) for k in INPUT_NAMES), inp["lengths"], None, mode,
-                                              False, False, None, EPS, "triton")
-        return (states, cells) if mode == "lstm" else states
-
     # fast_mode (random projections): the interpreter pays per launch; the float64 oracle tests above
     # compare every gradient element by element.
-    assert torch.autograd.gradcheck(fn, [inp[k].clone().requires_grad_() for k in keys], fast_mode=True)
+    assert gradcheck_layer(mode, "triton", reverse=False, fast_mode=True)
 
 
 @pytest.mark.parametrize("mode", ["lstm", "gru"])
