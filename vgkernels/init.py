@@ -340,22 +340,26 @@ def _scheme_default(m: torch.nn.Module, name: str, p: torch.Tensor, g: torch.Gen
     default_(p, m.hidden_size, generator=g)
 
 
-def _scheme_xavier(m: torch.nn.Module, name: str, p: torch.Tensor, g: torch.Generator | None) -> None:
+def _zero_biases_else(
+    fill: Callable[..., torch.Tensor],
+    m: torch.nn.Module,
+    name: str,
+    p: torch.Tensor,
+    g: torch.Generator | None,
+) -> None:
+    """Zero biases; weights by ``fill``, per gate block for the gate matrices."""
     if name.startswith("bias"):
         torch.nn.init.zeros_(p)
     else:
-        xavier_uniform_(
-            p, blocks=_gates(m) if name.startswith(("weight_ih", "weight_hh")) else 1, generator=g
-        )
+        fill(p, blocks=_gates(m) if name.startswith(("weight_ih", "weight_hh")) else 1, generator=g)
+
+
+def _scheme_xavier(m: torch.nn.Module, name: str, p: torch.Tensor, g: torch.Generator | None) -> None:
+    _zero_biases_else(xavier_uniform_, m, name, p, g)
 
 
 def _scheme_kaiming(m: torch.nn.Module, name: str, p: torch.Tensor, g: torch.Generator | None) -> None:
-    if name.startswith("bias"):
-        torch.nn.init.zeros_(p)
-    else:
-        kaiming_normal_(
-            p, blocks=_gates(m) if name.startswith(("weight_ih", "weight_hh")) else 1, generator=g
-        )
+    _zero_biases_else(kaiming_normal_, m, name, p, g)
 
 
 def _scheme_orthogonal(m: torch.nn.Module, name: str, p: torch.Tensor, g: torch.Generator | None) -> None:
