@@ -23,6 +23,7 @@
 #include <limits>
 #include <optional>
 #include <tuple>
+#include <vector>
 
 #include "ops.h"
 #include "recurrent_args.h"
@@ -150,70 +151,234 @@ at::Tensor gram_entries(const at::Tensor& w_hh, Cell cell, int64_t H) {
 // Fewest batch rows per thread: the per-step GEMM loses efficiency on fewer rows.
 constexpr int64_t kRowGrain = 4;
 
-struct Steps {
-  int64_t T;
-  bool reverse;
-  int64_t position(int64_t s) const { return reverse ? T - 1 - s : s; }
-  // Slots of states [T+1, B, H] holding the output of position t and the state before it.
-  int64_t out_slot(int64_t t) const { return reverse ? t : t + 1; }
-  int64_t prev_slot(int64_t t) const { return reverse ? t + 1 : t; }
-  int64_t init_slot() const { return reverse ? T : 0; }
+int64_t position(int64_t s, int64_t T, bool reverse) { return reverse ? T - 1 - s : s; }
+
+// A layer's states: at(t) is the state after position t ([B, H] rows; positions BH apart), before(t)
+// the state before position t in processing order, `init` before the first processed position.
+template <typename T>
+struct StateSeq {
+  T* base = nullptr;
+  const T* init = nullptr;
+  int64_t steps = 0, BH = 0;
+  bool reverse = false;
+  T* at(int64_t t) const { return base + t * BH; }
+  const T* before(int64_t t) const {
+    const int64_t p = reverse ? t + 1 : t - 1;
+    return p < 0 || p >= steps ? init : base + p * BH;
+  }
+};
+
+// rnn_forward/rnn_backward keep states [T+1, B, H] with h0 in slot 0 (slot T when reverse): the state
+// after position t is then in slot t+1 (slot t), and h0 sits right before the first one processed.
+template <typename T>
+StateSeq<T> slots(const at::Tensor& states, bool reverse) {
+  const int64_t steps = states.size(0) - 1, BH = states.size(1) * states.size(2);
+  T* p = const_cast<T*>(states.const_data_ptr<T>());
+  return {p + (reverse ? 0 : BH), p + (reverse ? steps : 0) * BH, steps, BH, reverse};
+}
+
+// The input side of a forward: the precomputed projection xproj [T, B, G*H] (rnn_forward), or the
+// input x [T, B, I] projected per step inside the time loop (rnn_layer_forward).
+template <typename T>
+struct InputSide {
+  const T* xproj = nullptr;
+  const T* x = nullptr;
+  int64_t I = 0;
+  const RowsGemm<T>* w_ih = nullptr;  // x_t W_ih^T; nullptr: xproj
+  const T* bias = nullptr;            // with x: [G*H] b_ih + b_hh (GRU: b_ih alone), zeros if none
 };
 
 template <typename T>
-void forward_impl(Cell cell, int64_t G, const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0,
-                  const at::Tensor& w, const at::Tensor& bhh, const at::Tensor& len, bool reverse, bool track,
-                  at::Tensor& states, at::Tensor& cells, at::Tensor& ws, at::Tensor& jac) {
-  const int64_t T_ = x.size(0), B = x.size(1), H = h0.size(1), GH = G * H, BH = B * H;
-  const Steps steps{T_, reverse};
-  states.select(0, steps.init_slot()).copy_(h0);
-  if (cell == Cell::kLstm) cells.select(0, steps.init_slot()).copy_(c0);
+void forward_loop(Cell cell, int64_t G, int64_t T_, int64_t B, int64_t H, const InputSide<T>& in,
+                  const StateSeq<T>& hs, const StateSeq<T>& cs, const at::Tensor& w, const at::Tensor& bhh,
+                  const at::Tensor& len, bool track, T* wsp, float* jp) {
   if (B == 0) return;
-
-  at::Tensor bias = cell == Cell::kGru ? (bhh.defined() ? bhh.contiguous() : at::zeros({GH}, x.options()))
-                                       : at::Tensor();
+  const int64_t GH = G * H;
+  const bool gru = cell == Cell::kGru, lstm = cell == Cell::kLstm, fused = in.w_ih != nullptr;
+  const auto opts = w.options();
+  at::Tensor bias = gru ? (bhh.defined() ? bhh.contiguous() : at::zeros({GH}, opts)) : at::Tensor();
+  // The GRU adds a bias to its input side too: b_ih with x, zeros with xproj (which holds it).
+  at::Tensor xbias = gru && !fused ? at::zeros({GH}, opts) : at::Tensor();
   at::Tensor gram = track ? gram_entries<T>(w, cell, H) : at::Tensor();
   const RowsGemm<T> step_gemm(w, /*trans_w=*/true);  // h_prev W_hh^T
   const ForwardRows<T> rows = pick_forward<T>(cell, track);
-
-  const T* xp = x.const_data_ptr<T>();
-  T* sp = states.data_ptr<T>();
-  T* cp = cell == Cell::kLstm ? cells.data_ptr<T>() : nullptr;
-  T* wsp = ws.numel() ? ws.data_ptr<T>() : nullptr;
-  float* jp = track ? jac.data_ptr<float>() : nullptr;
   const int64_t* lp = len.defined() ? len.const_data_ptr<int64_t>() : nullptr;
 
   // Samples are independent: each thread runs the whole time loop over its own batch rows, so the
   // steps need no barrier. Pointers below address the thread's first row.
   at::parallel_for(0, B, kRowGrain, [&](int64_t b0, int64_t b1) {
     const int64_t nb = b1 - b0;
-    at::Tensor hh = at::empty({nb, GH}, x.options());
-    at::Tensor scratch = at::empty({track ? H : 0}, x.options());
+    at::Tensor hh = at::empty({nb, GH}, opts);
+    // With x, the GRU keeps x_t W_ih^T apart (r scales only the recurrent part of n); the other cells
+    // sum both products in hh and read the bias as their input row.
+    at::Tensor xrows = fused && gru ? at::empty({nb, GH}, opts) : at::Tensor();
+    at::Tensor scratch = at::empty({track ? H : 0}, opts);
+    T* hhp = hh.data_ptr<T>();
     FwdStep<T> st;
     st.H = H;
-    st.hh = hh.data_ptr<T>();
+    st.hh = hhp;
     st.scratch = track ? scratch.data_ptr<T>() : nullptr;
     st.bhh = bias.defined() ? bias.const_data_ptr<T>() : nullptr;
+    st.bx = !gru ? nullptr : fused ? in.bias : xbias.const_data_ptr<T>();
     st.gram = gram.defined() ? gram.const_data_ptr<T>() : nullptr;
     st.len = lp ? lp + b0 : nullptr;
     for (int64_t s = 0; s < T_; ++s) {
-      const int64_t t = steps.position(s);
-      const int64_t out = steps.out_slot(t) * BH + b0 * H, prev = steps.prev_slot(t) * BH + b0 * H;
-      step_gemm.run(nb, sp + prev, H, /*accumulate=*/false, hh.data_ptr<T>(), GH);
-      st.t = t;
-      st.x = xp + (t * B + b0) * GH;
-      st.hp = sp + prev;
-      st.h = sp + out;
-      if (cp) {
-        st.cp = cp + prev;
-        st.c = cp + out;
+      const int64_t t = position(s, T_, hs.reverse), row = (t * B + b0);
+      st.hp = hs.before(t) + b0 * H;
+      if (!fused) {
+        step_gemm.run(nb, st.hp, H, /*accumulate=*/false, hhp, GH);
+        st.x = in.xproj + row * GH;
+        st.xs = GH;
+      } else if (gru) {
+        in.w_ih->run(nb, in.x + row * in.I, in.I, /*accumulate=*/false, xrows.data_ptr<T>(), GH);
+        step_gemm.run(nb, st.hp, H, /*accumulate=*/false, hhp, GH);
+        st.x = xrows.data_ptr<T>();
+        st.xs = GH;
+      } else {
+        in.w_ih->run(nb, in.x + row * in.I, in.I, /*accumulate=*/false, hhp, GH);
+        step_gemm.run(nb, st.hp, H, /*accumulate=*/true, hhp, GH);
+        st.x = in.bias;
+        st.xs = 0;
       }
-      if (wsp) st.ws = wsp + (t * B + b0) * 4 * H;
+      st.t = t;
+      st.h = hs.at(t) + b0 * H;
+      if (lstm) {
+        st.cp = cs.before(t) + b0 * H;
+        st.c = cs.at(t) + b0 * H;
+      }
+      if (wsp) st.ws = wsp + row * 4 * H;
       if (jp) st.jac = jp + t * B + b0;
       rows(st, 0, nb);
     }
   });
 }
+
+// The incoming gradient of a state sequence at position t: base + t * step ([B, H] rows). An absent
+// gradient reads one zero block at every position (step 0).
+template <typename T>
+struct GradSeq {
+  const T* base = nullptr;
+  int64_t step = 0;
+  at::Tensor keep;  // owns the zero block
+  const T* at(int64_t t) const { return base + t * step; }
+};
+
+template <typename T>
+GradSeq<T> grad_seq(const at::Tensor& grad, int64_t offset_rows, int64_t B, int64_t H, const at::TensorOptions& opts) {
+  if (!grad.defined()) {
+    at::Tensor zeros = at::zeros({B, H}, opts);
+    return {zeros.const_data_ptr<T>(), 0, zeros};
+  }
+  return {grad.const_data_ptr<T>() + offset_rows * B * H, B * H, grad};
+}
+
+// The backward time loop. dh, dc [B, H] hold the gradients reaching the last processed state on entry
+// and the gradients of h0, c0 on exit (without any direct gradient of h0, c0). Writes the pre-activation
+// gradients gx [T, B, G*H] (GRU: also those of h_prev W_hh^T + b_hh into rec), and, with grad_x, the
+// gradient of x: gx_t W_ih per step.
+template <typename T>
+void backward_loop(Cell cell, int64_t G, int64_t T_, int64_t B, int64_t H, const GradSeq<T>& gh,
+                   const GradSeq<T>& gc, const StateSeq<T>& hs, const StateSeq<T>& cs, const T* wsp,
+                   const at::Tensor& w, const at::Tensor& len, std::optional<double> grad_clip, bool track,
+                   at::Tensor& dh, at::Tensor& dc, T* gxp, T* recp, float* qp, const RowsGemm<T>* w_ih,
+                   T* grad_x, int64_t I) {
+  if (B == 0) return;
+  const int64_t GH = G * H;
+  const bool lstm = cell == Cell::kLstm, gru = cell == Cell::kGru;
+  const RowsGemm<T> step_gemm(w, /*trans_w=*/false);  // dgates W_hh
+  const BackwardRows<T> rows = pick_backward<T>(cell, track);
+  const T clip = grad_clip.has_value() ? static_cast<T>(*grad_clip) : std::numeric_limits<T>::infinity();
+  const int64_t* lp = len.defined() ? len.const_data_ptr<int64_t>() : nullptr;
+
+  // As in the forward, each thread runs the whole reverse loop over its own batch rows.
+  at::parallel_for(0, B, kRowGrain, [&](int64_t b0, int64_t b1) {
+    const int64_t nb = b1 - b0;
+    BwdStep<T> st;
+    st.H = H;
+    st.dh = dh.data_ptr<T>() + b0 * H;
+    st.dc = lstm ? dc.data_ptr<T>() + b0 * H : nullptr;
+    st.len = lp ? lp + b0 : nullptr;
+    st.clip = clip;
+    for (int64_t s = T_ - 1; s >= 0; --s) {
+      const int64_t t = position(s, T_, hs.reverse), row = t * B + b0;
+      st.t = t;
+      st.gs = gh.at(t) + b0 * H;
+      st.h = hs.at(t) + b0 * H;
+      st.hp = hs.before(t) + b0 * H;
+      if (lstm) {
+        st.gcs = gc.at(t) + b0 * H;
+        st.c = cs.at(t) + b0 * H;
+        st.cp = cs.before(t) + b0 * H;
+      }
+      if (wsp) st.ws = wsp + row * 4 * H;
+      st.gx = gxp + row * GH;
+      if (gru) st.rec = recp + row * GH;
+      if (qp) {
+        st.gsq_h = qp + t * B + b0;
+        if (lstm) st.gsq_c = qp + (T_ + t) * B + b0;
+      }
+      rows(st, 0, nb);
+      step_gemm.run(nb, gru ? st.rec : st.gx, GH, /*accumulate=*/true, st.dh, H);
+      if (grad_x) w_ih->run(nb, st.gx, GH, /*accumulate=*/false, grad_x + row * I, I);
+    }
+  });
+}
+
+// dst[c, r] = src[r, c] for a [rows, cols] block, in tiles over the threads.
+template <typename T>
+void transpose_into(const T* src, int64_t rows, int64_t cols, int64_t lds, T* dst, int64_t ldd) {
+  constexpr int64_t kTile = 32;
+  const int64_t tiles_r = (rows + kTile - 1) / kTile, tiles_c = (cols + kTile - 1) / kTile;
+  at::parallel_for(0, tiles_r * tiles_c, 16, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t r0 = (i / tiles_c) * kTile, c0 = (i % tiles_c) * kTile;
+      const int64_t r1 = std::min(rows, r0 + kTile), c1 = std::min(cols, c0 + kTile);
+      for (int64_t c = c0; c < c1; ++c) {
+        for (int64_t r = r0; r < r1; ++r) dst[c * ldd + r] = src[r * lds + c];
+      }
+    }
+  });
+}
+
+// A weight gradient summed over all T*B rows: out [N, K] = D^T A with D [R, N] contiguous and A [R, K]
+// given as consecutive blocks of contiguous rows. One GEMM after the time loop. brgemm wants both
+// operands row-major, so it computes out^T = A^T D from a transposed copy of A.
+template <typename T>
+void weight_grad(const std::vector<at::Tensor>& blocks, const at::Tensor& D, at::Tensor& out) {
+  const int64_t R = D.size(0), N = D.size(1), K = out.size(1);
+  if (R == 0) {
+    out.zero_();
+    return;
+  }
+  if (brgemm_enabled<T>()) {
+    at::Tensor a_t = at::empty({K, R}, D.options());
+    int64_t r0 = 0;
+    for (const at::Tensor& blk : blocks) {
+      transpose_into<T>(blk.const_data_ptr<T>(), blk.size(0), K, K, a_t.data_ptr<T>() + r0, R);
+      r0 += blk.size(0);
+    }
+    at::Tensor out_t = at::empty({K, N}, D.options());
+    if constexpr (std::is_same_v<T, float>) {
+      tiled_brgemm(K, N, R, a_t.const_data_ptr<float>(), R, D.const_data_ptr<float>(), N, out_t.data_ptr<float>(),
+                   N);
+    }
+    transpose_into<T>(out_t.const_data_ptr<T>(), K, N, N, out.data_ptr<T>(), K);
+    return;
+  }
+  const at::Tensor A = blocks.size() == 1 ? blocks[0] : at::cat(blocks);
+  gemm<T>(true, false, N, K, R, D.const_data_ptr<T>(), N, A.const_data_ptr<T>(), K, T(0), out.data_ptr<T>(), K);
+}
+
+// The state before each position, in the order of positions, as blocks of rows of `seq` [T, B, H]
+// and `init` [B, H] (what weight_grad takes).
+std::vector<at::Tensor> states_before(const at::Tensor& seq, const at::Tensor& init, bool reverse) {
+  const int64_t T_ = seq.size(0), B = seq.size(1), H = seq.size(2);
+  at::Tensor rest = seq.narrow(0, reverse ? 1 : 0, T_ - 1).view({(T_ - 1) * B, H});
+  if (reverse) return {rest, init};
+  return {init, rest};
+}
+
+// ---------------------------------------------------------------- rnn_forward / rnn_backward
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_forward_cpu(
     const at::Tensor& xproj, const at::Tensor& h0, const std::optional<at::Tensor>& c0, const at::Tensor& w_hh,
@@ -250,110 +415,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_forward_cpu(
   const at::Tensor len = checked_lengths(op, lengths, B, T_);
 
   const auto opts = xproj.options();
+  const bool lstm = m.cell == Cell::kLstm, gated = lstm || m.cell == Cell::kGru;
   at::Tensor states = at::empty({T_ + 1, B, H}, opts);
-  at::Tensor cells = m.cell == Cell::kLstm ? at::empty({T_ + 1, B, H}, opts) : at::empty({0}, opts);
-  const bool gated = m.cell == Cell::kLstm || m.cell == Cell::kGru;
+  at::Tensor cells = lstm ? at::empty({T_ + 1, B, H}, opts) : at::empty({0}, opts);
   at::Tensor ws = gated ? at::empty({T_, B, 4 * H}, opts) : at::empty({0}, opts);
   at::Tensor jac = track ? at::empty({T_, B}, opts.dtype(at::kFloat)) : at::empty({0}, opts.dtype(at::kFloat));
+  const int64_t init = reverse ? T_ : 0;
+  states.select(0, init).copy_(h0);
+  if (lstm) cells.select(0, init).copy_(*c0);
 
   AT_DISPATCH_FLOATING_TYPES(dtype, "rnn_forward", [&] {
-    forward_impl<scalar_t>(m.cell, m.gates, xproj.contiguous(), h0, has_c0 ? c0->contiguous() : at::Tensor(),
-                           w_hh.contiguous(), has_b ? *b_hh : at::Tensor(), len, reverse, track, states,
-                           cells, ws, jac);
+    const at::Tensor x = xproj.contiguous();
+    InputSide<scalar_t> in;
+    in.xproj = x.const_data_ptr<scalar_t>();
+    forward_loop<scalar_t>(m.cell, m.gates, T_, B, H, in, slots<scalar_t>(states, reverse),
+                           lstm ? slots<scalar_t>(cells, reverse) : StateSeq<scalar_t>{}, w_hh.contiguous(),
+                           has_b ? *b_hh : at::Tensor(), len, track,
+                           gated ? ws.data_ptr<scalar_t>() : nullptr, track ? jac.data_ptr<float>() : nullptr);
   });
   return {states, cells, ws, jac};
-}
-
-template <typename T>
-void backward_impl(Cell cell, int64_t G, const at::Tensor& gstates, const at::Tensor& gcells,
-                   const at::Tensor& states, const at::Tensor& cells, const at::Tensor& ws, const at::Tensor& w,
-                   const at::Tensor& len, bool reverse, std::optional<double> grad_clip, bool track,
-                   at::Tensor& gx, at::Tensor& gh0, at::Tensor& gc0, at::Tensor& gw, at::Tensor& gb,
-                   at::Tensor& gsq) {
-  const int64_t T_ = states.size(0) - 1, B = states.size(1), H = states.size(2), GH = G * H, BH = B * H;
-  const Steps steps{T_, reverse};
-  const bool lstm = cell == Cell::kLstm, gru = cell == Cell::kGru;
-  if (B == 0) {
-    gh0.copy_(gstates.select(0, steps.init_slot()));
-    if (lstm) gcells.defined() ? gc0.copy_(gcells.select(0, steps.init_slot())) : gc0.zero_();
-    gw.zero_();
-    gb.zero_();
-    return;
-  }
-
-  // Gradient reaching the state before the current step (and the cell state): zero at the end.
-  at::Tensor dh = at::zeros({B, H}, states.options());
-  at::Tensor dc = lstm ? at::zeros({B, H}, states.options()) : at::Tensor();
-  // GRU: the gradient of h_prev W_hh^T + b_hh differs from grad_xproj in its n block (d hn = r * d n_pre).
-  at::Tensor rec = gru ? at::empty({T_, B, GH}, states.options()) : at::Tensor();
-  const RowsGemm<T> step_gemm(w, /*trans_w=*/false);  // dgates W_hh
-  const BackwardRows<T> rows = pick_backward<T>(cell, track);
-  const T clip = grad_clip.has_value() ? static_cast<T>(*grad_clip) : std::numeric_limits<T>::infinity();
-
-  const T* sp = states.const_data_ptr<T>();
-  const T* gsp = gstates.const_data_ptr<T>();
-  const T* cp = lstm ? cells.const_data_ptr<T>() : nullptr;
-  // An LSTM called without a cell-state gradient reads one zero row block at every step instead.
-  const at::Tensor zero_rows = lstm && !gcells.defined() ? at::zeros({B, H}, states.options()) : at::Tensor();
-  const T* gcp = !lstm ? nullptr : gcells.defined() ? gcells.const_data_ptr<T>() : zero_rows.const_data_ptr<T>();
-  const int64_t gc_step = gcells.defined() ? BH : 0;
-  const T* wsp = ws.numel() ? ws.const_data_ptr<T>() : nullptr;
-  T* gxp = gx.data_ptr<T>();
-  float* qp = track ? gsq.data_ptr<float>() : nullptr;
-  const int64_t* lp = len.defined() ? len.const_data_ptr<int64_t>() : nullptr;
-
-  // As in the forward, each thread runs the whole reverse loop over its own batch rows.
-  at::parallel_for(0, B, kRowGrain, [&](int64_t b0, int64_t b1) {
-    const int64_t nb = b1 - b0;
-    BwdStep<T> st;
-    st.H = H;
-    st.dh = dh.data_ptr<T>() + b0 * H;
-    st.dc = lstm ? dc.data_ptr<T>() + b0 * H : nullptr;
-    st.len = lp ? lp + b0 : nullptr;
-    st.clip = clip;
-    for (int64_t s = T_ - 1; s >= 0; --s) {
-      const int64_t t = steps.position(s);
-      const int64_t out = steps.out_slot(t) * BH + b0 * H, prev = steps.prev_slot(t) * BH + b0 * H;
-      st.t = t;
-      st.gs = gsp + out;
-      st.h = sp + out;
-      st.hp = sp + prev;
-      if (lstm) {
-        st.gcs = gcp + (gc_step ? out : b0 * H);
-        st.c = cp + out;
-        st.cp = cp + prev;
-      }
-      if (wsp) st.ws = wsp + (t * B + b0) * 4 * H;
-      st.gx = gxp + (t * B + b0) * GH;
-      if (gru) st.rec = rec.data_ptr<T>() + (t * B + b0) * GH;
-      if (qp) {
-        st.gsq_h = qp + t * B + b0;
-        if (lstm) st.gsq_c = qp + (T_ + t) * B + b0;
-      }
-      rows(st, 0, nb);
-      step_gemm.run(nb, gru ? st.rec : st.gx, GH, /*accumulate=*/true, st.dh, H);
-    }
-  });
-
-  at::add_out(gh0, dh, gstates.select(0, steps.init_slot()));
-  if (lstm) gcells.defined() ? at::add_out(gc0, dc, gcells.select(0, steps.init_slot())) : gc0.copy_(dc);
-  // grad_w_hh = sum over positions of the recurrent pre-activation gradients^T h_prev: one GEMM over the
-  // T*B rows. brgemm wants both operands row-major, so it computes grad_w_hh^T = H_prev^T D.
-  const at::Tensor D = (gru ? rec : gx).view({T_ * B, GH});
-  const at::Tensor hprev = states.narrow(0, reverse ? 1 : 0, T_).reshape({T_ * B, H});
-  if (brgemm_enabled<T>()) {
-    const at::Tensor hprev_t = hprev.t().contiguous();
-    at::Tensor gw_t = at::empty({H, GH}, gw.options());
-    if constexpr (std::is_same_v<T, float>) {
-      tiled_brgemm(H, GH, T_ * B, hprev_t.const_data_ptr<float>(), T_ * B, D.const_data_ptr<float>(), GH,
-                   gw_t.data_ptr<float>(), GH);
-    }
-    gw.copy_(gw_t.t());
-  } else {
-    gemm<T>(true, false, GH, H, T_ * B, D.const_data_ptr<T>(), GH, hprev.const_data_ptr<T>(), H, T(0),
-            gw.data_ptr<T>(), H);
-  }
-  if (gb.numel()) at::sum_out(gb, D, at::IntArrayRef{0});
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_backward_cpu(
@@ -373,12 +453,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const bool lstm = m.cell == Cell::kLstm, gru = m.cell == Cell::kGru;
   check_tensor(op, "grad_states", grad_states, dtype, {T_ + 1, B, H});
   check_tensor(op, "w_hh", w_hh, dtype, {GH, H});
+  // An empty grad_cell_states stands for zeros (no gradient reaches the cell states from outside).
+  const bool has_gcells = lstm && (grad_cell_states.numel() != 0 || grad_cell_states.dim() != 1);
   if (lstm) {
     check_tensor(op, "cell_states", cell_states, dtype, {T_ + 1, B, H});
-    // An empty grad_cell_states stands for zeros (no gradient reaches the cell states from outside).
-    if (grad_cell_states.numel() != 0 || grad_cell_states.dim() != 1) {
-      check_tensor(op, "grad_cell_states", grad_cell_states, dtype, {T_ + 1, B, H});
-    }
+    if (has_gcells) check_tensor(op, "grad_cell_states", grad_cell_states, dtype, {T_ + 1, B, H});
   }
   if (lstm || gru) check_tensor(op, "workspace", workspace, dtype, {T_, B, 4 * H});
   if (grad_clip.has_value()) {
@@ -394,16 +473,191 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   at::Tensor gb = gru && has_b_hh ? at::empty({GH}, opts) : at::empty({0}, opts);
   at::Tensor gsq = track ? at::empty({lstm ? 2 : 1, T_, B}, opts.dtype(at::kFloat))
                          : at::empty({0}, opts.dtype(at::kFloat));
+  const int64_t init = reverse ? T_ : 0, first_out = reverse ? 0 : 1;
 
   AT_DISPATCH_FLOATING_TYPES(dtype, "rnn_backward", [&] {
-    backward_impl<scalar_t>(m.cell, m.gates, grad_states.contiguous(),
-                            lstm && grad_cell_states.numel() ? grad_cell_states.contiguous() : at::Tensor(),
-                            states.contiguous(),
-                            lstm ? cell_states.contiguous() : at::Tensor(),
-                            lstm || gru ? workspace.contiguous() : at::Tensor(), w_hh.contiguous(), len,
-                            reverse, grad_clip, track, gx, gh0, gc0, gw, gb, gsq);
+    using T = scalar_t;
+    const at::Tensor st = states.contiguous(), gs = grad_states.contiguous();
+    const at::Tensor cs = lstm ? cell_states.contiguous() : at::Tensor();
+    const at::Tensor gcs = has_gcells ? grad_cell_states.contiguous() : at::Tensor();
+    const at::Tensor ws = lstm || gru ? workspace.contiguous() : at::Tensor();
+    // Gradient reaching the state before the current step (and the cell state): zero at the end.
+    at::Tensor dh = at::zeros({B, H}, opts);
+    at::Tensor dc = lstm ? at::zeros({B, H}, opts) : at::Tensor();
+    // GRU: the gradient of h_prev W_hh^T + b_hh differs from grad_xproj in its n block (d hn = r * d n_pre).
+    at::Tensor rec = gru ? at::empty({T_, B, GH}, opts) : at::Tensor();
+    backward_loop<T>(m.cell, m.gates, T_, B, H, grad_seq<T>(gs, first_out, B, H, opts),
+                     lstm ? grad_seq<T>(gcs, first_out, B, H, opts) : GradSeq<T>{}, slots<T>(st, reverse),
+                     lstm ? slots<T>(cs, reverse) : StateSeq<T>{}, ws.defined() ? ws.const_data_ptr<T>() : nullptr,
+                     w_hh.contiguous(), len, grad_clip, track, dh, dc, gx.data_ptr<T>(),
+                     gru ? rec.data_ptr<T>() : nullptr, track ? gsq.data_ptr<float>() : nullptr, nullptr, nullptr, 0);
+    at::add_out(gh0, dh, gs.select(0, init));
+    if (lstm) has_gcells ? at::add_out(gc0, dc, gcs.select(0, init)) : gc0.copy_(dc);
+    // grad_w_hh = sum over positions of the recurrent pre-activation gradients^T h_prev.
+    const at::Tensor D = (gru ? rec : gx).view({T_ * B, GH});
+    weight_grad<T>({st.narrow(0, reverse ? 1 : 0, T_).reshape({T_ * B, H})}, D, gw);
+    if (gb.numel()) at::sum_out(gb, D, at::IntArrayRef{0});
   });
   return {gx, gh0, gc0, gw, gb, gsq};
+}
+
+// ---------------------------------------------------------------- rnn_layer_forward / rnn_layer_backward
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_layer_forward_cpu(
+    const at::Tensor& x, const at::Tensor& h0, const std::optional<at::Tensor>& c0, const at::Tensor& w_ih,
+    const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh,
+    const std::optional<at::Tensor>& lengths, const std::optional<at::Tensor>& probe, c10::string_view mode,
+    bool reverse, bool track, std::optional<double> grad_clip) {
+  constexpr const char* op = "vgk::rnn_layer_forward";
+  const Mode m = parse_mode(mode);
+  TORCH_CHECK(x.device().is_cpu(), op, ": x must be a CPU tensor, got one on ", x.device());
+  const auto dtype = x.scalar_type();
+  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kDouble, op, ": x must be float32 or float64, got ", dtype);
+  TORCH_CHECK_VALUE(x.dim() == 3 && x.size(0) >= 1 && x.size(2) >= 1, op,
+                    ": x must have shape [T, B, I] with T >= 1 and I >= 1, got ", x.sizes());
+  TORCH_CHECK_VALUE(h0.dim() == 2 && h0.size(1) >= 1, op, ": h0 must have shape [B, H] with H >= 1, got ",
+                    h0.sizes());
+  const int64_t T_ = x.size(0), B = x.size(1), I = x.size(2), H = h0.size(1), GH = m.gates * H;
+  const bool lstm = m.cell == Cell::kLstm, gru = m.cell == Cell::kGru, gated = lstm || gru;
+  check_tensor(op, "h0", h0, dtype, {B, H});
+  check_tensor(op, "w_ih", w_ih, dtype, {GH, I});
+  check_tensor(op, "w_hh", w_hh, dtype, {GH, H});
+  const bool has_c0 = c0.has_value() && c0->defined();
+  if (lstm) {
+    TORCH_CHECK_VALUE(has_c0, op, ": c0 [B, H] is required for mode 'lstm'");
+    check_tensor(op, "c0", *c0, dtype, {B, H});
+  } else {
+    TORCH_CHECK_VALUE(!has_c0, op, ": c0 must be None for mode '", std::string(mode), "'");
+  }
+  const bool has_bih = b_ih.has_value() && b_ih->defined(), has_bhh = b_hh.has_value() && b_hh->defined();
+  if (has_bih) check_tensor(op, "b_ih", *b_ih, dtype, {GH});
+  if (has_bhh) check_tensor(op, "b_hh", *b_hh, dtype, {GH});
+  const at::Tensor len = checked_lengths(op, lengths, B, T_);
+
+  const auto opts = x.options();
+  at::Tensor output = at::empty({T_, B, H}, opts);
+  at::Tensor h_n = at::empty({B, H}, opts);
+  at::Tensor c_n = lstm ? at::empty({B, H}, opts) : at::empty({0}, opts);
+  at::Tensor cells = lstm ? at::empty({T_, B, H}, opts) : at::empty({0}, opts);
+  at::Tensor ws = gated ? at::empty({T_, B, 4 * H}, opts) : at::empty({0}, opts);
+  at::Tensor jac = track ? at::empty({T_, B}, opts.dtype(at::kFloat)) : at::empty({0}, opts.dtype(at::kFloat));
+
+  // The bias of the input side: b_ih + b_hh, except for the GRU whose b_hh stays inside r * (...).
+  at::Tensor bias = has_bih ? b_ih->contiguous() : at::zeros({GH}, opts);
+  if (!gru && has_bhh) bias = bias + *b_hh;
+
+  AT_DISPATCH_FLOATING_TYPES(dtype, "rnn_layer_forward", [&] {
+    using T = scalar_t;
+    const at::Tensor xc = x.contiguous(), h0c = h0.contiguous();
+    const at::Tensor c0c = lstm ? c0->contiguous() : at::Tensor();
+    const RowsGemm<T> proj(w_ih.contiguous(), /*trans_w=*/true);
+    InputSide<T> in;
+    in.x = xc.const_data_ptr<T>();
+    in.I = I;
+    in.w_ih = &proj;
+    in.bias = bias.const_data_ptr<T>();
+    const StateSeq<T> hs{output.data_ptr<T>(), h0c.const_data_ptr<T>(), T_, B * H, reverse};
+    const StateSeq<T> cs = lstm ? StateSeq<T>{cells.data_ptr<T>(), c0c.const_data_ptr<T>(), T_, B * H, reverse}
+                                : StateSeq<T>{};
+    forward_loop<T>(m.cell, m.gates, T_, B, H, in, hs, cs, w_hh.contiguous(),
+                    gru && has_bhh ? *b_hh : at::Tensor(), len, track, gated ? ws.data_ptr<T>() : nullptr,
+                    track ? jac.data_ptr<float>() : nullptr);
+  });
+  // The state after the last position processed (carried past each sample's length).
+  const int64_t last = reverse ? 0 : T_ - 1;
+  h_n.copy_(output.select(0, last));
+  if (lstm) c_n.copy_(cells.select(0, last));
+  return {output, h_n, c_n, cells, ws, jac};
+}
+
+// An empty tensor stands for a zero gradient; otherwise it must have the given shape.
+at::Tensor optional_grad(const char* op, const char* name, const at::Tensor& g, at::ScalarType dtype,
+                         at::IntArrayRef sizes) {
+  if (g.numel() == 0 && g.dim() == 1) return at::Tensor();
+  check_tensor(op, name, g, dtype, sizes);
+  return g.contiguous();
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+rnn_layer_backward_cpu(const at::Tensor& grad_output, const at::Tensor& grad_h_n, const at::Tensor& grad_c_n,
+                       const at::Tensor& x, const at::Tensor& h0, const std::optional<at::Tensor>& c0,
+                       const at::Tensor& output, const at::Tensor& cell_states, const at::Tensor& workspace,
+                       const at::Tensor& w_ih, const at::Tensor& w_hh, const std::optional<at::Tensor>& lengths,
+                       c10::string_view mode, bool reverse, std::optional<double> grad_clip, bool track,
+                       bool has_bias, bool grad_input) {
+  constexpr const char* op = "vgk::rnn_layer_backward";
+  const Mode m = parse_mode(mode);
+  TORCH_CHECK(output.device().is_cpu(), op, ": output must be a CPU tensor, got one on ", output.device());
+  const auto dtype = output.scalar_type();
+  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kDouble, op,
+                   ": output must be float32 or float64, got ", dtype);
+  TORCH_CHECK_VALUE(output.dim() == 3 && output.size(0) >= 1 && output.size(2) >= 1, op,
+                    ": output must have shape [T, B, H] with T >= 1 and H >= 1, got ", output.sizes());
+  TORCH_CHECK_VALUE(x.dim() == 3 && x.size(2) >= 1, op, ": x must have shape [T, B, I] with I >= 1, got ",
+                    x.sizes());
+  const int64_t T_ = output.size(0), B = output.size(1), H = output.size(2), I = x.size(2), GH = m.gates * H;
+  const bool lstm = m.cell == Cell::kLstm, gru = m.cell == Cell::kGru;
+  check_tensor(op, "x", x, dtype, {T_, B, I});
+  check_tensor(op, "h0", h0, dtype, {B, H});
+  check_tensor(op, "w_ih", w_ih, dtype, {GH, I});
+  check_tensor(op, "w_hh", w_hh, dtype, {GH, H});
+  const at::Tensor g_out = optional_grad(op, "grad_output", grad_output, dtype, {T_, B, H});
+  const at::Tensor g_hn = optional_grad(op, "grad_h_n", grad_h_n, dtype, {B, H});
+  at::Tensor g_cn;
+  const bool has_c0 = c0.has_value() && c0->defined();
+  if (lstm) {
+    TORCH_CHECK_VALUE(has_c0, op, ": c0 [B, H] is required for mode 'lstm'");
+    check_tensor(op, "c0", *c0, dtype, {B, H});
+    check_tensor(op, "cell_states", cell_states, dtype, {T_, B, H});
+    g_cn = optional_grad(op, "grad_c_n", grad_c_n, dtype, {B, H});
+  }
+  if (lstm || gru) check_tensor(op, "workspace", workspace, dtype, {T_, B, 4 * H});
+  if (grad_clip.has_value()) {
+    TORCH_CHECK_VALUE(*grad_clip > 0, op, ": grad_clip must be None or > 0, got ", *grad_clip);
+  }
+  const at::Tensor len = checked_lengths(op, lengths, B, T_);
+
+  const auto opts = output.options();
+  at::Tensor gx = grad_input ? at::empty({T_, B, I}, opts) : at::empty({0}, opts);
+  at::Tensor gw_ih = at::empty({GH, I}, opts);
+  at::Tensor gw_hh = at::empty({GH, H}, opts);
+  at::Tensor gb_ih = has_bias ? at::empty({GH}, opts) : at::empty({0}, opts);
+  at::Tensor gb_hh = has_bias ? at::empty({GH}, opts) : at::empty({0}, opts);
+  at::Tensor gsq = track ? at::empty({lstm ? 2 : 1, T_, B}, opts.dtype(at::kFloat))
+                         : at::empty({0}, opts.dtype(at::kFloat));
+  // Gradients reaching the last processed state; on exit those of h0 and c0.
+  at::Tensor dh = g_hn.defined() ? g_hn.clone() : at::zeros({B, H}, opts);
+  at::Tensor dc = !lstm ? at::empty({0}, opts) : g_cn.defined() ? g_cn.clone() : at::zeros({B, H}, opts);
+
+  AT_DISPATCH_FLOATING_TYPES(dtype, "rnn_layer_backward", [&] {
+    using T = scalar_t;
+    const at::Tensor xc = x.contiguous(), out = output.contiguous(), h0c = h0.contiguous();
+    const at::Tensor cs = lstm ? cell_states.contiguous() : at::Tensor();
+    const at::Tensor c0c = lstm ? c0->contiguous() : at::Tensor();
+    const at::Tensor ws = lstm || gru ? workspace.contiguous() : at::Tensor();
+    const at::Tensor wih = w_ih.contiguous();
+    const RowsGemm<T> back_proj(wih, /*trans_w=*/false);  // dgates W_ih
+    // The pre-activation gradients; the GRU's recurrent ones differ in their n block (d hn = r * d n_pre).
+    at::Tensor D = at::empty({T_, B, GH}, opts);
+    at::Tensor rec = gru ? at::empty({T_, B, GH}, opts) : at::Tensor();
+    const StateSeq<T> hs{const_cast<T*>(out.const_data_ptr<T>()), h0c.const_data_ptr<T>(), T_, B * H, reverse};
+    const StateSeq<T> cseq = lstm ? StateSeq<T>{const_cast<T*>(cs.const_data_ptr<T>()), c0c.const_data_ptr<T>(),
+                                                T_, B * H, reverse}
+                                  : StateSeq<T>{};
+    backward_loop<T>(m.cell, m.gates, T_, B, H, grad_seq<T>(g_out, 0, B, H, opts),
+                     lstm ? grad_seq<T>(at::Tensor(), 0, B, H, opts) : GradSeq<T>{},
+                     hs, cseq, ws.defined() ? ws.const_data_ptr<T>() : nullptr, w_hh.contiguous(), len, grad_clip,
+                     track, dh, dc, D.data_ptr<T>(), gru ? rec.data_ptr<T>() : nullptr,
+                     track ? gsq.data_ptr<float>() : nullptr, &back_proj, grad_input ? gx.data_ptr<T>() : nullptr, I);
+    const at::Tensor Dx = D.view({T_ * B, GH}), Dh = (gru ? rec : D).view({T_ * B, GH});
+    weight_grad<T>({xc.view({T_ * B, I})}, Dx, gw_ih);
+    weight_grad<T>(states_before(out, h0c, reverse), Dh, gw_hh);
+    if (has_bias) {
+      at::sum_out(gb_ih, Dx, at::IntArrayRef{0});
+      gru ? at::sum_out(gb_hh, Dh, at::IntArrayRef{0}) : gb_hh.copy_(gb_ih);
+    }
+  });
+  return {gx, dh, dc, gw_ih, gw_hh, gb_ih, gb_hh, gsq};
 }
 
 }  // namespace
@@ -421,6 +675,18 @@ void define_recurrent_ops(torch::Library& m) {
       "rnn_backward(Tensor grad_states, Tensor grad_cell_states, Tensor states, Tensor cell_states, "
       "Tensor workspace, Tensor w_hh, Tensor? lengths, str mode, bool reverse, float? grad_clip, "
       "bool track, bool has_b_hh) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // The same layer with its input projection inside: x W_ih^T + b per step in the forward, and in the
+  // backward grad_x per step plus grad_w_ih, grad_w_hh and the bias sums after the loop. The forward
+  // ignores probe and grad_clip: they are there for the autograd registration.
+  m.def(
+      "rnn_layer_forward(Tensor x, Tensor h0, Tensor? c0, Tensor w_ih, Tensor w_hh, Tensor? b_ih, "
+      "Tensor? b_hh, Tensor? lengths, Tensor? probe, str mode, bool reverse, bool track, float? grad_clip) -> "
+      "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "rnn_layer_backward(Tensor grad_output, Tensor grad_h_n, Tensor grad_c_n, Tensor x, Tensor h0, "
+      "Tensor? c0, Tensor output, Tensor cell_states, Tensor workspace, Tensor w_ih, Tensor w_hh, "
+      "Tensor? lengths, str mode, bool reverse, float? grad_clip, bool track, bool has_bias, "
+      "bool grad_input) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 }  // namespace vgk
@@ -428,4 +694,6 @@ void define_recurrent_ops(torch::Library& m) {
 TORCH_LIBRARY_IMPL(vgk, CPU, m) {
   m.impl("rnn_forward", &vgk::rnn::rnn_forward_cpu);
   m.impl("rnn_backward", &vgk::rnn::rnn_backward_cpu);
+  m.impl("rnn_layer_forward", &vgk::rnn::rnn_layer_forward_cpu);
+  m.impl("rnn_layer_backward", &vgk::rnn::rnn_layer_backward_cpu);
 }

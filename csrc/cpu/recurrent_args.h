@@ -13,7 +13,9 @@ enum class Cell : int { kLstm, kGru, kTanh, kRelu, kSigmoid };
 template <typename T>
 struct FwdStep {
   int64_t H = 0;
-  const T* x = nullptr;     // xproj[t]                  [B, G*H]
+  const T* x = nullptr;     // input projection of row 0 [G*H], rows xs apart
+  int64_t xs = 0;           // G*H, or 0 when every row reads the same values (a bias row)
+  const T* bx = nullptr;    // GRU: bias added to x      [3H]
   const T* hh = nullptr;    // h_prev W_hh^T             [B, G*H]
   const T* bhh = nullptr;   // GRU b_hh or nullptr       [3H]
   const T* hp = nullptr;    // h_prev                    [B, H]

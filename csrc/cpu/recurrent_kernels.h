@@ -124,7 +124,7 @@ VGK_FN void lstm_forward_rows(const FwdStep<T>& a, int64_t b0, int64_t b1) {
       if (TRACK) a.jac[b] = 0.0f;
       continue;
     }
-    lstm_forward_row<T, TRACK>(H, a.x + b * 4 * H, a.hh + b * 4 * H, a.cp + b * H, a.c + b * H, a.h + b * H,
+    lstm_forward_row<T, TRACK>(H, a.x + b * a.xs, a.hh + b * 4 * H, a.cp + b * H, a.c + b * H, a.h + b * H,
                                a.ws + b * 4 * H, a.scratch);
     if (TRACK) {
       a.jac[b] = static_cast<float>(lstm_jacobian_row<T>(H, a.ws + b * 4 * H, a.cp + b * H, a.scratch, a.gram));
@@ -185,14 +185,14 @@ VGK_FN void lstm_backward_rows(const BwdStep<T>& a, int64_t b0, int64_t b1) {
 // ---------------------------------------------------------------- GRU (gates r, z, n)
 // Gram entries, in order: rr, rz, rn, zz, zn, nn, then the diagonals W_r[j,j], W_z[j,j], W_n[j,j].
 template <typename T>
-VGK_ROW void gru_forward_row(int64_t H, const T* __restrict x, const T* __restrict hh, const T* __restrict bias,
-                             const T* __restrict hp, T* __restrict h, T* __restrict w) {
+VGK_ROW void gru_forward_row(int64_t H, const T* __restrict x, const T* __restrict bx, const T* __restrict hh,
+                             const T* __restrict bias, const T* __restrict hp, T* __restrict h, T* __restrict w) {
 #pragma omp simd
   for (int64_t j = 0; j < H; ++j) {
-    const T r = sigmoid_f(x[j] + hh[j] + bias[j]);
-    const T z = sigmoid_f(x[H + j] + hh[H + j] + bias[H + j]);
+    const T r = sigmoid_f(x[j] + bx[j] + hh[j] + bias[j]);
+    const T z = sigmoid_f(x[H + j] + bx[H + j] + hh[H + j] + bias[H + j]);
     const T hn = hh[2 * H + j] + bias[2 * H + j];
-    const T n = tanh_f(x[2 * H + j] + r * hn);
+    const T n = tanh_f(x[2 * H + j] + bx[2 * H + j] + r * hn);
     w[j] = r;
     w[H + j] = z;
     w[2 * H + j] = n;
@@ -227,7 +227,7 @@ VGK_FN void gru_forward_rows(const FwdStep<T>& a, int64_t b0, int64_t b1) {
       if (TRACK) a.jac[b] = 0.0f;
       continue;
     }
-    gru_forward_row<T>(H, a.x + b * 3 * H, a.hh + b * 3 * H, a.bhh, a.hp + b * H, a.h + b * H,
+    gru_forward_row<T>(H, a.x + b * a.xs, a.bx, a.hh + b * 3 * H, a.bhh, a.hp + b * H, a.h + b * H,
                        a.ws + b * 4 * H);
     if (TRACK) a.jac[b] = static_cast<float>(gru_jacobian_row<T>(H, a.ws + b * 4 * H, a.hp + b * H, a.gram));
   }
@@ -318,7 +318,7 @@ VGK_FN void elman_forward_rows(const FwdStep<T>& a, int64_t b0, int64_t b1) {
       if (TRACK) a.jac[b] = 0.0f;
       continue;
     }
-    elman_forward_row<ACT, T>(H, a.x + b * H, a.hh + b * H, a.h + b * H);
+    elman_forward_row<ACT, T>(H, a.x + b * a.xs, a.hh + b * H, a.h + b * H);
     if (TRACK) a.jac[b] = static_cast<float>(elman_jacobian_row<ACT, T>(H, a.h + b * H, a.gram));
   }
 }

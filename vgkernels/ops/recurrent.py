@@ -1,12 +1,17 @@
 """Recurrent layers (Elman RNN, LSTM, GRU) as torch.library ops with per-step BPTT tracking.
 
 Structure:
-- ``vgk::recurrent_layer`` is the autograd-aware op for one direction of one layer over the whole
-  sequence. Its forward and backward call one backend's kernel ops: ``vgk::rnn_forward`` /
-  ``vgk::rnn_backward`` (C++, CPU) or ``vgk::rnn_forward_triton`` / ``vgk::rnn_backward_triton``.
-- :func:`recurrent` stacks layers and directions: one input-projection GEMM per layer-direction,
-  the layer op, dropout between layers. The ``"reference"`` backend runs the same stacking over the
-  eager loop of :mod:`vgkernels.reference.recurrent`.
+- ``vgk::rnn_layer_forward`` (C++, CPU) runs one direction of one plain layer over the whole sequence,
+  input projection included; its backward ``vgk::rnn_layer_backward`` returns the gradients of the
+  input, the initial states, both weights and both biases. The autograd registration below is on the
+  C++ op itself. It returns the output sequence, h_n and c_n as separate tensors, so no view of a
+  [T+1, B, H] state tensor has to be assembled into a gradient.
+- ``vgk::recurrent_layer`` is the autograd-aware op for the Triton backend and the layer-normalized
+  cells: the input projection happens outside, and its forward and backward call one backend's kernel
+  ops (``vgk::rnn_forward`` / ``vgk::rnn_backward`` and their Triton and layer-normalized twins).
+- :func:`recurrent` stacks layers and directions: the layer op, dropout between layers. The
+  ``"reference"`` backend runs the same stacking over the eager loop of
+  :mod:`vgkernels.reference.recurrent`.
 
 Tracking goes through autograd itself: with ``track=True`` every layer-direction gets a zero "probe"
 tensor [K, T, B] that requires grad; the layer's backward returns the per-step squared gradient norms
@@ -102,6 +107,28 @@ def _(xproj, h0, c0, w_hh, b_hh, lengths, probe, mode, reverse, track):
 def _(grad_states, grad_cell_states, states, cell_states, workspace, w_hh, lengths, mode, reverse,
       grad_clip, track, has_b_hh):
     return _fake_backward_shapes(states, w_hh, mode, track, has_b_hh)
+
+
+@torch.library.register_fake("vgk::rnn_layer_forward")
+def _(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, probe, mode, reverse, track, grad_clip):
+    T, B, _ = x.shape
+    H = w_hh.shape[1]
+    lstm = mode == "lstm"
+    _, _, workspace, jac_sq = _fake_forward_shapes(x.new_empty(T, B, 0), w_hh, mode, track, layer_norm=False)
+    return (x.new_empty(T, B, H), x.new_empty(B, H), x.new_empty(B, H) if lstm else _empty(x),
+            x.new_empty(T, B, H) if lstm else _empty(x), workspace, jac_sq)
+
+
+@torch.library.register_fake("vgk::rnn_layer_backward")
+def _(grad_output, grad_h_n, grad_c_n, x, h0, c0, output, cell_states, workspace, w_ih, w_hh, lengths, mode,
+      reverse, grad_clip, track, has_bias, grad_input):
+    T, B, H = output.shape
+    GH = w_hh.shape[0]
+    K = 2 if mode == "lstm" else 1
+    return (x.new_empty(x.shape) if grad_input else _empty(x), h0.new_empty(B, H),
+            h0.new_empty(B, H) if mode == "lstm" else _empty(h0), w_ih.new_empty(w_ih.shape),
+            w_hh.new_empty(w_hh.shape), *(w_hh.new_empty(GH) if has_bias else _empty(w_hh) for _ in range(2)),
+            x.new_empty(K, T, B, dtype=torch.float32) if track else _empty(x, torch.float32))
 
 
 @torch.library.register_fake("vgk::rnn_ln_forward")
@@ -225,6 +252,48 @@ recurrent_layer.register_autograd(_backward, setup_context=_setup_context)
 
 
 # ---------------------------------------------------------------------------------------------------
+# The autograd of the plain C++ layer op (projection inside).
+
+
+def _layer_setup_context(ctx, inputs, output):
+    x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, probe, mode, reverse, track, grad_clip = inputs
+    out, _, _, cell_states, workspace, _ = output
+    ctx.save_for_backward(x, h0, c0, out, cell_states, workspace, w_ih, w_hh, lengths)
+    ctx.config = (mode, reverse, track and probe is not None, grad_clip)
+    ctx.has = (c0 is not None, b_ih is not None, b_hh is not None, probe is not None)
+
+
+def _layer_backward(ctx, grad_output, grad_h_n, grad_c_n, _grad_cells, _grad_workspace, _grad_jac):
+    x, h0, c0, out, cell_states, workspace, w_ih, w_hh, lengths = ctx.saved_tensors
+    mode, reverse, track, grad_clip = ctx.config
+    has_c0, has_b_ih, has_b_hh, has_probe = ctx.has
+    grad_input = ctx.needs_input_grad[0]
+    empty = _empty(out)
+    grad_x, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh, grad_sq = (
+        torch.ops.vgk.rnn_layer_backward(
+            empty if grad_output is None else grad_output, empty if grad_h_n is None else grad_h_n,
+            empty if grad_c_n is None else grad_c_n, x, h0, c0, out, cell_states, workspace, w_ih, w_hh,
+            lengths, mode, reverse, grad_clip, track, has_b_ih or has_b_hh, grad_input,
+        )
+    )
+    return (
+        grad_x if grad_input else None,
+        grad_h0,
+        grad_c0 if has_c0 else None,
+        grad_w_ih,
+        grad_w_hh,
+        grad_b_ih if has_b_ih else None,
+        grad_b_hh if has_b_hh else None,
+        None,
+        grad_sq if (has_probe and track) else None,
+        None, None, None, None,
+    )
+
+
+torch.library.register_autograd("vgk::rnn_layer_forward", _layer_backward, setup_context=_layer_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------------
 # Stacking layers and directions.
 
 
@@ -299,21 +368,40 @@ def _probe(mode: str, T: int, B: int, device: torch.device) -> torch.Tensor | No
     return torch.zeros(K, T, B, dtype=torch.float32, device=device, requires_grad=True)
 
 
-def _run_layer(backend, xproj, h0, c0, w_hh, b_hh, norm, lengths, mode, reverse, track, grad_clip):
-    """Returns (states, cell_states, jac_sq, grad source)."""
+def _run_layer(backend, x, h0, c0, w_ih, w_hh, b_ih, b_hh, ln_ih, norm, lengths, mode, reverse, track,
+               grad_clip):
+    """One direction of one layer: (output [T, B, H], h_n, c_n (LSTM, else None), jac_sq, grad source)."""
+    T, B = x.shape[0], x.shape[1]
+    kernel_lengths = None if lengths is None else lengths.to(x.device)
+    grad_source = (lambda: None)
+    if backend == "cpp" and norm is None:
+        probe = _probe(mode, T, B, x.device) if track else None
+        out, h_n, c_n, _, _, jac_sq = torch.ops.vgk.rnn_layer_forward(
+            x, h0, c0, w_ih, w_hh, b_ih, b_hh, kernel_lengths, probe, mode, reverse, track, grad_clip)
+        if probe is not None:
+            grad_source = (lambda: probe.grad)
+        return out, h_n, c_n if mode == "lstm" else None, jac_sq, grad_source
+    xproj = _input_projection(backend, x, w_ih, b_ih, b_hh, mode, ln_ih)
+    if mode != "gru":
+        b_hh = None  # folded into xproj
     if backend == "reference":
         if grad_clip is not None:
             raise ValueError("grad_clip: the reference backend does not clip; use backend 'cpp' or 'triton'")
         result = reference.layer_forward(xproj, h0, c0, w_hh, b_hh, lengths, mode, reverse, track, norm)
-        return result.states, result.cell_states, result.jac_sq, result.grad_sq
-    probe = _probe(mode, xproj.shape[0], xproj.shape[1], xproj.device) if track else None
-    kernel_lengths = None if lengths is None else lengths.to(xproj.device)
-    ln = (None, None, None, None, 1e-5) if norm is None else norm
-    states, cell_states, _, jac_sq = recurrent_layer(
-        xproj, h0, c0, w_hh, b_hh, *ln[:4], kernel_lengths, probe, mode, reverse, track, grad_clip, ln[4],
-        backend,
-    )
-    return states, cell_states, jac_sq, (lambda: probe.grad) if probe is not None else (lambda: None)
+        states, cell_states, jac_sq, grad_source = (result.states, result.cell_states, result.jac_sq,
+                                                    result.grad_sq)
+    else:
+        probe = _probe(mode, T, B, x.device) if track else None
+        ln = (None, None, None, None, 1e-5) if norm is None else norm
+        states, cell_states, _, jac_sq = recurrent_layer(
+            xproj.contiguous(), h0.contiguous(), None if c0 is None else c0.contiguous(), w_hh.contiguous(),
+            b_hh, *ln[:4], kernel_lengths, probe, mode, reverse, track, grad_clip, ln[4], backend,
+        )
+        if probe is not None:
+            grad_source = (lambda: probe.grad)
+    last = 0 if reverse else T
+    out = states[:T] if reverse else states[1:]
+    return out, states[last], cell_states[last] if mode == "lstm" else None, jac_sq, grad_source
 
 
 def _input_projection(backend, x, w_ih, b_ih, b_hh, mode, ln_ih):
@@ -438,20 +526,13 @@ def recurrent(
                 ln = layer_norm_weights[idx * ln_per: (idx + 1) * ln_per]
                 ln_ih = (ln[0], ln[1], eps)
                 norm = reference.CellNorm(ln[2], ln[3], *(ln[4:6] if mode == "lstm" else (None, None)), eps)
-            xproj = _input_projection(backend, layer_input, w_ih, b_ih, b_hh, mode, ln_ih)
-            if mode != "gru":
-                b_hh = None  # folded into xproj
-            c0 = c0_all[idx] if c0_all is not None else None
-            states, cell_states, jac_sq, source = _run_layer(
-                backend, xproj.contiguous(), h0_all[idx].contiguous(),
-                None if c0 is None else c0.contiguous(), w_hh.contiguous(), b_hh, norm, lengths, mode,
-                bool(d), track, grad_clip,
+            out, h_last, c_last, jac_sq, source = _run_layer(
+                backend, layer_input, h0_all[idx], None if c0_all is None else c0_all[idx], w_ih, w_hh, b_ih,
+                b_hh, ln_ih, norm, lengths, mode, bool(d), track, grad_clip,
             )
-            reverse = bool(d)
-            out = states[:T] if reverse else states[1:]
-            h_n.append(states[0] if reverse else states[T])
+            h_n.append(h_last)
             if mode == "lstm":
-                c_n.append(cell_states[0] if reverse else cell_states[T])
+                c_n.append(c_last)
             outputs.append(out)
             jac.append(jac_sq)
             sources.append(source)
