@@ -20,12 +20,14 @@ Arguments are checked by :func:`vgkernels.ops.layer_norm.layer_norm` before any 
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
+
+from vgkernels.triton import _host
+from vgkernels.triton._host import acc_dtype as _acc_dtype
+from vgkernels.triton._host import device_ctx as _device_ctx
 
 MAX_FUSED = 8192  # longest row held whole in registers; tests lower it to cover the looped kernels
 LOOP_BLOCK = 4096  # chunk of a longer row
@@ -208,18 +210,8 @@ def _sum_partials_kernel(part_ptr, out_ptr, G, N, BLOCK: tl.constexpr):
 # Host side
 
 
-def _device_ctx(device: torch.device):
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-
-
 def _alloc(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    if _ALLOC_FILL is None:
-        return torch.empty(shape, dtype=dtype, device=device)
-    return torch.full(shape, _ALLOC_FILL, dtype=dtype, device=device)
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+    return _host.alloc(shape, dtype, device, _ALLOC_FILL)
 
 
 def _rows_cols(input: torch.Tensor, normalized_ndim: int) -> tuple[int, int]:

@@ -36,13 +36,16 @@ Workspace layout (private to this backend): LSTM [T, B, 4H] activated gates (i, 
 [T, B, 4H] (r, z, n, W_hn h + b_hn); Elman RNN: empty, the derivative follows from h.
 """
 
-import contextlib
 import os
 
 import torch
 import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
+
+from vgkernels.triton import _host
+from vgkernels.triton._host import acc_dtype as _acc_dtype
+from vgkernels.triton._host import device_ctx as _device_ctx
 
 GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1, "rnn_sigmoid": 1}
 _MODE_ID = {"lstm": 0, "gru": 1, "rnn_tanh": 2, "rnn_relu": 3, "rnn_sigmoid": 4}
@@ -478,23 +481,13 @@ def _plan(B: int, H: int, G: int, device: torch.device, dtype: torch.dtype = tor
             "num_warps": 8 if block_b * block_j * G >= 8192 else 4}
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _dot_f32(dtype: torch.dtype, device: torch.device) -> bool:
     # The interpreter computes bfloat16 dots wrongly; there they run on float32 operands.
     return dtype == torch.bfloat16 and _interpreted(device)
 
 
 def _alloc(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    if _ALLOC_FILL is None:
-        return torch.empty(shape, dtype=dtype, device=device)
-    return torch.full(shape, _ALLOC_FILL, dtype=dtype, device=device)
-
-
-def _device_ctx(device: torch.device):
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+    return _host.alloc(shape, dtype, device, _ALLOC_FILL)
 
 
 # ---------------------------------------------------------------------------------------------------
