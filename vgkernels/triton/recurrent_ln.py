@@ -212,6 +212,25 @@ def _ln_forward_kernel(
 
 
 @triton.jit
+def _ln_grad_sums(d0, d1, d2, d3, gam_ptr, wp, cols, col_ok, m, H, ACC: tl.constexpr, LSTM: tl.constexpr):
+    """Row sums of g = d * gamma and of g * yh over this tile's gate columns, for the LN backward.
+
+    d0..d3 are the gradients of LN(W_hh h)'s outputs at the gate columns (d3 only for the LSTM); wp points
+    at the tile in the workspace rows, where yh starts at 4H.
+    """
+    g0 = d0 * _ld(gam_ptr + cols, col_ok, ACC)[None, :]
+    g1 = d1 * _ld(gam_ptr + H + cols, col_ok, ACC)[None, :]
+    g2 = d2 * _ld(gam_ptr + 2 * H + cols, col_ok, ACC)[None, :]
+    g = g0 + g1 + g2
+    gy = g0 * _ld(wp + 4 * H, m, ACC) + g1 * _ld(wp + 5 * H, m, ACC) + g2 * _ld(wp + 6 * H, m, ACC)
+    if LSTM:
+        g3 = d3 * _ld(gam_ptr + 3 * H + cols, col_ok, ACC)[None, :]
+        g = g + g3
+        gy = gy + g3 * _ld(wp + 7 * H, m, ACC)
+    return tl.sum(g, axis=1), tl.sum(gy, axis=1)
+
+
+@triton.jit
 def _ln_backward_kernel(
     gs_ptr, gcs_ptr, st_ptr, cs_ptr, ws_ptr, w_ptr, gam_ptr, gc_ptr, len_ptr,
     gx_ptr, dl_ptr, dy_ptr, dh_ptr, ch_ptr, cc_ptr, gsq_ptr, clip_ptr,
@@ -301,12 +320,10 @@ def _ln_backward_kernel(
                 tl.store(lp, d_r, mask=m)
                 tl.store(lp + H, d_z, mask=m)
                 tl.store(lp + 2 * H, d_n * r, mask=m)
-                g0 = d_r * _ld(gam_ptr + cols, col_ok, ACC)[None, :]
-                g1 = d_z * _ld(gam_ptr + H + cols, col_ok, ACC)[None, :]
-                g2 = d_n * r * _ld(gam_ptr + 2 * H + cols, col_ok, ACC)[None, :]
-                sg += tl.sum(g0 + g1 + g2, axis=1)
-                sgy += tl.sum(g0 * _ld(wp + 4 * H, m, ACC) + g1 * _ld(wp + 5 * H, m, ACC)
-                              + g2 * _ld(wp + 6 * H, m, ACC), axis=1)
+                tile_g, tile_gy = _ln_grad_sums(d_r, d_z, d_n * r, d_n, gam_ptr, wp, cols, col_ok, m, H, ACC,
+                                                False)
+                sg += tile_g
+                sgy += tile_gy
                 tl.store(ch_ptr + wr + hoff, tl.where(keep, dh * z, dh), mask=m)
         if LSTM:
             # dc = dc_carried + grad_cell_states + the cell LN backward of dlc; then the gate gradients.
@@ -343,13 +360,10 @@ def _ln_backward_kernel(
                 tl.store(gp + 2 * H, d_g, mask=m)
                 tl.store(gp + 3 * H, d_o, mask=m)
                 tl.store(cc_ptr + wr + hoff, tl.where(keep, dc * sf, dc), mask=m)
-                g0 = d_i * _ld(gam_ptr + cols, col_ok, ACC)[None, :]
-                g1 = d_f * _ld(gam_ptr + H + cols, col_ok, ACC)[None, :]
-                g2 = d_g * _ld(gam_ptr + 2 * H + cols, col_ok, ACC)[None, :]
-                g3 = d_o * _ld(gam_ptr + 3 * H + cols, col_ok, ACC)[None, :]
-                sg += tl.sum(g0 + g1 + g2 + g3, axis=1)
-                sgy += tl.sum(g0 * _ld(wp + 4 * H, m, ACC) + g1 * _ld(wp + 5 * H, m, ACC)
-                              + g2 * _ld(wp + 6 * H, m, ACC) + g3 * _ld(wp + 7 * H, m, ACC), axis=1)
+                tile_g, tile_gy = _ln_grad_sums(d_i, d_f, d_g, d_o, gam_ptr, wp, cols, col_ok, m, H, ACC,
+                                                True)
+                sg += tile_g
+                sgy += tile_gy
         # The LN backward into dy = d(W_hh h_prev), from the gradients this step stored.
         tl.debug_barrier()
         mean_g = sg / N
