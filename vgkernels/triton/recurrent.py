@@ -560,6 +560,21 @@ def _check_lengths(op: str, lengths: torch.Tensor | None, B: int) -> None:
 # Forward
 
 
+def _initial_states(T: int, h0: torch.Tensor, c0: torch.Tensor | None, reverse: bool,
+                    acc: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """States [T+1, B, H] and cell states ([T+1, B, H] with c0, else [0]) in acc, the initial slot set
+    (slot T for the reverse direction) and the others left to the kernels."""
+    B, H = h0.shape
+    init = T if reverse else 0
+    states = _alloc((T + 1, B, H), acc, h0.device)
+    states[init] = h0
+    if c0 is None:
+        return states, states.new_empty(0)
+    cells = _alloc((T + 1, B, H), acc, h0.device)
+    cells[init] = c0
+    return states, cells
+
+
 def _gram_terms(w_hh: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-unit Gram matrices [H, G*G] of the gate blocks' rows, and for the GRU the diagonals [H, 3]."""
     G = GATES[mode]
@@ -604,14 +619,7 @@ def _forward_impl(xproj, h0, c0, w_hh, b_hh, lengths, mode, reverse, track):
     plan = _plan(B, H, G, device, dtype)
     xproj = xproj.contiguous()
     wt = w_hh.t().contiguous()
-    states = _alloc((T + 1, B, H), acc, device)
-    init = T if reverse else 0
-    states[init] = h0
-    if mode == "lstm":
-        cells = _alloc((T + 1, B, H), acc, device)
-        cells[init] = c0
-    else:
-        cells = states.new_empty(0)
+    states, cells = _initial_states(T, h0, c0, reverse, acc)
     ws = _alloc((T, B, 4 * H), acc, device) if mode in ("lstm", "gru") else states.new_empty(0)
     if track:
         gram, diag = _gram_terms(w_hh, mode)

@@ -71,6 +71,14 @@ def workspace_width(mode: str, H: int) -> int:
 
 
 @triton.jit
+def _ln_gate(yp, yhp, gp, sp, m, col_ok, keep, mean, rstd, ACC: tl.constexpr):
+    """gamma * yh + shift at one gate's columns of the tile; yh = (y - mean) * rstd is saved at yhp."""
+    yh = (_ld(yp, m, ACC) - mean[:, None]) * rstd[:, None]
+    tl.store(yhp, tl.where(keep, yh, 0.0), mask=m)
+    return _ld(gp, col_ok, ACC)[None, :] * yh + _ld(sp, col_ok, ACC)[None, :]
+
+
+@triton.jit
 def _ln_forward_kernel(
     x_ptr, st_ptr, cs_ptr, ws_ptr, y_ptr, wt_ptr, gam_ptr, sh_ptr, gc_ptr, bc_ptr, len_ptr, eps_ptr,
     T, B, H,
@@ -136,22 +144,15 @@ def _ln_forward_kernel(
             xp = x_ptr + x_base + rows[:, None] * N + cols[None, :]
             yp = y_ptr + rows[:, None] * N + cols[None, :]
             wp = ws_ptr + ws_base + rows[:, None] * WS + cols[None, :]
-            yh0 = (_ld(yp, m, ACC) - mean[:, None]) * rstd[:, None]
-            yh1 = (_ld(yp + H, m, ACC) - mean[:, None]) * rstd[:, None]
-            yh2 = (_ld(yp + 2 * H, m, ACC) - mean[:, None]) * rstd[:, None]
-            tl.store(wp + 4 * H, tl.where(keep, yh0, 0.0), mask=m)
-            tl.store(wp + 5 * H, tl.where(keep, yh1, 0.0), mask=m)
-            tl.store(wp + 6 * H, tl.where(keep, yh2, 0.0), mask=m)
-            ln0 = _ld(gam_ptr + cols, col_ok, ACC)[None, :] * yh0 + _ld(sh_ptr + cols, col_ok, ACC)[None, :]
-            ln1 = (_ld(gam_ptr + H + cols, col_ok, ACC)[None, :] * yh1
-                   + _ld(sh_ptr + H + cols, col_ok, ACC)[None, :])
-            ln2 = (_ld(gam_ptr + 2 * H + cols, col_ok, ACC)[None, :] * yh2
-                   + _ld(sh_ptr + 2 * H + cols, col_ok, ACC)[None, :])
+            # LN(W_hh h_prev) per gate (yh at 4H.. of the workspace).
+            ln0 = _ln_gate(yp, wp + 4 * H, gam_ptr + cols, sh_ptr + cols, m, col_ok, keep, mean, rstd, ACC)
+            ln1 = _ln_gate(yp + H, wp + 5 * H, gam_ptr + H + cols, sh_ptr + H + cols, m, col_ok, keep, mean,
+                           rstd, ACC)
+            ln2 = _ln_gate(yp + 2 * H, wp + 6 * H, gam_ptr + 2 * H + cols, sh_ptr + 2 * H + cols, m, col_ok,
+                           keep, mean, rstd, ACC)
             if LSTM:
-                yh3 = (_ld(yp + 3 * H, m, ACC) - mean[:, None]) * rstd[:, None]
-                tl.store(wp + 7 * H, tl.where(keep, yh3, 0.0), mask=m)
-                ln3 = (_ld(gam_ptr + 3 * H + cols, col_ok, ACC)[None, :] * yh3
-                       + _ld(sh_ptr + 3 * H + cols, col_ok, ACC)[None, :])
+                ln3 = _ln_gate(yp + 3 * H, wp + 7 * H, gam_ptr + 3 * H + cols, sh_ptr + 3 * H + cols, m,
+                               col_ok, keep, mean, rstd, ACC)
                 si = _sigmoid(_ld(xp, m, ACC) + ln0)
                 sf = _sigmoid(_ld(xp + H, m, ACC) + ln1)
                 tg = _tanh(_ld(xp + 2 * H, m, ACC) + ln2)
@@ -724,14 +725,7 @@ def _forward_impl(xproj, h0, c0, w_hh, b_hh, ln_hh_weight, ln_hh_bias, ln_cell_w
     acc = _plain._acc_dtype(dtype)
     plan = _plan(H, G, dtype)
     alloc = _plain._alloc
-    init = T if reverse else 0
-    states = alloc((T + 1, B, H), acc, device)
-    states[init] = h0
-    if lstm:
-        cells = alloc((T + 1, B, H), acc, device)
-        cells[init] = c0
-    else:
-        cells = states.new_empty(0)
+    states, cells = _plain._initial_states(T, h0, c0, reverse, acc)
     ws = alloc((T, B, workspace_width(mode, H)), acc, device)
     y = alloc((B, G * H), acc, device)
     shift = ln_hh_bias if b_hh is None else ln_hh_bias + b_hh
