@@ -1,4 +1,5 @@
-"""Raw-op tests of the C++ recurrent kernels ``vgk::rnn_forward`` / ``vgk::rnn_backward``.
+"""Raw-op tests of the C++ recurrent kernels ``vgk::rnn_forward`` / ``vgk::rnn_backward`` and of the
+layer ops with the input projection inside, ``vgk::rnn_layer_forward`` / ``vgk::rnn_layer_backward``.
 
 Oracle: ``vgkernels.reference.recurrent.layer_forward`` (eager autograd, ``retain_grad`` for the
 per-step gradient norms, ``jacrev`` for the step Jacobians); for ``grad_clip`` a hooked eager loop
@@ -436,6 +437,13 @@ for mode, G in (("lstm", 4), ("gru", 3), ("rnn_tanh", 1)):
         gs = torch.randn(T + 1, B, H); gc = torch.randn_like(cs)
         res = torch.ops.vgk.rnn_backward(gs, gc, st, cs, ws, w, lens, mode, reverse, 0.5, True, b is not None)
         out += [st, cs, ws, jac, *res]
+        xs = torch.randn(T, B, 29); w_ih = torch.randn(G * H, 29) * 29 ** -0.5; b_ih = torch.randn(G * H)
+        fwd = torch.ops.vgk.rnn_layer_forward(xs, h0, c0, w_ih, w, b_ih, b_ih, lens, None, mode, reverse,
+                                              True, None)
+        grads = (torch.randn_like(fwd[0]), torch.randn_like(fwd[1]), torch.randn_like(fwd[2]))
+        res = torch.ops.vgk.rnn_layer_backward(*grads, xs, h0, c0, fwd[0], fwd[3], fwd[4], w_ih, w, lens,
+                                               mode, reverse, 0.5, True, True, True)
+        out += [*fwd, *res]
 torch.save(out, sys.argv[2])
 """
 
@@ -454,7 +462,7 @@ def test_gemm_paths_and_threads_agree(tmp_path, env, threads):
             environ["VGK_CPU_BLAS"] = e
         subprocess.run([sys.executable, str(script), str(n), str(out)], check=True, env=environ, timeout=300)
         results.append(torch.load(out))
-    assert len(results[0]) == len(results[1]) == 60
+    assert len(results[0]) == len(results[1]) == 60 + 84
     for a, b in zip(*results, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
@@ -525,3 +533,357 @@ def test_bad_backward_inputs():
         bwd(gs, gc, states[:1], cells, ws, w_hh, None, mode, False, None, False, False)
     with pytest.raises(ValueError, match="lengths must lie in"):
         bwd(gs, gc, states, cells, ws, w_hh, torch.tensor([4, 1]), mode, False, None, False, False)
+
+
+# ------------------------------------------------------------------------------------------ layer ops
+# vgk::rnn_layer_forward / rnn_layer_backward: the same layer with its input projection inside, output,
+# h_n and c_n apart. Oracle: x W_ih^T + biases fed to the reference layer.
+
+
+def make_layer_inputs(mode, T, B, I, H, dtype=torch.float64, lengths=False, bias=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    G = GATES[mode]
+    x = torch.randn(T, B, I, generator=g, dtype=dtype)
+    h0 = 0.5 * torch.randn(B, H, generator=g, dtype=dtype)
+    c0 = torch.randn(B, H, generator=g, dtype=dtype) if mode == "lstm" else None
+    w_ih = (torch.rand(G * H, I, generator=g, dtype=dtype) * 2 - 1) * 2 * H**-0.5
+    w_hh = (torch.rand(G * H, H, generator=g, dtype=dtype) * 2 - 1) * 2 * H**-0.5
+    b_ih = 0.3 * torch.randn(G * H, generator=g, dtype=dtype) if bias else None
+    b_hh = 0.3 * torch.randn(G * H, generator=g, dtype=dtype) if bias else None
+    lens = None
+    if lengths:
+        lens = torch.randint(1, T + 1, (B,), generator=g)
+        lens[0] = T
+    return x, h0, c0, w_ih, w_hh, b_ih, b_hh, lens
+
+
+def layer_upstream(mode, T, B, H, dtype, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    go = torch.randn(T, B, H, generator=g, dtype=dtype)
+    ghn = torch.randn(B, H, generator=g, dtype=dtype)
+    gcn = torch.randn(B, H, generator=g, dtype=dtype) if mode == "lstm" else torch.empty(0, dtype=dtype)
+    return go, ghn, gcn
+
+
+def layer_op_forward(mode, inp, reverse, track=True):
+    x, h0, c0, w_ih, w_hh, b_ih, b_hh, lens = inp
+    return OPS.rnn_layer_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lens, None, mode, reverse, track, None)
+
+
+def layer_op_backward(mode, inp, fwd, grads, reverse, grad_clip=None, track=True, grad_input=True):
+    x, h0, c0, w_ih, w_hh, b_ih, _, lens = inp
+    out, _, _, cells, ws, _ = fwd
+    return OPS.rnn_layer_backward(*grads, x, h0, c0, out, cells, ws, w_ih, w_hh, lens, mode, reverse,
+                                  grad_clip, track, b_ih is not None, grad_input)
+
+
+def layer_oracle(mode, inp, reverse, grads):
+    """Outputs, traces and every gradient of the reference layer on x W_ih^T + biases (float64)."""
+    leaves = [t.detach().double().requires_grad_() if t is not None else None for t in inp[:7]]
+    x, h0, c0, w_ih, w_hh, b_ih, b_hh = leaves
+    xproj = x @ w_ih.t()
+    if b_ih is not None:
+        xproj = xproj + b_ih + (0 if mode == "gru" else b_hh)
+    T = x.shape[0]
+    res = reference.layer_forward(xproj, h0, c0, w_hh, b_hh if mode == "gru" else None, inp[7], mode, reverse,
+                                  track=True)
+    last, seq = (0, slice(0, T)) if reverse else (T, slice(1, T + 1))
+    out, h_n = res.states[seq], res.states[last]
+    go, ghn, gcn = (g.double() for g in grads)
+    loss = (out * go).sum() + (h_n * ghn).sum()
+    expected = {"output": out, "h_n": h_n, "jac_sq": res.jac_sq}
+    if mode == "lstm":
+        expected.update(c_n=res.cell_states[last], cell_states=res.cell_states[seq])
+        loss = loss + (res.cell_states[last] * gcn).sum()
+    loss.backward()
+    names = ("grad_x", "grad_h0", "grad_c0", "grad_w_ih", "grad_w_hh", "grad_b_ih", "grad_b_hh")
+    expected.update({n: t.grad for n, t in zip(names, leaves, strict=True) if t is not None})
+    expected["grad_sq"] = res.grad_sq()
+    return expected
+
+
+def check_layer_against_oracle(mode, T, B, I, H, dtype, reverse, lengths, tol, bias=True):
+    inp = make_layer_inputs(mode, T, B, I, H, dtype, lengths, bias)
+    grads = layer_upstream(mode, T, B, H, dtype)
+    fwd = layer_op_forward(mode, inp, reverse)
+    bwd = layer_op_backward(mode, inp, fwd, grads, reverse)
+    expected = layer_oracle(mode, inp, reverse, grads)
+    actual = dict(zip(("output", "h_n", "c_n", "cell_states", "workspace", "jac_sq"), fwd, strict=True))
+    actual.update(zip(("grad_x", "grad_h0", "grad_c0", "grad_w_ih", "grad_w_hh", "grad_b_ih", "grad_b_hh",
+                       "grad_sq"), bwd, strict=True))
+    for name, value in expected.items():
+        assert actual[name].dtype == (torch.float32 if name in ("jac_sq", "grad_sq") else dtype), name
+        torch.testing.assert_close(actual[name].double(), value.double(), **tol,
+                                   msg=lambda m, n=name: f"{n}: {m}")
+    lstm = mode == "lstm"
+    assert actual["workspace"].shape == ((T, B, 4 * H) if mode in ("lstm", "gru") else (0,))
+    if not lstm:
+        assert actual["c_n"].shape == actual["cell_states"].shape == actual["grad_c0"].shape == (0,)
+    if not bias:
+        assert actual["grad_b_ih"].shape == actual["grad_b_hh"].shape == (0,)
+    return inp, fwd, bwd
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("lengths", [False, True])
+@pytest.mark.parametrize("T,B,I,H", [(5, 3, 4, 6), (1, 1, 1, 1), (4, 1, 3, 3), (3, 2, 7, 37)])
+def test_layer_float64_matches_reference(mode, reverse, lengths, T, B, I, H):
+    check_layer_against_oracle(mode, T, B, I, H, torch.float64, reverse, lengths, F64)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("reverse", [False, True])
+def test_layer_float32_matches_reference(mode, reverse):
+    check_layer_against_oracle(mode, 6, 5, 11, 37, torch.float32, reverse, True, F32)
+
+
+def test_layer_float32_size_256_matches_reference():
+    # The sizes of the benchmark (brgemm on x_t W_ih^T and gx_t W_ih, the tiled weight GEMMs).
+    for mode in ("lstm", "gru", "rnn_tanh"):
+        for reverse in (False, True):
+            check_layer_against_oracle(mode, 3, 9, 256, 256, torch.float32, reverse, True, F32)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_layer_without_bias(mode):
+    check_layer_against_oracle(mode, 4, 3, 5, 6, torch.float64, False, False, F64, bias=False)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_layer_matches_the_xproj_ops(mode):
+    # The fused ops and rnn_forward/rnn_backward on x W_ih^T + b agree (same kernels underneath).
+    T, B, I, H = 4, 5, 6, 7
+    inp = make_layer_inputs(mode, T, B, I, H, lengths=True)
+    x, h0, c0, w_ih, w_hh, b_ih, b_hh, lens = inp
+    for reverse in (False, True):
+        out, h_n, c_n, cells, ws, jac = layer_op_forward(mode, inp, reverse)
+        xproj = x @ w_ih.t() + b_ih + (0 if mode == "gru" else b_hh)
+        states, cs, ws2, jac2 = op_forward(mode, xproj, h0, c0, w_hh, b_hh if mode == "gru" else None, lens,
+                                           reverse)
+        seq, last = (slice(0, T), 0) if reverse else (slice(1, T + 1), T)
+        torch.testing.assert_close(out, states[seq], **F64)
+        torch.testing.assert_close(h_n, states[last], **F64)
+        torch.testing.assert_close(ws, ws2, **F64)
+        torch.testing.assert_close(jac, jac2, **F64)
+        if mode == "lstm":
+            torch.testing.assert_close(cells, cs[seq], **F64)
+            torch.testing.assert_close(c_n, cs[last], **F64)
+
+
+@pytest.mark.parametrize("mode", ["lstm", "gru", "rnn_tanh"])
+def test_layer_absent_gradients_mean_zero(mode):
+    # Empty grad_output / grad_h_n / grad_c_n stand for zeros; grad_input=False skips grad_x.
+    T, B, I, H = 4, 5, 3, 6
+    inp = make_layer_inputs(mode, T, B, I, H, torch.float32, lengths=True)
+    go, ghn, gcn = layer_upstream(mode, T, B, H, torch.float32)
+    empty = torch.empty(0)
+    for reverse in (False, True):
+        fwd = layer_op_forward(mode, inp, reverse)
+        cases = [((go, empty, empty), (go, torch.zeros_like(ghn), torch.zeros_like(ghn))),
+                 ((empty, ghn, empty), (torch.zeros_like(go), ghn, torch.zeros_like(ghn)))]
+        if mode == "lstm":
+            cases.append(((empty, empty, gcn), (torch.zeros_like(go), torch.zeros_like(ghn), gcn)))
+        for absent, zeros in cases:
+            a = layer_op_backward(mode, inp, fwd, absent, reverse)
+            b = layer_op_backward(mode, inp, fwd, zeros if mode == "lstm" else zeros[:2] + (empty,), reverse)
+            for u, v in zip(a, b, strict=True):
+                assert torch.equal(u, v)
+        full = layer_op_backward(mode, inp, fwd, (go, ghn, gcn), reverse)
+        no_x = layer_op_backward(mode, inp, fwd, (go, ghn, gcn), reverse, grad_input=False)
+        assert no_x[0].shape == (0,)
+        for u, v in zip(full[1:], no_x[1:], strict=True):
+            assert torch.equal(u, v)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_layer_lengths_carry_state_and_zero_the_rest(mode):
+    T, B, I, H = 6, 4, 3, 5
+    inp = make_layer_inputs(mode, T, B, I, H)
+    x, h0, c0 = inp[:3]
+    lens = torch.tensor([6, 2, 4, 1])
+    inp = (*inp[:7], lens)
+    grads = layer_upstream(mode, T, B, H, torch.float64)
+    valid = torch.arange(T)[:, None] < lens[None, :]
+    for reverse in (False, True):
+        fwd = layer_op_forward(mode, inp, reverse)
+        out, h_n, c_n, cells, _, jac = fwd
+        gx, *_, gsq = layer_op_backward(mode, inp, fwd, grads, reverse)
+        assert (jac[~valid] == 0).all() and (jac[valid] > 0).all()
+        assert (gsq[:, ~valid] == 0).all() and (gsq[:, valid] > 0).all()
+        assert (gx[~valid] == 0).all() and (gx[valid] != 0).any(-1).all()
+        for b in range(B):
+            n = int(lens[b])
+            carried = h0[b] if reverse else out[n - 1, b]
+            assert torch.equal(out[n:, b], carried.expand(T - n, H))
+            assert torch.equal(h_n[b], out[0 if reverse else T - 1, b])
+            if mode == "lstm":
+                assert torch.equal(cells[n:, b], (c0[b] if reverse else cells[n - 1, b]).expand(T - n, H))
+                assert torch.equal(c_n[b], cells[0 if reverse else T - 1, b])
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("reverse", [False, True])
+def test_layer_grad_clip_matches_hooked_loop(mode, reverse):
+    T, B, I, H = 5, 3, 4, 4
+    inp = make_layer_inputs(mode, T, B, I, H)
+    go, ghn, gcn = (3 * g for g in layer_upstream(mode, T, B, H, torch.float64))  # large: the clip bites
+    clip = 0.1
+    fwd = layer_op_forward(mode, inp, reverse)
+    got = layer_op_backward(mode, inp, fwd, (go, ghn, gcn), reverse, clip)
+
+    leaves = [t.clone().requires_grad_() if t is not None else None for t in inp[:7]]
+    x, h0, c0, w_ih, w_hh, b_ih, b_hh = leaves
+    xproj = x @ w_ih.t() + b_ih + (0 if mode == "gru" else b_hh)
+    states, cells = clipped_loop(mode, xproj, h0, c0, w_hh, b_hh if mode == "gru" else None, reverse, clip)
+    seq, last = (slice(0, T), 0) if reverse else (slice(1, T + 1), T)
+    loss = (states[seq] * go).sum() + (states[last] * ghn).sum()
+    if mode == "lstm":
+        loss = loss + (cells[last] * gcn).sum()
+    loss.backward()
+    for value, leaf in zip(got[:7], leaves, strict=True):
+        if leaf is not None:
+            torch.testing.assert_close(value, leaf.grad, **F64)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_layer_tracking_changes_no_value(mode):
+    T, B, I, H = 3, 5, 4, 37
+    inp = make_layer_inputs(mode, T, B, I, H, torch.float32, lengths=True)
+    grads = layer_upstream(mode, T, B, H, torch.float32)
+    plain = layer_op_forward(mode, inp, False, track=False)
+    tracked = layer_op_forward(mode, inp, False, track=True)
+    assert plain[5].shape == (0,) and plain[5].dtype == torch.float32 and tracked[5].shape == (T, B)
+    for a, b in zip(plain[:5], tracked[:5], strict=True):
+        assert torch.equal(a, b)
+    plain_b = layer_op_backward(mode, inp, plain, grads, False, 0.5, track=False)
+    tracked_b = layer_op_backward(mode, inp, plain, grads, False, 0.5, track=True)
+    assert plain_b[7].shape == (0,) and tracked_b[7].shape == ((2 if mode == "lstm" else 1), T, B)
+    for a, b in zip(plain_b[:7], tracked_b[:7], strict=True):
+        assert torch.equal(a, b)
+
+
+def test_layer_non_contiguous_inputs():
+    mode, T, B, I, H = "lstm", 4, 3, 5, 6
+    inp = make_layer_inputs(mode, T, B, I, H)
+    grads = layer_upstream(mode, T, B, H, torch.float64)
+    fwd = layer_op_forward(mode, inp, False)
+    bwd = layer_op_backward(mode, inp, fwd, grads, False)
+
+    def nc(t):
+        return t if t is None or t.dim() < 2 else t.transpose(0, 1).contiguous().transpose(0, 1)
+
+    inp_nc = tuple(nc(t) for t in inp)
+    assert not any(t.is_contiguous() for t in inp_nc[:5])
+    fwd_nc = layer_op_forward(mode, inp_nc, False)
+    for a, b in zip(fwd, fwd_nc, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    out, _, _, cells, ws, _ = fwd
+    grads_nc = tuple(nc(g) for g in grads)
+    bwd_nc = OPS.rnn_layer_backward(*grads_nc, *(nc(t) for t in inp[:3]), nc(out), nc(cells), nc(ws),
+                                    *(nc(t) for t in inp[3:5]), None, mode, False, None, True, True, True)
+    for a, b in zip(bwd, bwd_nc, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_layer_batch_zero():
+    for mode in MODES:
+        inp = make_layer_inputs(mode, 3, 0, 2, 4)
+        fwd = layer_op_forward(mode, inp, False)
+        assert fwd[0].shape == (3, 0, 4) and fwd[1].shape == (0, 4)
+        bwd = layer_op_backward(mode, inp, fwd, layer_upstream(mode, 3, 0, 4, torch.float64), False)
+        assert bwd[0].shape == (3, 0, 2)
+        assert (bwd[3] == 0).all() and (bwd[4] == 0).all() and (bwd[5] == 0).all()
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("reverse,lengths", [(False, False), (True, True)])
+def test_layer_gradcheck(mode, reverse, lengths):
+    # Through the autograd registered on vgk::rnn_layer_forward (vgkernels.ops.recurrent).
+    x, h0, c0, w_ih, w_hh, b_ih, b_hh, lens = make_layer_inputs(mode, 3, 2, 2, 3, lengths=lengths, seed=4)
+    if mode == "rnn_relu":  # keep pre-activations away from the kink at 0
+        x = x + torch.sign(x) * 0.3
+    inputs = [t.requires_grad_() if t is not None else None for t in (x, h0, c0, w_ih, w_hh, b_ih, b_hh)]
+
+    def fn(*args):
+        out, h_n, c_n = OPS.rnn_layer_forward(*args, lens, None, mode, reverse, False, None)[:3]
+        return (out, h_n, c_n) if mode == "lstm" else (out, h_n)
+
+    assert torch.autograd.gradcheck(fn, inputs)
+
+
+@pytest.mark.parametrize("mode", ["lstm", "gru", "rnn_tanh"])
+def test_layer_opcheck(mode):
+    x, h0, c0, w_ih, w_hh, b_ih, b_hh, _ = make_layer_inputs(mode, 4, 3, 2, 5)
+    K = 2 if mode == "lstm" else 1
+    for lens, reverse in ((None, False), (torch.tensor([4, 1, 3]), True)):
+        leaves = [t.requires_grad_() if t is not None else None for t in (x, h0, c0, w_ih, w_hh, b_ih, b_hh)]
+        probe = torch.zeros(K, 4, 3, requires_grad=True)
+        torch.library.opcheck(OPS.rnn_layer_forward.default, (*leaves, lens, probe, mode, reverse, True, 0.5))
+        detached = [t.detach() if t is not None else None for t in leaves]
+        out, h_n, c_n, cells, ws, _ = OPS.rnn_layer_forward(*detached, lens, None, mode, reverse, True, None)
+        grads = (torch.randn_like(out), torch.randn_like(h_n), torch.randn_like(c_n))
+        for grad_input in (True, False):
+            args = (*grads, *detached[:3], out, cells, ws, *detached[3:5], lens, mode, reverse, 0.5, True,
+                    True, grad_input)
+            torch.library.opcheck(OPS.rnn_layer_backward.default, args)
+
+
+def test_layer_bad_inputs():
+    mode, T, B, I, H = "lstm", 3, 2, 5, 4
+    x, h0, c0, w_ih, w_hh, b_ih, b_hh, _ = make_layer_inputs(mode, T, B, I, H)
+    fwd = OPS.rnn_layer_forward
+
+    def call(**kw):
+        a = dict(x=x, h0=h0, c0=c0, w_ih=w_ih, w_hh=w_hh, b_ih=b_ih, b_hh=b_hh, lengths=None)
+        a.update(kw)
+        return fwd(*a.values(), None, mode, False, False, None)
+
+    with pytest.raises(ValueError, match=r"x must have shape \[T, B, I\]"):
+        call(x=x[0])
+    with pytest.raises(ValueError, match="T >= 1"):
+        call(x=x[:0])
+    with pytest.raises(TypeError, match="float32 or float64"):
+        fwd(x.half(), h0, c0, w_ih, w_hh, b_ih, b_hh, None, None, mode, False, False, None)
+    with pytest.raises(ValueError, match="w_ih must have shape"):
+        call(w_ih=w_ih[:, :-1])
+    with pytest.raises(ValueError, match="w_hh must have shape"):
+        call(w_hh=w_hh[:-1])
+    with pytest.raises(TypeError, match="w_hh must have dtype"):
+        call(w_hh=w_hh.float())
+    with pytest.raises(ValueError, match="b_ih must have shape"):
+        call(b_ih=b_ih[:-1])
+    with pytest.raises(ValueError, match="b_hh must have shape"):
+        call(b_hh=b_hh[:-1])
+    with pytest.raises(ValueError, match="c0"):
+        call(c0=None)
+    with pytest.raises(ValueError, match="h0 must have shape"):
+        call(h0=h0[:1])
+    with pytest.raises(ValueError, match="lengths must lie in"):
+        call(lengths=torch.tensor([4, 1]))
+
+    out, h_n, c_n, cells, ws, _ = fwd(x, h0, c0, w_ih, w_hh, b_ih, b_hh, None, None, mode, False, False, None)
+    bwd = OPS.rnn_layer_backward
+
+    def call_b(clip=None, **kw):
+        a = dict(go=torch.randn_like(out), ghn=torch.randn_like(h_n), gcn=torch.randn_like(c_n), x=x, h0=h0,
+                 c0=c0, out=out, cells=cells, ws=ws, w_ih=w_ih, w_hh=w_hh, lengths=None)
+        a.update(kw)
+        return bwd(*a.values(), mode, False, clip, False, True, True)
+
+    with pytest.raises(ValueError, match="grad_output must have shape"):
+        call_b(go=out[1:])
+    with pytest.raises(ValueError, match="grad_h_n must have shape"):
+        call_b(ghn=h_n[:1])
+    with pytest.raises(ValueError, match="grad_c_n must have shape"):
+        call_b(gcn=c_n[:, :1])
+    with pytest.raises(ValueError, match="x must have shape"):
+        call_b(x=x[1:])
+    with pytest.raises(ValueError, match="cell_states must have shape"):
+        call_b(cells=cells[1:])
+    with pytest.raises(ValueError, match="workspace must have shape"):
+        call_b(ws=ws[..., 1:])
+    with pytest.raises(ValueError, match="grad_clip must be None or > 0"):
+        call_b(clip=-1.0)
+    with pytest.raises(TypeError, match="grad_output must have dtype"):
+        call_b(go=torch.randn_like(out).float())

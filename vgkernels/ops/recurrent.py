@@ -259,6 +259,8 @@ def _layer_setup_context(ctx, inputs, output):
     x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, probe, mode, reverse, track, grad_clip = inputs
     out, _, _, cell_states, workspace, _ = output
     ctx.save_for_backward(x, h0, c0, out, cell_states, workspace, w_ih, w_hh, lengths)
+    # Unused outputs get no zero-filled gradients: the backward reads None as zero.
+    ctx.set_materialize_grads(False)
     ctx.config = (mode, reverse, track and probe is not None, grad_clip)
     ctx.has = (c0 is not None, b_ih is not None, b_hh is not None, probe is not None)
 
