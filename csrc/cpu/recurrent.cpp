@@ -1,13 +1,21 @@
 // Whole-sequence recurrent layers (Elman RNN, LSTM, GRU) for CPU tensors: one direction of one layer.
 //
+// Two op pairs share the time loops below:
+// - rnn_forward / rnn_backward take the input projection xproj = x W_ih^T + b precomputed and return
+//   the states [T+1, B, H] with h0 in them;
+// - rnn_layer_forward / rnn_layer_backward take x and W_ih and do the projection inside: x_t W_ih^T per
+//   step in the forward, gx_t W_ih per step and grad_w_ih as one GEMM in the backward. They return the
+//   output [T, B, H], h_n and c_n as separate tensors and take their gradients directly.
+//
 // Samples are independent, so each thread takes a block of batch rows and runs the whole time loop
 // on it, with no barrier between steps.
-// Forward, per step: ONE GEMM h_prev W_hh^T for the thread's rows into a preallocated buffer, then ONE
-// fused pointwise pass over those rows (gates, new state, workspace, Jacobian-norm terms).
-// Backward, per step in reverse: ONE fused pointwise pass writing the pre-activation gradients into
-// grad_xproj[t], then ONE GEMM dgates W_hh accumulated into the gradient of h_prev. grad_w_hh is one
-// GEMM over all T*B rows after the loop. Nothing is allocated inside the time loops; the GEMMs run on
-// raw pointers (recurrent_blas.h), W_hh is transposed at most once per call.
+// Forward, per step: the GEMM h_prev W_hh^T (and x_t W_ih^T) for the thread's rows into a preallocated
+// buffer, then ONE fused pointwise pass over those rows (gates, new state, workspace, Jacobian-norm
+// terms).
+// Backward, per step in reverse: ONE fused pointwise pass writing the pre-activation gradients, then
+// ONE GEMM dgates W_hh accumulated into the gradient of h_prev (and dgates W_ih into grad_x). The weight
+// gradients are one GEMM each over all T*B rows after the loop. Nothing is allocated inside the time
+// loops; the GEMMs run on raw pointers (recurrent_blas.h), weights are transposed at most once per call.
 //
 // Workspace layouts (private to this backend, dtype of the input):
 //   lstm: activated gates i, f, g, o  [T, B, 4H]

@@ -8,8 +8,9 @@ namespace vgk::rnn {
 
 enum class Cell : int { kLstm, kGru, kTanh, kRelu, kSigmoid };
 
-// Forward step: gates from xproj[t] + h_prev W_hh^T (+ b_hh for the GRU), new state, workspace and
-// (when jac != nullptr) the squared Frobenius norm of the step Jacobian per row.
+// Forward step: gates from the input projection x (+ bx for the GRU) + h_prev W_hh^T (+ b_hh for the
+// GRU), new state, workspace and (when jac != nullptr) the squared Frobenius norm of the step Jacobian
+// per row.
 template <typename T>
 struct FwdStep {
   int64_t H = 0;

@@ -73,15 +73,25 @@ def workspace_width(mode: str, hidden_size: int, layer_norm: bool) -> int:
 # Fake (shape-only) implementations of the C++ kernel ops, for torch.compile and opcheck.
 
 
+def _fake_saved(like, T, B, H, mode, track, layer_norm):
+    """Workspace and jac_sq of a forward kernel op."""
+    width = workspace_width(mode, H, layer_norm)
+    workspace = like.new_empty(T, B, width) if width else _empty(like)
+    jac_sq = like.new_empty(T, B, dtype=torch.float32) if track else _empty(like, torch.float32)
+    return workspace, jac_sq
+
+
+def _fake_grad_sq(like, T, B, mode, track):
+    K = 2 if mode == "lstm" else 1
+    return like.new_empty(K, T, B, dtype=torch.float32) if track else _empty(like, torch.float32)
+
+
 def _fake_forward_shapes(xproj, w_hh, mode, track, layer_norm):
     T, B, _ = xproj.shape
     H = w_hh.shape[1]
     states = xproj.new_empty(T + 1, B, H)
     cell_states = xproj.new_empty(T + 1, B, H) if mode == "lstm" else _empty(xproj)
-    width = workspace_width(mode, H, layer_norm)
-    workspace = xproj.new_empty(T, B, width) if width else _empty(xproj)
-    jac_sq = xproj.new_empty(T, B, dtype=torch.float32) if track else _empty(xproj, torch.float32)
-    return states, cell_states, workspace, jac_sq
+    return states, cell_states, *_fake_saved(xproj, T, B, H, mode, track, layer_norm)
 
 
 def _fake_backward_shapes(states, w_hh, mode, track, has_b_hh):
@@ -93,9 +103,7 @@ def _fake_backward_shapes(states, w_hh, mode, track, has_b_hh):
     grad_c0 = states.new_empty(B, H) if mode == "lstm" else _empty(states)
     grad_w_hh = w_hh.new_empty(w_hh.shape)
     grad_b_hh = states.new_empty(G * H) if has_b_hh else _empty(states)
-    K = 2 if mode == "lstm" else 1
-    grad_sq = states.new_empty(K, T, B, dtype=torch.float32) if track else _empty(states, torch.float32)
-    return grad_xproj, grad_h0, grad_c0, grad_w_hh, grad_b_hh, grad_sq
+    return grad_xproj, grad_h0, grad_c0, grad_w_hh, grad_b_hh, _fake_grad_sq(states, T, B, mode, track)
 
 
 @torch.library.register_fake("vgk::rnn_forward")
@@ -114,9 +122,9 @@ def _(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, probe, mode, reverse, track, g
     T, B, _ = x.shape
     H = w_hh.shape[1]
     lstm = mode == "lstm"
-    _, _, workspace, jac_sq = _fake_forward_shapes(x.new_empty(T, B, 0), w_hh, mode, track, layer_norm=False)
-    return (x.new_empty(T, B, H), x.new_empty(B, H), x.new_empty(B, H) if lstm else _empty(x),
-            x.new_empty(T, B, H) if lstm else _empty(x), workspace, jac_sq)
+    output, h_n = x.new_empty(T, B, H), x.new_empty(B, H)
+    c_n, cell_states = (x.new_empty(B, H), x.new_empty(T, B, H)) if lstm else (_empty(x), _empty(x))
+    return output, h_n, c_n, cell_states, *_fake_saved(x, T, B, H, mode, track, layer_norm=False)
 
 
 @torch.library.register_fake("vgk::rnn_layer_backward")
@@ -124,11 +132,12 @@ def _(grad_output, grad_h_n, grad_c_n, x, h0, c0, output, cell_states, workspace
       reverse, grad_clip, track, has_bias, grad_input):
     T, B, H = output.shape
     GH = w_hh.shape[0]
-    K = 2 if mode == "lstm" else 1
-    return (x.new_empty(x.shape) if grad_input else _empty(x), h0.new_empty(B, H),
-            h0.new_empty(B, H) if mode == "lstm" else _empty(h0), w_ih.new_empty(w_ih.shape),
-            w_hh.new_empty(w_hh.shape), *(w_hh.new_empty(GH) if has_bias else _empty(w_hh) for _ in range(2)),
-            x.new_empty(K, T, B, dtype=torch.float32) if track else _empty(x, torch.float32))
+    grad_x = x.new_empty(x.shape) if grad_input else _empty(x)
+    grad_c0 = h0.new_empty(B, H) if mode == "lstm" else _empty(h0)
+    # Two distinct bias gradients: the kernels' outputs never alias each other.
+    grad_b = tuple(w_hh.new_empty(GH) if has_bias else _empty(w_hh) for _ in range(2))
+    return (grad_x, h0.new_empty(B, H), grad_c0, w_ih.new_empty(w_ih.shape), w_hh.new_empty(w_hh.shape),
+            *grad_b, _fake_grad_sq(x, T, B, mode, track))
 
 
 @torch.library.register_fake("vgk::rnn_ln_forward")
