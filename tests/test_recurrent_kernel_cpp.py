@@ -437,13 +437,18 @@ for mode, G in (("lstm", 4), ("gru", 3), ("rnn_tanh", 1)):
         gs = torch.randn(T + 1, B, H); gc = torch.randn_like(cs)
         res = torch.ops.vgk.rnn_backward(gs, gc, st, cs, ws, w, lens, mode, reverse, 0.5, True, b is not None)
         out += [st, cs, ws, jac, *res]
-        xs = torch.randn(T, B, 29); w_ih = torch.randn(G * H, 29) * 29 ** -0.5; b_ih = torch.randn(G * H)
-        fwd = torch.ops.vgk.rnn_layer_forward(xs, h0, c0, w_ih, w, b_ih, b_ih, lens, None, mode, reverse,
-                                              True, None)
-        grads = (torch.randn_like(fwd[0]), torch.randn_like(fwd[1]), torch.randn_like(fwd[2]))
-        res = torch.ops.vgk.rnn_layer_backward(*grads, xs, h0, c0, fwd[0], fwd[3], fwd[4], w_ih, w, lens,
-                                               mode, reverse, 0.5, True, True, True)
-        out += [*fwd, *res]
+        for rows in (B, 2 * B):  # the projection as one GEMM, and per step
+            xs = torch.randn(T, rows, 29)
+            w_ih = torch.randn(G * H, 29) * 29 ** -0.5
+            b_ih = torch.randn(G * H)
+            h, n = h0.repeat(2, 1)[:rows], lens.repeat(2)[:rows]
+            c = c0.repeat(2, 1)[:rows] if c0 is not None else None
+            fwd = torch.ops.vgk.rnn_layer_forward(xs, h, c, w_ih, w, b_ih, b_ih, n, None, mode, reverse, True,
+                                                  None)
+            grads = (torch.randn_like(fwd[0]), torch.randn_like(fwd[1]), torch.randn_like(fwd[2]))
+            res = torch.ops.vgk.rnn_layer_backward(*grads, xs, h, c, fwd[0], fwd[3], fwd[4], w_ih, w, n, mode,
+                                                   reverse, 0.5, True, True, True)
+            out += [*fwd, *res]
 torch.save(out, sys.argv[2])
 """
 
@@ -462,7 +467,7 @@ def test_gemm_paths_and_threads_agree(tmp_path, env, threads):
             environ["VGK_CPU_BLAS"] = e
         subprocess.run([sys.executable, str(script), str(n), str(out)], check=True, env=environ, timeout=300)
         results.append(torch.load(out))
-    assert len(results[0]) == len(results[1]) == 60 + 84
+    assert len(results[0]) == len(results[1]) == 60 + 168
     for a, b in zip(*results, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
@@ -627,15 +632,17 @@ def check_layer_against_oracle(mode, T, B, I, H, dtype, reverse, lengths, tol, b
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize("lengths", [False, True])
-@pytest.mark.parametrize("T,B,I,H", [(5, 3, 4, 6), (1, 1, 1, 1), (4, 1, 3, 3), (3, 2, 7, 37)])
+@pytest.mark.parametrize("T,B,I,H", [(5, 3, 4, 6), (1, 1, 1, 1), (4, 1, 3, 3), (3, 2, 7, 37), (3, 9, 5, 4)])
 def test_layer_float64_matches_reference(mode, reverse, lengths, T, B, I, H):
+    # B >= 8 runs the input projection per step inside the time loop, fewer rows as one GEMM.
     check_layer_against_oracle(mode, T, B, I, H, torch.float64, reverse, lengths, F64)
 
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("reverse", [False, True])
 def test_layer_float32_matches_reference(mode, reverse):
-    check_layer_against_oracle(mode, 6, 5, 11, 37, torch.float32, reverse, True, F32)
+    for B in (5, 10):
+        check_layer_against_oracle(mode, 6, B, 11, 37, torch.float32, reverse, True, F32)
 
 
 def test_layer_float32_size_256_matches_reference():
@@ -647,7 +654,8 @@ def test_layer_float32_size_256_matches_reference():
 
 @pytest.mark.parametrize("mode", MODES)
 def test_layer_without_bias(mode):
-    check_layer_against_oracle(mode, 4, 3, 5, 6, torch.float64, False, False, F64, bias=False)
+    for B in (3, 8):
+        check_layer_against_oracle(mode, 4, B, 5, 6, torch.float64, False, False, F64, bias=False)
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -672,9 +680,10 @@ def test_layer_matches_the_xproj_ops(mode):
 
 
 @pytest.mark.parametrize("mode", ["lstm", "gru", "rnn_tanh"])
-def test_layer_absent_gradients_mean_zero(mode):
+@pytest.mark.parametrize("B", [5, 8])
+def test_layer_absent_gradients_mean_zero(mode, B):
     # Empty grad_output / grad_h_n / grad_c_n stand for zeros; grad_input=False skips grad_x.
-    T, B, I, H = 4, 5, 3, 6
+    T, I, H = 4, 3, 6
     inp = make_layer_inputs(mode, T, B, I, H, torch.float32, lengths=True)
     go, ghn, gcn = layer_upstream(mode, T, B, H, torch.float32)
     empty = torch.empty(0)
@@ -724,8 +733,9 @@ def test_layer_lengths_carry_state_and_zero_the_rest(mode):
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("reverse", [False, True])
-def test_layer_grad_clip_matches_hooked_loop(mode, reverse):
-    T, B, I, H = 5, 3, 4, 4
+@pytest.mark.parametrize("B", [3, 8])
+def test_layer_grad_clip_matches_hooked_loop(mode, reverse, B):
+    I, T, H = 4, 5, 4
     inp = make_layer_inputs(mode, T, B, I, H)
     go, ghn, gcn = (3 * g for g in layer_upstream(mode, T, B, H, torch.float64))  # large: the clip bites
     clip = 0.1
@@ -747,8 +757,9 @@ def test_layer_grad_clip_matches_hooked_loop(mode, reverse):
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_layer_tracking_changes_no_value(mode):
-    T, B, I, H = 3, 5, 4, 37
+@pytest.mark.parametrize("B", [5, 8])
+def test_layer_tracking_changes_no_value(mode, B):
+    T, I, H = 3, 4, 37
     inp = make_layer_inputs(mode, T, B, I, H, torch.float32, lengths=True)
     grads = layer_upstream(mode, T, B, H, torch.float32)
     plain = layer_op_forward(mode, inp, False, track=False)
@@ -763,8 +774,9 @@ def test_layer_tracking_changes_no_value(mode):
         assert torch.equal(a, b)
 
 
-def test_layer_non_contiguous_inputs():
-    mode, T, B, I, H = "lstm", 4, 3, 5, 6
+@pytest.mark.parametrize("B", [3, 8])
+def test_layer_non_contiguous_inputs(B):
+    mode, T, I, H = "lstm", 4, 5, 6
     inp = make_layer_inputs(mode, T, B, I, H)
     grads = layer_upstream(mode, T, B, H, torch.float64)
     fwd = layer_op_forward(mode, inp, False)
@@ -786,7 +798,20 @@ def test_layer_non_contiguous_inputs():
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
-def test_layer_batch_zero():
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("B", [1, 8])
+def test_layer_ops_leave_their_inputs_alone(mode, B):
+    inp = make_layer_inputs(mode, 1, B, 3, 4)
+    saved = [t.clone() if t is not None else None for t in inp]
+    fwd = layer_op_forward(mode, inp, False)
+    grads = layer_upstream(mode, 1, B, 4, torch.float64)
+    saved_grads = [g.clone() for g in grads]
+    layer_op_backward(mode, inp, fwd, grads, False)
+    for a, b in zip(inp + grads, saved + saved_grads, strict=True):
+        assert a is None or torch.equal(a, b)
+
+
+def test_layer_batch_zero():  # few rows: the projection as one GEMM over no rows
     for mode in MODES:
         inp = make_layer_inputs(mode, 3, 0, 2, 4)
         fwd = layer_op_forward(mode, inp, False)

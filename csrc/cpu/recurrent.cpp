@@ -159,6 +159,9 @@ at::Tensor gram_entries(const at::Tensor& w_hh, Cell cell, int64_t H) {
 
 // Fewest batch rows per thread: the per-step GEMM loses efficiency on fewer rows.
 constexpr int64_t kRowGrain = 4;
+// Fewest batch rows for which the input projection runs per step inside the time loop (GEMMs of the
+// threads' rows); below, the rows per thread are too few and one GEMM over all T*B rows is faster.
+constexpr int64_t kStepProjectionRows = 2 * kRowGrain;
 
 int64_t position(int64_t s, int64_t T, bool reverse) { return reverse ? T - 1 - s : s; }
 
@@ -598,12 +601,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     using T = scalar_t;
     const at::Tensor xc = x.contiguous(), h0c = h0.contiguous();
     const at::Tensor c0c = lstm ? c0->contiguous() : at::Tensor();
-    const RowsGemm<T> proj(w_ih.contiguous(), /*trans_w=*/true);
+    const at::Tensor wih = w_ih.contiguous();
+    const bool per_step = B >= kStepProjectionRows;
+    std::optional<RowsGemm<T>> proj;
+    at::Tensor xproj;
     InputSide<T> in;
-    in.x = xc.const_data_ptr<T>();
-    in.I = I;
-    in.w_ih = &proj;
-    in.bias = bias.const_data_ptr<T>();
+    if (per_step) {
+      in.x = xc.const_data_ptr<T>();
+      in.I = I;
+      in.w_ih = &proj.emplace(wih, /*trans_w=*/true);
+      in.bias = bias.const_data_ptr<T>();
+    } else {
+      xproj = at::empty({T_ * B, GH}, opts);  // a fresh tensor: expand().contiguous() may alias the bias
+      xproj.copy_(bias.expand({T_ * B, GH}));
+      gemm<T>(false, true, T_ * B, GH, I, xc.const_data_ptr<T>(), I, wih.const_data_ptr<T>(), I, T(1),
+              xproj.data_ptr<T>(), GH);
+      in.xproj = xproj.const_data_ptr<T>();
+    }
     const StateSeq<T> hs{output.data_ptr<T>(), h0c.const_data_ptr<T>(), T_, B * H, reverse};
     const StateSeq<T> cs = lstm ? StateSeq<T>{cells.data_ptr<T>(), c0c.const_data_ptr<T>(), T_, B * H, reverse}
                                 : StateSeq<T>{};
@@ -684,7 +698,9 @@ rnn_layer_backward_cpu(const at::Tensor& grad_output, const at::Tensor& grad_h_n
     const at::Tensor c0c = lstm ? c0->contiguous() : at::Tensor();
     const at::Tensor ws = lstm || gru ? workspace.contiguous() : at::Tensor();
     const at::Tensor wih = w_ih.contiguous();
-    const RowsGemm<T> back_proj(wih, /*trans_w=*/false);  // dgates W_ih
+    // grad_x: dgates W_ih per step, or one GEMM after the loop for few rows (as in the forward).
+    const bool per_step = B >= kStepProjectionRows;
+    const RowsGemm<T> back_proj(wih, /*trans_w=*/false);
     // The pre-activation gradients; the GRU's recurrent ones differ in their n block (d hn = r * d n_pre).
     at::Tensor D = at::empty({T_, B, GH}, opts);
     at::Tensor rec = gru ? at::empty({T_, B, GH}, opts) : at::Tensor();
@@ -696,8 +712,13 @@ rnn_layer_backward_cpu(const at::Tensor& grad_output, const at::Tensor& grad_h_n
                      lstm ? grad_seq<T>(at::Tensor(), 0, B, H, opts) : GradSeq<T>{},
                      hs, cseq, ws.defined() ? ws.const_data_ptr<T>() : nullptr, w_hh.contiguous(), len, grad_clip,
                      track, dh, dc, D.data_ptr<T>(), gru ? rec.data_ptr<T>() : nullptr,
-                     track ? gsq.data_ptr<float>() : nullptr, &back_proj, grad_input ? gx.data_ptr<T>() : nullptr, I);
+                     track ? gsq.data_ptr<float>() : nullptr, &back_proj,
+                     grad_input && per_step ? gx.data_ptr<T>() : nullptr, I);
     const at::Tensor Dx = D.view({T_ * B, GH}), Dh = (gru ? rec : D).view({T_ * B, GH});
+    if (grad_input && !per_step) {
+      gemm<T>(false, false, T_ * B, I, GH, Dx.const_data_ptr<T>(), GH, wih.const_data_ptr<T>(), I, T(0),
+              gx.data_ptr<T>(), I);
+    }
     weight_grad<T>({xc.view({T_ * B, I})}, Dx, gw_ih);
     weight_grad<T>(states_before(out, h0c, reverse), Dh, gw_hh);
     if (has_bias) {
