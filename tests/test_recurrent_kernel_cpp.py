@@ -912,3 +912,61 @@ def test_layer_bad_inputs():
         call_b(clip=-1.0)
     with pytest.raises(TypeError, match="grad_output must have dtype"):
         call_b(go=torch.randn_like(out).float())
+
+
+# Buffers of 1 MiB or more (outputs, workspace, temporaries) come from a cache of freed blocks.
+CACHE_SCRIPT = """
+import sys, torch, vgkernels._C  # noqa
+torch.manual_seed(0)
+T, B, I, H = 40, 16, 64, 128
+out = []
+for mode, G in (("lstm", 4), ("gru", 3), ("rnn_tanh", 1)):
+    x = torch.randn(B, T, I).transpose(0, 1)  # not contiguous: copied into a cached buffer
+    h0 = torch.randn(B, H); c0 = torch.randn(B, H) if mode == "lstm" else None
+    w_ih = torch.randn(G * H, I) * I ** -0.5; w_hh = torch.randn(G * H, H) * H ** -0.5
+    b = torch.randn(G * H)
+    for reverse in (False, True):
+        for _ in range(2):  # the second call reuses the blocks the first one freed
+            fwd = torch.ops.vgk.rnn_layer_forward(x, h0, c0, w_ih, w_hh, b, b, None, None, mode, reverse,
+                                                  True, None)
+            ones = torch.ones(()).expand(T, B, H)  # the gradient of out.sum(): copied into a cached buffer
+            grads = (ones, torch.randn_like(fwd[1]), torch.randn_like(fwd[2]))
+            res = torch.ops.vgk.rnn_layer_backward(*grads, x, h0, c0, fwd[0], fwd[3], fwd[4], w_ih, w_hh,
+                                                   None, mode, reverse, None, True, True, True)
+        out += [*fwd, *res]
+torch.save(out, sys.argv[1])
+"""
+
+
+def test_block_cache_changes_no_value(tmp_path):
+    script = tmp_path / "run.py"
+    script.write_text(CACHE_SCRIPT)
+    results = []
+    for limit in (None, "0"):
+        out = tmp_path / f"out_{limit}.pt"
+        environ = {k: v for k, v in os.environ.items() if k != "VGK_CPU_CACHE_MB"}
+        if limit is not None:
+            environ["VGK_CPU_CACHE_MB"] = limit
+        subprocess.run([sys.executable, str(script), str(out)], check=True, env=environ, timeout=300)
+        results.append(torch.load(out))
+    assert max(t.numel() * t.element_size() for t in results[0]) >= 2**20
+    for a, b in zip(*results, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_layer_live_outputs_keep_their_values():
+    # Later calls reuse only the blocks of freed tensors, never those of live ones.
+    mode, T, B, I, H = "lstm", 40, 16, 64, 128
+    inp = make_layer_inputs(mode, T, B, I, H, torch.float32)
+    grads = layer_upstream(mode, T, B, H, torch.float32)
+    fwd = layer_op_forward(mode, inp, False)
+    bwd = layer_op_backward(mode, inp, fwd, grads, False)
+    assert fwd[4].numel() * 4 >= 2**20
+    kept = [t.clone() for t in fwd + bwd]
+    for seed in (1, 2):
+        other = make_layer_inputs(mode, T, B, I, H, torch.float32, seed=seed)
+        o_fwd = layer_op_forward(mode, other, True)
+        layer_op_backward(mode, other, o_fwd, grads, True)
+        del o_fwd
+    for a, b in zip(fwd + bwd, kept, strict=True):
+        assert torch.equal(a, b)

@@ -16,6 +16,7 @@
 // ONE GEMM dgates W_hh accumulated into the gradient of h_prev (and dgates W_ih into grad_x). The weight
 // gradients are one GEMM each over all T*B rows after the loop. Nothing is allocated inside the time
 // loops; the GEMMs run on raw pointers (recurrent_blas.h), weights are transposed at most once per call.
+// The layer ops take their large buffers from a cache of freed blocks (recurrent_alloc.h).
 //
 // Workspace layouts (private to this backend, dtype of the input):
 //   lstm: activated gates i, f, g, o  [T, B, 4H]
@@ -34,6 +35,7 @@
 #include <vector>
 
 #include "ops.h"
+#include "recurrent_alloc.h"
 #include "recurrent_args.h"
 #include "recurrent_blas.h"
 
@@ -402,13 +404,13 @@ void weight_grad(const std::vector<at::Tensor>& blocks, const at::Tensor& D, at:
     return;
   }
   if (brgemm_enabled<T>()) {
-    at::Tensor a_t = at::empty({K, R}, D.options());
+    at::Tensor a_t = cached_empty({K, R}, D.options());
     int64_t r0 = 0;
     for (const at::Tensor& blk : blocks) {
       transpose_into<T>(blk.const_data_ptr<T>(), blk.size(0), K, K, a_t.data_ptr<T>() + r0, R);
       r0 += blk.size(0);
     }
-    at::Tensor out_t = at::empty({K, N}, D.options());
+    at::Tensor out_t = cached_empty({K, N}, D.options());
     if constexpr (std::is_same_v<T, float>) {
       tiled_brgemm(K, N, R, a_t.const_data_ptr<float>(), R, D.const_data_ptr<float>(), N, out_t.data_ptr<float>(),
                    N);
@@ -586,11 +588,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const at::Tensor len = checked_lengths(op, lengths, B, T_);
 
   const auto opts = x.options();
-  at::Tensor output = at::empty({T_, B, H}, opts);
+  at::Tensor output = cached_empty({T_, B, H}, opts);
   at::Tensor h_n = at::empty({B, H}, opts);
   at::Tensor c_n = lstm ? at::empty({B, H}, opts) : at::empty({0}, opts);
-  at::Tensor cells = lstm ? at::empty({T_, B, H}, opts) : at::empty({0}, opts);
-  at::Tensor ws = gated ? at::empty({T_, B, 4 * H}, opts) : at::empty({0}, opts);
+  at::Tensor cells = lstm ? cached_empty({T_, B, H}, opts) : at::empty({0}, opts);
+  at::Tensor ws = gated ? cached_empty({T_, B, 4 * H}, opts) : at::empty({0}, opts);
   at::Tensor jac = track ? at::empty({T_, B}, opts.dtype(at::kFloat)) : at::empty({0}, opts.dtype(at::kFloat));
 
   // The bias of the input side: b_ih + b_hh, except for the GRU whose b_hh stays inside r * (...).
@@ -599,7 +601,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 
   AT_DISPATCH_FLOATING_TYPES(dtype, "rnn_layer_forward", [&] {
     using T = scalar_t;
-    const at::Tensor xc = x.contiguous(), h0c = h0.contiguous();
+    const at::Tensor xc = cached_contiguous(x), h0c = h0.contiguous();
     const at::Tensor c0c = lstm ? c0->contiguous() : at::Tensor();
     const at::Tensor wih = w_ih.contiguous();
     const bool per_step = B >= kStepProjectionRows;
@@ -612,7 +614,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       in.w_ih = &proj.emplace(wih, /*trans_w=*/true);
       in.bias = bias.const_data_ptr<T>();
     } else {
-      xproj = at::empty({T_ * B, GH}, opts);  // a fresh tensor: expand().contiguous() may alias the bias
+      xproj = cached_empty({T_ * B, GH}, opts);  // a fresh tensor: expand().contiguous() may alias the bias
       xproj.copy_(bias.expand({T_ * B, GH}));
       gemm<T>(false, true, T_ * B, GH, I, xc.const_data_ptr<T>(), I, wih.const_data_ptr<T>(), I, T(1),
               xproj.data_ptr<T>(), GH);
@@ -637,7 +639,7 @@ at::Tensor optional_grad(const char* op, const char* name, const at::Tensor& g, 
                          at::IntArrayRef sizes) {
   if (g.numel() == 0 && g.dim() == 1) return at::Tensor();
   check_tensor(op, name, g, dtype, sizes);
-  return g.contiguous();
+  return cached_contiguous(g);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
@@ -680,7 +682,7 @@ rnn_layer_backward_cpu(const at::Tensor& grad_output, const at::Tensor& grad_h_n
   const at::Tensor len = checked_lengths(op, lengths, B, T_);
 
   const auto opts = output.options();
-  at::Tensor gx = grad_input ? at::empty({T_, B, I}, opts) : at::empty({0}, opts);
+  at::Tensor gx = grad_input ? cached_empty({T_, B, I}, opts) : at::empty({0}, opts);
   at::Tensor gw_ih = at::empty({GH, I}, opts);
   at::Tensor gw_hh = at::empty({GH, H}, opts);
   at::Tensor gb_ih = has_bias ? at::empty({GH}, opts) : at::empty({0}, opts);
@@ -693,17 +695,17 @@ rnn_layer_backward_cpu(const at::Tensor& grad_output, const at::Tensor& grad_h_n
 
   AT_DISPATCH_FLOATING_TYPES(dtype, "rnn_layer_backward", [&] {
     using T = scalar_t;
-    const at::Tensor xc = x.contiguous(), out = output.contiguous(), h0c = h0.contiguous();
-    const at::Tensor cs = lstm ? cell_states.contiguous() : at::Tensor();
+    const at::Tensor xc = cached_contiguous(x), out = cached_contiguous(output), h0c = h0.contiguous();
+    const at::Tensor cs = lstm ? cached_contiguous(cell_states) : at::Tensor();
     const at::Tensor c0c = lstm ? c0->contiguous() : at::Tensor();
-    const at::Tensor ws = lstm || gru ? workspace.contiguous() : at::Tensor();
+    const at::Tensor ws = lstm || gru ? cached_contiguous(workspace) : at::Tensor();
     const at::Tensor wih = w_ih.contiguous();
     // grad_x: dgates W_ih per step, or one GEMM after the loop for few rows (as in the forward).
     const bool per_step = B >= kStepProjectionRows;
     const RowsGemm<T> back_proj(wih, /*trans_w=*/false);
     // The pre-activation gradients; the GRU's recurrent ones differ in their n block (d hn = r * d n_pre).
-    at::Tensor D = at::empty({T_, B, GH}, opts);
-    at::Tensor rec = gru ? at::empty({T_, B, GH}, opts) : at::Tensor();
+    at::Tensor D = cached_empty({T_, B, GH}, opts);
+    at::Tensor rec = gru ? cached_empty({T_, B, GH}, opts) : at::Tensor();
     const StateSeq<T> hs{const_cast<T*>(out.const_data_ptr<T>()), h0c.const_data_ptr<T>(), T_, B * H, reverse};
     const StateSeq<T> cseq = lstm ? StateSeq<T>{const_cast<T*>(cs.const_data_ptr<T>()), c0c.const_data_ptr<T>(),
                                                 T_, B * H, reverse}
