@@ -237,7 +237,7 @@ void forward_loop(Cell cell, int64_t G, int64_t T_, int64_t B, int64_t H, const 
     st.gram = gram.defined() ? gram.const_data_ptr<T>() : nullptr;
     st.len = lp ? lp + b0 : nullptr;
     for (int64_t s = 0; s < T_; ++s) {
-      const int64_t t = position(s, T_, hs.reverse), row = (t * B + b0);
+      const int64_t t = position(s, T_, hs.reverse), row = t * B + b0;
       st.hp = hs.before(t) + b0 * H;
       if (!fused) {
         step_gemm.run(nb, st.hp, H, /*accumulate=*/false, hhp, GH);
@@ -278,7 +278,8 @@ struct GradSeq {
 };
 
 template <typename T>
-GradSeq<T> grad_seq(const at::Tensor& grad, int64_t offset_rows, int64_t B, int64_t H, const at::TensorOptions& opts) {
+GradSeq<T> grad_seq(const at::Tensor& grad, int64_t offset_rows, int64_t B, int64_t H,
+                    const at::TensorOptions& opts) {
   if (!grad.defined()) {
     at::Tensor zeros = at::zeros({B, H}, opts);
     return {zeros.const_data_ptr<T>(), 0, zeros};
