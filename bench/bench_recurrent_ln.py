@@ -11,6 +11,7 @@ import torch
 from harness import interleaved
 
 import vgkernels as vgk
+from vgkernels.benchmark import training_step
 
 T, B, SIZE = 50, 32, 128
 ROUNDS = 10
@@ -29,19 +30,7 @@ def _candidates(cell: str) -> dict:
         models[name].load_state_dict(state)
     x = torch.randn(T, B, SIZE, requires_grad=True)
 
-    def step(model: torch.nn.Module, read_trace: bool) -> callable:
-        def run() -> None:
-            for p in model.parameters():
-                p.grad = None
-            x.grad = None
-            out, _ = model(x)
-            out.sum().backward()
-            if read_trace:
-                model.trace.grad_norm_per_sample  # noqa: B018  (materialise the trace like a user would)
-
-        return run
-
-    return {name: step(m, name == "vgkernels tracked") for name, m in models.items()}
+    return {name: training_step(m, x, read_trace=name == "vgkernels tracked") for name, m in models.items()}
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru"])

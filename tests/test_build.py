@@ -26,3 +26,13 @@ def test_info_command_runs(capsys):
     assert vgkernels.__version__ in out
     assert torch.__version__ in out
     assert "cpp" in out and "usable" in out
+
+
+def test_bench_command_quick(capsys):
+    from vgkernels.__main__ import main
+
+    main(["bench", "--quick"])
+    out = capsys.readouterr().out
+    for name in ("torch.nn.LSTM", "torch.nn.GRU", "vgkernels tracked", "LSTMCell loop + retain_grad"):
+        assert name in out
+    assert out.count("of torch.nn") == 7

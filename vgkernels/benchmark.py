@@ -144,23 +144,29 @@ def recurrent_candidates(
     tracked.load_state_dict(ours.state_dict())
     x = torch.randn(T, B, size, device=device, dtype=dtype, requires_grad=True)
 
-    def step(model: torch.nn.Module, read_trace: bool = False) -> Callable[[], object]:
-        def run() -> None:
-            for p in model.parameters():
-                p.grad = None
-            x.grad = None
-            out, _ = model(x)
-            out.sum().backward()
-            if read_trace:
-                model.trace.grad_norm_per_sample  # noqa: B018  (materialise the trace like a user would)
-
-        return run
-
     return {
-        "vgkernels": step(ours),
-        "vgkernels tracked": step(tracked, read_trace=True),
-        f"torch.nn.{cell.upper()}": step(theirs),
+        "vgkernels": training_step(ours, x),
+        "vgkernels tracked": training_step(tracked, x, read_trace=True),
+        f"torch.nn.{cell.upper()}": training_step(theirs, x),
     }
+
+
+def training_step(model: torch.nn.Module, x: torch.Tensor, read_trace: bool = False) -> Callable[[], None]:
+    """A closure running forward and backward of a recurrent ``model`` on ``x`` with loss = out.sum().
+
+    With ``read_trace`` it also materialises the BPTT trace, as a user reading it would.
+    """
+
+    def run() -> None:
+        for p in model.parameters():
+            p.grad = None
+        x.grad = None
+        out, _ = model(x)
+        out.sum().backward()
+        if read_trace:
+            model.trace.grad_norm_per_sample  # noqa: B018
+
+    return run
 
 
 def lstm_cell_loop_candidate(T: int, B: int, size: int, device: str = "cpu") -> Callable[[], object]:
