@@ -68,12 +68,17 @@ VGK_INLINE void forward_row(const T* x, T* y, const T* w, const T* b, int64_t n,
     return std::array<typename O::V, 1>{d * d};
   })[0];
   const T rstd = T(1) / std::sqrt(sq / static_cast<T>(n) + eps);
+  const bool stream = simd::streamable(y) && n % simd::kLanes<T> == 0;
   simd::for_each<T>(n, [&](auto ops, int64_t i) {
     using O = decltype(ops);
     auto v = (O::load(x + i) - mean) * rstd;
     if constexpr (W) v = v * O::load(w + i);
     if constexpr (B) v = v + O::load(b + i);
-    O::store(y + i, v);
+    if (stream) {
+      O::stream(y + i, v);
+    } else {
+      O::store(y + i, v);
+    }
   });
   *mean_out = mean;
   *rstd_out = rstd;
@@ -136,6 +141,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_forward_cpu(
     const scalar_t e = static_cast<scalar_t>(eps);
     at::parallel_for(0, m, row_grain(n), [&](int64_t r0, int64_t r1) {
       forward_rows_dispatch(x + r0 * n, y + r0 * n, w, b, r1 - r0, n, e, mu + r0, rs + r0);
+      _mm_sfence();  // the rows' non-temporal stores are visible before the output is used
     });
   });
   return {output, mean, rstd};
@@ -162,22 +168,34 @@ VGK_INLINE void backward_row(const T* dy, const T* x, const T* w, T mean, T rstd
   });
   const T a = row_sums[0] / static_cast<T>(n);
   const T c = row_sums[1] / static_cast<T>(n);
-  const T sq = simd::sums<T, 1>(n, [&](auto ops, int64_t i) {
+  const auto dx_at = [&](auto ops, int64_t i) __attribute__((always_inline)) {
     using O = decltype(ops);
     const auto xh = (O::load(x + i) - mean) * rstd;
     auto g = O::load(dy + i);
     if constexpr (W) g = g * O::load(w + i);
-    const auto d = (g - a - xh * c) * rstd;
-    O::store(dx + i, d);
-    return std::array<typename O::V, 1>{d * d};
-  })[0];
-  if (clip >= 0 && sq > clip * clip) {
-    const T scale = clip / std::sqrt(sq);
-    simd::for_each<T>(n, [&](auto ops, int64_t i) {
-      using O = decltype(ops);
-      O::store(dx + i, O::load(dx + i) * scale);
-    });
+    return (g - a - xh * c) * rstd;
+  };
+  // With a bound, the row's norm comes first (a compute-only pass over a row in cache), so that dx is
+  // written once, already rescaled.
+  T scale = T(1);
+  if (clip >= 0) {
+    const T sq = simd::sums<T, 1>(n, [&](auto ops, int64_t i) {
+      const auto d = dx_at(ops, i);
+      return std::array<decltype(d), 1>{d * d};
+    })[0];
+    if (sq > clip * clip) scale = clip / std::sqrt(sq);
   }
+  const bool stream = simd::streamable(dx) && n % simd::kLanes<T> == 0;
+  simd::for_each<T>(n, [&](auto ops, int64_t i) {
+    using O = decltype(ops);
+    auto d = dx_at(ops, i);
+    if (scale != T(1)) d = d * scale;
+    if (stream) {
+      O::stream(dx + i, d);
+    } else {
+      O::store(dx + i, d);
+    }
+  });
 }
 
 template <typename T, bool W, bool DW, bool DB>
@@ -299,6 +317,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_backward_cpu(
         backward_rows_dispatch(g + r0 * n, x + r0 * n, w, mu + r0, rs + r0, r1 - r0, n, clip, dx + r0 * n,
                                dw_acc, db_acc);
       }
+      _mm_sfence();  // the rows' non-temporal stores are visible before the gradient is used
     });
     if (weight_grad) sum_blocks(dwp, blocks, n, grad_weight.mutable_data_ptr<scalar_t>());
     if (bias_grad) sum_blocks(dbp, blocks, n, grad_bias.mutable_data_ptr<scalar_t>());

@@ -8,6 +8,9 @@
 // the loader picks the clone the CPU supports.
 #pragma once
 
+#include <emmintrin.h>
+#include <xmmintrin.h>
+
 #include <array>
 #include <cstdint>
 
@@ -41,6 +44,21 @@ struct VecOps {
     return v;
   }
   static VGK_INLINE void store(T* p, V v) { __builtin_memcpy(p, &v, sizeof(V)); }
+  // Non-temporal store of a whole vector to a 16-byte aligned address: an output row that is not read
+  // again soon skips the read-for-ownership of its cache lines, a third of a pass's memory traffic.
+  static VGK_INLINE void stream(T* p, V v) {
+    if constexpr (sizeof(T) == 4) {
+      __m128 half[2];
+      __builtin_memcpy(half, &v, sizeof(V));
+      _mm_stream_ps(reinterpret_cast<float*>(p), half[0]);
+      _mm_stream_ps(reinterpret_cast<float*>(p) + 4, half[1]);
+    } else {
+      __m128d half[2];
+      __builtin_memcpy(half, &v, sizeof(V));
+      _mm_stream_pd(reinterpret_cast<double*>(p), half[0]);
+      _mm_stream_pd(reinterpret_cast<double*>(p) + 2, half[1]);
+    }
+  }
 };
 
 template <typename T>
@@ -48,7 +66,14 @@ struct ScalarOps {
   using V = T;
   static VGK_INLINE T load(const T* p) { return *p; }
   static VGK_INLINE void store(T* p, T v) { *p = v; }
+  static VGK_INLINE void stream(T* p, T v) { *p = v; }
 };
+
+// True when every vector of a row starting at p can be streamed (16-byte aligned start).
+template <typename T>
+VGK_INLINE bool streamable(const T* p) {
+  return (reinterpret_cast<uintptr_t>(p) & 15) == 0;
+}
 
 template <typename T>
 VGK_INLINE T hsum(Vec<T> v) {
