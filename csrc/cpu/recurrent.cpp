@@ -38,6 +38,7 @@
 #include "recurrent_alloc.h"
 #include "recurrent_args.h"
 #include "recurrent_blas.h"
+#include "recurrent_gram.h"
 
 #if defined(__GNUC__) && defined(__x86_64__)
 #define VGK_RNN_AVX2 1
@@ -129,36 +130,6 @@ at::Tensor checked_lengths(const char* op, const std::optional<at::Tensor>& leng
   return len;
 }
 
-// Per-unit Gram entries of W_hh's gate blocks as a structure of arrays [E, H] (see the kernels for
-// the order); accumulated in double, once per forward: O(G^2 H^2).
-template <typename T>
-at::Tensor gram_entries(const at::Tensor& w_hh, Cell cell, int64_t H) {
-  const int64_t G = cell == Cell::kLstm ? 4 : cell == Cell::kGru ? 3 : 1;
-  const int64_t E = G * (G + 1) / 2 + (cell == Cell::kGru ? 3 : 0);
-  at::Tensor gram = at::empty({E, H}, w_hh.options());
-  const T* w = w_hh.const_data_ptr<T>();
-  T* out = gram.data_ptr<T>();
-  at::parallel_for(0, H, 1 + 4096 / (E * H), [&](int64_t j0, int64_t j1) {
-    for (int64_t j = j0; j < j1; ++j) {
-      int64_t e = 0;
-      for (int64_t a = 0; a < G; ++a) {
-        for (int64_t b = a; b < G; ++b, ++e) {
-          const T* wa = w + (a * H + j) * H;
-          const T* wb = w + (b * H + j) * H;
-          double acc = 0;
-#pragma omp simd reduction(+ : acc)
-          for (int64_t k = 0; k < H; ++k) acc += static_cast<double>(wa[k]) * static_cast<double>(wb[k]);
-          out[e * H + j] = static_cast<T>(acc);
-        }
-      }
-      if (cell == Cell::kGru) {
-        for (int64_t a = 0; a < 3; ++a) out[(e + a) * H + j] = w[(a * H + j) * H + j];
-      }
-    }
-  });
-  return gram;
-}
-
 // Fewest batch rows per thread: the per-step GEMM loses efficiency on fewer rows.
 constexpr int64_t kRowGrain = 4;
 // Fewest batch rows for which the input projection runs per step inside the time loop (GEMMs of the
@@ -213,7 +184,7 @@ void forward_loop(Cell cell, int64_t G, int64_t T_, int64_t B, int64_t H, const 
   at::Tensor bias = gru ? (bhh.defined() ? bhh.contiguous() : at::zeros({GH}, opts)) : at::Tensor();
   // The GRU adds a bias to its input side too: b_ih with x, zeros with xproj (which holds it).
   at::Tensor xbias = gru && !fused ? at::zeros({GH}, opts) : at::Tensor();
-  at::Tensor gram = track ? gram_entries<T>(w, cell, H) : at::Tensor();
+  at::Tensor gram = track ? gram_entries<T>(w, G, H, /*diagonals=*/gru) : at::Tensor();
   const RowsGemm<T> step_gemm(w, /*trans_w=*/true);  // h_prev W_hh^T
   const ForwardRows<T> rows = pick_forward<T>(cell, track);
   const int64_t* lp = len.defined() ? len.const_data_ptr<int64_t>() : nullptr;

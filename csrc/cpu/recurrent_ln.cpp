@@ -36,6 +36,7 @@
 #include "ops.h"
 #include "recurrent_args.h"
 #include "recurrent_blas.h"
+#include "recurrent_gram.h"
 #include "recurrent_ln_args.h"
 
 #if defined(__GNUC__) && defined(__x86_64__)
@@ -161,33 +162,6 @@ struct Steps {
 // Rows per parallel chunk: enough work per thread to pay for the fork.
 int64_t row_grain(int64_t N) { return std::max<int64_t>(1, 8192 / N); }
 
-// Per-unit Gram entries of W_hh's gate blocks in float64, structure of arrays [E, H]: the upper
-// triangle (a <= b) of <W_a[j, :], W_b[j, :]> in row order, then for the GRU the diagonals W_a[j, j].
-at::Tensor gram_entries(const at::Tensor& wd, int64_t G, int64_t H, bool diagonals) {
-  const int64_t E = G * (G + 1) / 2 + (diagonals ? G : 0);
-  at::Tensor gram = at::empty({E, H}, wd.options());
-  const double* w = wd.const_data_ptr<double>();
-  double* out = gram.data_ptr<double>();
-  at::parallel_for(0, H, 1 + 4096 / (E * H), [&](int64_t j0, int64_t j1) {
-    for (int64_t j = j0; j < j1; ++j) {
-      int64_t e = 0;
-      for (int64_t a = 0; a < G; ++a) {
-        for (int64_t b = a; b < G; ++b, ++e) {
-          const double* wa = w + (a * H + j) * H;
-          const double* wb = w + (b * H + j) * H;
-          double acc = 0;
-          for (int64_t k = 0; k < H; ++k) acc += wa[k] * wb[k];
-          out[e * H + j] = acc;
-        }
-      }
-      if (diagonals) {
-        for (int64_t a = 0; a < G; ++a) out[(e + a) * H + j] = w[(a * H + j) * H + j];
-      }
-    }
-  });
-  return gram;
-}
-
 // out[c] = sum over rows r of a[r, c] (* b[r, c] when b is given), in float64. Each column is summed
 // in row order by one thread, so the result does not depend on the thread count.
 template <typename T>
@@ -254,7 +228,7 @@ void forward_impl(bool lstm, const at::Tensor& x, const at::Tensor& h0, const at
   LnJacobianRows<T> jrows = nullptr;
   if (track) {
     wd = w.to(at::kDouble).contiguous();
-    gram = gram_entries(wd, G, H, /*diagonals=*/!lstm);
+    gram = gram_entries<double>(wd, G, H, /*diagonals=*/!lstm);
     u = wd.sum(0).div_(static_cast<double>(N)).contiguous();
     wu = at::mv(wd, u).contiguous();
     zbuf = at::empty({K * B, N}, wd.options());
