@@ -71,8 +71,7 @@ namespace {
 
 bool use_avx2() {
 #ifdef VGK_RNN_AVX2
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return ok;
+  return cpu_has_avx2_fma();
 #else
   return false;
 #endif

@@ -61,4 +61,14 @@ using ForwardRows = void (*)(const FwdStep<T>&, int64_t b0, int64_t b1);
 template <typename T>
 using BackwardRows = void (*)(const BwdStep<T>&, int64_t b0, int64_t b1);
 
+// True when the CPU runs AVX2 and FMA, for the kernels compiled twice (AVX2 and baseline x86-64).
+inline bool cpu_has_avx2_fma() {
+#if defined(__GNUC__) && defined(__x86_64__)
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return ok;
+#else
+  return false;
+#endif
+}
+
 }  // namespace vgk::rnn

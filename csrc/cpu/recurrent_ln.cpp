@@ -72,8 +72,7 @@ constexpr const char* kBwd = "vgk::rnn_ln_backward";
 
 bool ln_use_avx2() {
 #ifdef VGK_RNN_LN_AVX2
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return ok;
+  return cpu_has_avx2_fma();
 #else
   return false;
 #endif
