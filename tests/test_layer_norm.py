@@ -238,6 +238,31 @@ def test_grad_clip_matches_reference(backend):
     assert_grads_close(got, want, atol=1e-10, rtol=1e-10)
 
 
+
+# ---------------------------------------------------------------------------------------------------
+# Reused output blocks (cpp: outputs of 1 MiB or more come from a cache of freed blocks)
+
+
+def test_cpp_outputs_reuse_freed_blocks_and_keep_live_values():
+    x, w, b = make((512, 1024), (1024,))  # 2 MiB outputs
+    upstream = torch.randn(512, 1024)
+    y = layer_norm(x, 1024, w, b, backend="cpp")
+    dx = torch.autograd.grad(y, x, upstream)[0]
+    kept_y, kept_dx = y.detach().clone(), dx.clone()
+    for scale in (3.0, -2.0):  # later calls with other values must not write into live outputs
+        other = (x.detach() * scale).requires_grad_()
+        o = layer_norm(other, 1024, w, b, backend="cpp")
+        torch.autograd.grad(o, other, upstream)
+    assert torch.equal(y, kept_y) and torch.equal(dx, kept_dx)
+    # A freed output's block is handed to the next call of its size (13 MiB: a size class of its own).
+    big = torch.randn(13 * 256, 1024)
+    first = layer_norm(big, 1024, backend="cpp")
+    freed = first.data_ptr()
+    del first
+    assert layer_norm(big, 1024, backend="cpp").data_ptr() == freed
+    torch.testing.assert_close(kept_y, F.layer_norm(x.detach(), (1024,), w.detach(), b.detach()), atol=1e-5,
+                               rtol=0)
+
 # ---------------------------------------------------------------------------------------------------
 # Determinism
 

@@ -45,12 +45,12 @@ template <typename T>
 VGK_INLINE T run_sum(const T* x, int64_t n, NormKind kind, T p) {
   switch (kind) {
     case NormKind::kOne:
-      return simd::sums<T, 1>(n, [&](auto ops, int64_t i) {
+      return simd::sums<T, 1>(n, [&](auto ops, int64_t i) VGK_STEP {
         using O = decltype(ops);
         return std::array<typename O::V, 1>{magnitude(O::load(x + i))};
       })[0];
     case NormKind::kTwo:
-      return simd::sums<T, 1>(n, [&](auto ops, int64_t i) {
+      return simd::sums<T, 1>(n, [&](auto ops, int64_t i) VGK_STEP {
         using O = decltype(ops);
         const auto v = O::load(x + i);
         return std::array<typename O::V, 1>{v * v};
@@ -80,7 +80,7 @@ VGK_INLINE T chunk_max(const T* x, int64_t n) {
   if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
     simd::Vec<T> vm = {};
     T sm = 0;
-    simd::for_each<T>(n, [&](auto ops, int64_t i) {
+    simd::for_each<T>(n, [&](auto ops, int64_t i) VGK_STEP {
       using O = decltype(ops);
       const auto v = magnitude(O::load(x + i));
       if constexpr (std::is_same_v<O, simd::VecOps<T>>) {
@@ -140,7 +140,7 @@ double dispatch_partial(const at::BFloat16* x, int64_t n, NormKind k, float p) {
 template <typename T, typename A>
 VGK_INLINE void scale_chunk(T* x, int64_t n, A s) {
   if constexpr (std::is_same_v<T, A>) {
-    simd::for_each<T>(n, [&](auto ops, int64_t i) {
+    simd::for_each<T>(n, [&](auto ops, int64_t i) VGK_STEP {
       using O = decltype(ops);
       O::store(x + i, O::load(x + i) * s);
     });

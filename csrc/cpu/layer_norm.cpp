@@ -2,7 +2,8 @@
 // input gradient. Rows are independent and run in parallel; each row is read from memory once per pass
 // (its further sweeps hit the L1/L2 cache). The weight and bias gradients are summed into per-block
 // partial buffers whose block layout depends on the row count only, then reduced in a fixed order, so
-// they are deterministic.
+// they are deterministic. The output and the input gradient come from the cache of freed blocks
+// (block_cache.h), so a training loop does not fault their pages in again on every call.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -11,6 +12,7 @@
 #include <cmath>
 #include <vector>
 
+#include "cpu/block_cache.h"
 #include "cpu/norm_simd.h"
 #include "ops.h"
 
@@ -56,20 +58,20 @@ std::vector<int64_t> leading_shape(const at::Tensor& input, int64_t normalized_n
 template <typename T, bool W, bool B>
 VGK_INLINE void forward_row(const T* x, T* y, const T* w, const T* b, int64_t n, T eps, T* mean_out,
                             T* rstd_out) {
-  const T sum = simd::sums<T, 1>(n, [&](auto ops, int64_t i) {
+  const T sum = simd::sums<T, 1>(n, [&](auto ops, int64_t i) VGK_STEP {
     using O = decltype(ops);
     return std::array<typename O::V, 1>{O::load(x + i)};
   })[0];
   const T mean = sum / static_cast<T>(n);
   // Centred second pass: the row is in cache, and it avoids the cancellation of E[x^2] - E[x]^2.
-  const T sq = simd::sums<T, 1>(n, [&](auto ops, int64_t i) {
+  const T sq = simd::sums<T, 1>(n, [&](auto ops, int64_t i) VGK_STEP {
     using O = decltype(ops);
     const auto d = O::load(x + i) - mean;
     return std::array<typename O::V, 1>{d * d};
   })[0];
   const T rstd = T(1) / std::sqrt(sq / static_cast<T>(n) + eps);
   const bool stream = simd::streamable(y) && n % simd::kLanes<T> == 0;
-  simd::for_each<T>(n, [&](auto ops, int64_t i) {
+  simd::for_each<T>(n, [&](auto ops, int64_t i) VGK_STEP {
     using O = decltype(ops);
     auto v = (O::load(x + i) - mean) * rstd;
     if constexpr (W) v = v * O::load(w + i);
@@ -127,7 +129,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_forward_cpu(
   const at::Tensor input = input_.contiguous();
   const at::Tensor weight = weight_.has_value() ? weight_->contiguous() : at::Tensor();
   const at::Tensor bias = bias_.has_value() ? bias_->contiguous() : at::Tensor();
-  at::Tensor output = at::empty_like(input, at::MemoryFormat::Contiguous);
+  at::Tensor output = cached_empty(input.sizes(), input.options());
   const auto stat_shape = leading_shape(input, normalized_ndim);
   at::Tensor mean = at::empty(stat_shape, input.options());
   at::Tensor rstd = at::empty(stat_shape, input.options());
@@ -140,7 +142,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_forward_cpu(
     scalar_t* rs = rstd.mutable_data_ptr<scalar_t>();
     const scalar_t e = static_cast<scalar_t>(eps);
     at::parallel_for(0, m, row_grain(n), [&](int64_t r0, int64_t r1) {
-      forward_rows_dispatch(x + r0 * n, y + r0 * n, w, b, r1 - r0, n, e, mu + r0, rs + r0);
+      // Blocks of ~256 KB in descending order: the input was most likely produced by an ascending
+      // sweep, so its last rows are the ones still in the last-level cache, and an ascending sweep
+      // would evict them before reaching them. Rows within a block stay ascending for the prefetcher.
+      const int64_t step = std::max<int64_t>(1, (256 << 10) / (n * int64_t(sizeof(scalar_t))));
+      for (int64_t hi = r1; hi > r0; hi -= step) {
+        const int64_t lo = std::max(r0, hi - step);
+        forward_rows_dispatch(x + lo * n, y + lo * n, w, b, hi - lo, n, e, mu + lo, rs + lo);
+      }
       _mm_sfence();  // the rows' non-temporal stores are visible before the output is used
     });
   });
@@ -156,7 +165,7 @@ template <typename T, bool W, bool DW, bool DB>
 VGK_INLINE void backward_row(const T* dy, const T* x, const T* w, T mean, T rstd, int64_t n, T clip, T* dx,
                              T* dw_acc, T* db_acc) {
   // One pass for the two row sums and this row's share of dW and db.
-  const auto row_sums = simd::sums<T, 2>(n, [&](auto ops, int64_t i) {
+  const auto row_sums = simd::sums<T, 2>(n, [&](auto ops, int64_t i) VGK_STEP {
     using O = decltype(ops);
     const auto d = O::load(dy + i);
     const auto xh = (O::load(x + i) - mean) * rstd;
@@ -168,7 +177,7 @@ VGK_INLINE void backward_row(const T* dy, const T* x, const T* w, T mean, T rstd
   });
   const T a = row_sums[0] / static_cast<T>(n);
   const T c = row_sums[1] / static_cast<T>(n);
-  const auto dx_at = [&](auto ops, int64_t i) __attribute__((always_inline)) {
+  const auto dx_at = [&](auto ops, int64_t i) VGK_STEP {
     using O = decltype(ops);
     const auto xh = (O::load(x + i) - mean) * rstd;
     auto g = O::load(dy + i);
@@ -179,14 +188,14 @@ VGK_INLINE void backward_row(const T* dy, const T* x, const T* w, T mean, T rstd
   // written once, already rescaled.
   T scale = T(1);
   if (clip >= 0) {
-    const T sq = simd::sums<T, 1>(n, [&](auto ops, int64_t i) {
+    const T sq = simd::sums<T, 1>(n, [&](auto ops, int64_t i) VGK_STEP {
       const auto d = dx_at(ops, i);
       return std::array<decltype(d), 1>{d * d};
     })[0];
     if (sq > clip * clip) scale = clip / std::sqrt(sq);
   }
   const bool stream = simd::streamable(dx) && n % simd::kLanes<T> == 0;
-  simd::for_each<T>(n, [&](auto ops, int64_t i) {
+  simd::for_each<T>(n, [&](auto ops, int64_t i) VGK_STEP {
     using O = decltype(ops);
     auto d = dx_at(ops, i);
     if (scale != T(1)) d = d * scale;
@@ -287,7 +296,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_backward_cpu(
   const at::Tensor mean = mean_.contiguous();
   const at::Tensor rstd = rstd_.contiguous();
   const at::Tensor weight = weight_.has_value() ? weight_->contiguous() : at::Tensor();
-  at::Tensor grad_input = at::empty_like(input, at::MemoryFormat::Contiguous);
+  at::Tensor grad_input = cached_empty(input.sizes(), input.options());
   const int64_t blocks = partial_blocks(m);
   const int64_t rows_per_block = m > 0 ? (m + blocks - 1) / blocks : 0;
   // [blocks, n] partial sums; each block zeroes and fills its own row.
@@ -307,6 +316,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_backward_cpu(
     scalar_t* dbp = bias_grad ? db_part.mutable_data_ptr<scalar_t>() : nullptr;
     const scalar_t clip = grad_clip.has_value() ? static_cast<scalar_t>(*grad_clip) : scalar_t(-1);
     at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+      // Ascending: the forward swept its rows in descending blocks, so the first rows are the ones
+      // most likely still in the last-level cache.
       for (int64_t blk = b0; blk < b1; ++blk) {
         const int64_t r0 = std::min(m, blk * rows_per_block);
         const int64_t r1 = std::min(m, r0 + rows_per_block);

@@ -22,6 +22,9 @@
 #define VGK_SIMD_CLONES
 #endif
 #define VGK_INLINE __attribute__((always_inline)) inline
+// For the step lambdas passed to sums/for_each: a lambda the compiler outlines is compiled for the
+// baseline target, not the clone's, and takes its vectors through memory (several times slower).
+#define VGK_STEP __attribute__((always_inline))
 
 namespace vgk::simd {
 

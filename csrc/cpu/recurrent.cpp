@@ -16,7 +16,7 @@
 // ONE GEMM dgates W_hh accumulated into the gradient of h_prev (and dgates W_ih into grad_x). The weight
 // gradients are one GEMM each over all T*B rows after the loop. Nothing is allocated inside the time
 // loops; the GEMMs run on raw pointers (recurrent_blas.h), weights are transposed at most once per call.
-// The layer ops take their large buffers from a cache of freed blocks (recurrent_alloc.h).
+// The layer ops take their large buffers from a cache of freed blocks (block_cache.h).
 //
 // Workspace layouts (private to this backend, dtype of the input):
 //   lstm: activated gates i, f, g, o  [T, B, 4H]
@@ -35,7 +35,7 @@
 #include <vector>
 
 #include "ops.h"
-#include "recurrent_alloc.h"
+#include "block_cache.h"
 #include "recurrent_args.h"
 #include "recurrent_blas.h"
 #include "recurrent_gram.h"

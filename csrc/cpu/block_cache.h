@@ -1,9 +1,10 @@
-// Large buffers of the recurrent layer ops come from a small cache of freed blocks.
+// Large buffers of the CPU ops (recurrent layers, LayerNorm) come from a small cache of freed blocks.
 //
 // glibc hands large freed blocks back to the kernel (munmap, or trimming the top of the heap), and
 // the next call faults the pages in again. On a virtual machine that costs about 1 us per 4 KB page:
-// 6-8 ms of a 55 ms LSTM layer forward+backward at T=100, B=32, I=H=256 whenever it happens, which
-// is every other call in a training loop. Outputs, workspaces and temporaries of 1 MiB or more
+// 6-8 ms of a 55 ms LSTM layer forward+backward at T=100, B=32, I=H=256, and more than the whole
+// kernel time of a LayerNorm at (4096, 1024), whenever it happens, which is every other call in a
+// training loop. Outputs, workspaces and temporaries of 1 MiB or more
 // therefore reuse freed blocks of their size class (rounded up to 1 MiB); a freed block is kept for
 // reuse unless the idle blocks would exceed VGK_CPU_CACHE_MB (default 256; 0 turns the cache off).
 #pragma once
@@ -18,7 +19,7 @@
 #include <map>
 #include <mutex>
 
-namespace vgk::rnn {
+namespace vgk {
 
 class BlockCache final : public c10::Allocator {
  public:
@@ -104,4 +105,4 @@ inline at::Tensor cached_contiguous(const at::Tensor& t) {
   return copy;
 }
 
-}  // namespace vgk::rnn
+}  // namespace vgk
