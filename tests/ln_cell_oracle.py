@@ -145,8 +145,8 @@ def oracle(inp, mode, reverse, gs, gcs, clip=None, track=True):
 def assert_matches(got: dict, want: dict, rtol: float, atol: float, sq_scale: bool = True) -> None:
     """Compare op outputs to the oracle in float64.
 
-    The squared norms jac_sq and grad_sq are float32 whatever the input dtype: rtol at least 1e-6, and
-    atol relative to their largest value.
+    The squared norms jac_sq (float32) and grad_sq (float64) keep their dtype whatever the input's:
+    rtol at least 1e-6, and atol relative to their largest value.
     """
     for name, w in want.items():
         g = got[name].double()
@@ -171,14 +171,14 @@ def check_ops(fwd_op, bwd_op, mode, T, B, H, dtype, reverse=False, lengths=None,
               gru_bias=True):
     """Run an op pair on make_inputs and compare every output to the oracle at TOL[dtype].
 
-    Also checks the output dtypes (the input dtype; float32 squared norms). Returns (inp, gs, gcs, got,
-    want).
+    Also checks the output dtypes (the input dtype; float32 jac_sq, float64 grad_sq). Returns (inp, gs,
+    gcs, got, want).
     """
     inp = make_inputs(mode, T, B, H, dtype, lengths=lengths, gru_bias=gru_bias)
     gs, gcs = make_output_grads(mode, T, B, H, dtype)
     got = run_ops(fwd_op, bwd_op, inp, mode, reverse, gs, gcs, clip, track)
     want = oracle(inp, mode, reverse, gs, gcs, clip, track)
-    assert got["jac_sq"].dtype == torch.float32 and got["grad_sq"].dtype == torch.float32
+    assert got["jac_sq"].dtype == torch.float32 and got["grad_sq"].dtype == torch.float64
     assert got["states"].dtype == dtype and got["grad_w_hh"].dtype == dtype
     assert got["grad_ln_hh_weight"].dtype == dtype
     assert_matches(got, want, *TOL[dtype])

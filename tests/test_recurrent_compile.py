@@ -81,7 +81,7 @@ def _layer_args(mode, T=4, B=3, H=5, dtype=torch.float64, track=True, lengths=No
     w_hh = (0.5 * torch.randn(G * H, H, dtype=dtype)).requires_grad_()
     b_hh = torch.randn(G * H, dtype=dtype, requires_grad=True) if mode == "gru" else None
     K = 2 if mode == "lstm" else 1
-    probe = torch.zeros(K, T, B, dtype=torch.float32, requires_grad=True) if track else None
+    probe = torch.zeros(K, T, B, dtype=torch.float64, requires_grad=True) if track else None
     return (xproj, h0, c0, w_hh, b_hh, None, None, None, None, lengths, probe, mode, reverse, track, None,
             1e-5, "cpp")
 

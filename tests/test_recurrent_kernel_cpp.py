@@ -33,6 +33,8 @@ MODES = ("lstm", "gru", "rnn_tanh", "rnn_relu", "rnn_sigmoid")
 GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1, "rnn_sigmoid": 1}
 F64 = {"rtol": 1e-9, "atol": 1e-10}
 F32 = {"rtol": 1e-4, "atol": 1e-5}
+# Output dtypes that do not follow the input's: the squared norms (grad_sq in float64 against underflow).
+SQ_DTYPES = {"jac_sq": torch.float32, "grad_sq": torch.float64}
 
 
 def make_inputs(mode, T, B, H, dtype=torch.float64, lengths=False, b_hh=True, seed=0):
@@ -105,7 +107,7 @@ def check_against_oracle(mode, T, B, H, dtype, reverse, lengths, tol):
     res, (dx, dh0, dc0, dw, db) = oracle(mode, xproj, h0, c0, w_hh, b_hh, lens, reverse, gs, gc)
 
     def close(actual, expected, name):
-        assert actual.dtype == (torch.float32 if name in ("jac_sq", "grad_sq") else dtype), name
+        assert actual.dtype == SQ_DTYPES.get(name, dtype), name
         torch.testing.assert_close(actual.double(), expected.double(), **tol, msg=lambda m: f"{name}: {m}")
 
     close(states, res.states, "states")
@@ -334,20 +336,20 @@ def test_linear_regime_traces():
 
 @pytest.mark.parametrize("mode", MODES)
 def test_tracking_changes_no_value(mode):
-    # Untracked traces are empty float32 tensors, and tracking leaves every other output bit for bit.
+    # Untracked traces are empty tensors of their dtypes, and tracking leaves every other output bit for bit.
     T, B, H = 3, 5, 37
     xproj, h0, c0, w_hh, b_hh, lens = make_inputs(mode, T, B, H, torch.float32, lengths=True)
     gs, gc = upstream(mode, T, B, H, torch.float32)
     has_b = b_hh is not None
     plain = op_forward(mode, xproj, h0, c0, w_hh, b_hh, lens, False, track=False)
     tracked = op_forward(mode, xproj, h0, c0, w_hh, b_hh, lens, False, track=True)
-    assert plain[3].shape == (0,) and plain[3].dtype == torch.float32
+    assert plain[3].shape == (0,) and plain[3].dtype == SQ_DTYPES["jac_sq"]
     assert tracked[3].shape == (T, B)
     for a, b in zip(plain[:3], tracked[:3], strict=True):
         assert torch.equal(a, b)
     plain_b = op_backward(mode, plain, gs, gc, w_hh, lens, False, 0.5, track=False, has_b_hh=has_b)
     tracked_b = op_backward(mode, plain, gs, gc, w_hh, lens, False, 0.5, track=True, has_b_hh=has_b)
-    assert plain_b[5].shape == (0,) and plain_b[5].dtype == torch.float32
+    assert plain_b[5].shape == (0,) and plain_b[5].dtype == SQ_DTYPES["grad_sq"]
     assert tracked_b[5].shape == ((2 if mode == "lstm" else 1), T, B)
     for a, b in zip(plain_b[:5], tracked_b[:5], strict=True):
         assert torch.equal(a, b)
@@ -617,7 +619,7 @@ def check_layer_against_oracle(mode, T, B, I, H, dtype, reverse, lengths, tol, b
     actual.update(zip(("grad_x", "grad_h0", "grad_c0", "grad_w_ih", "grad_w_hh", "grad_b_ih", "grad_b_hh",
                        "grad_sq"), bwd, strict=True))
     for name, value in expected.items():
-        assert actual[name].dtype == (torch.float32 if name in ("jac_sq", "grad_sq") else dtype), name
+        assert actual[name].dtype == SQ_DTYPES.get(name, dtype), name
         torch.testing.assert_close(actual[name].double(), value.double(), **tol,
                                    msg=lambda m, n=name: f"{n}: {m}")
     lstm = mode == "lstm"

@@ -183,7 +183,7 @@ def check_against_oracles(mode, inp, reverse, grad_clip=None, dtype_tol=None):
     # the loop in this file and the reference agree on the forward
     torch.testing.assert_close(o_states, ref.states.detach())
 
-    assert states.dtype == dtype and jac_sq.dtype == torch.float32 and grad_sq.dtype == torch.float32
+    assert states.dtype == dtype and jac_sq.dtype == torch.float32 and grad_sq.dtype == torch.float64
     assert jac_sq.shape == (T, B) and grad_sq.shape == ((2 if mode == "lstm" else 1), T, B)
     pairs = [("states", states, o_states), ("grad_xproj", grad_xproj, grads["xproj"]),
              ("grad_h0", grad_h0, grads["h0"]), ("grad_w_hh", grad_w_hh, grads["w_hh"])]
@@ -264,7 +264,7 @@ def test_track_off(mode):
     (states, cells, ws, jac), bwd = run_ops(mode, inp, False, gs, gcs, track=False)
     (states_t, _, _, _), bwd_t = run_ops(mode, inp, False, gs, gcs, track=True)
     assert jac.shape == (0,) and jac.dtype == torch.float32
-    assert bwd[5].shape == (0,) and bwd[5].dtype == torch.float32
+    assert bwd[5].shape == (0,) and bwd[5].dtype == torch.float64
     torch.testing.assert_close(states, states_t, rtol=0, atol=0)
     for a, b in zip(bwd[:5], bwd_t[:5], strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)

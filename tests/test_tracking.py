@@ -12,7 +12,7 @@ import torch
 from torch.nn.utils.rnn import pack_sequence
 
 import vgkernels as vgk
-from vgkernels.reference.recurrent import cell_step
+from vgkernels.reference.recurrent import GATES, cell_step
 
 BACKENDS = ["cpp"]
 MODES = ["lstm", "gru", "rnn_tanh", "rnn_relu", "rnn_sigmoid"]
@@ -123,6 +123,22 @@ def test_jacobian_norm_equals_autograd_jacobian(backend, mode):
                 assert got == pytest.approx(expected, rel=1e-5, abs=1e-6), (t, b)
 
 
+def linear_regime_w_hh(mode, H, rho):
+    """A float64 W_hh [G*H, H] under which, with zero biases and tiny inputs, backpropagation through
+    one step multiplies the gradient by rho times an orthogonal matrix Q.
+
+    Elman RNN: W_hh = rho Q. GRU and LSTM: near the zero state every gate is 1/2, and a step maps the
+    gradient (the GRU's of h, the LSTM's of c) by 1/2 + W^T/4, W the n (GRU) or g (LSTM) block; every
+    other block is 0, so W = 4 rho Q - 2 I gives rho Q^T.
+    """
+    q, _ = torch.linalg.qr(torch.randn(H, H, dtype=torch.float64))
+    if mode.startswith("rnn"):
+        return rho * q
+    w = torch.zeros(GATES[mode] * H, H, dtype=torch.float64)
+    w[2 * H: 3 * H] = 4 * rho * q - 2 * torch.eye(H, dtype=torch.float64)  # n (GRU: r, z, n), g (i, f, g, o)
+    return w
+
+
 @pytest.mark.parametrize("backend", BACKENDS + ["reference"])
 @pytest.mark.parametrize("bidirectional", [False, True])
 @pytest.mark.parametrize("rho", [0.9, 1.1])
@@ -133,8 +149,7 @@ def test_linear_regime_exact_decay(backend, bidirectional, rho):
     model = build("rnn_tanh", 3, H, backend, dtype=torch.float64, bias=False, bidirectional=bidirectional)
     with torch.no_grad():
         for suffix in ["", "_reverse"][: 1 + bidirectional]:
-            q, _ = torch.linalg.qr(torch.randn(H, H, dtype=torch.float64))
-            getattr(model, f"weight_hh_l0{suffix}").copy_(rho * q)
+            getattr(model, f"weight_hh_l0{suffix}").copy_(linear_regime_w_hh("rnn_tanh", H, rho))
     x = 1e-7 * torch.randn(T, B, 3, dtype=torch.float64)
     with vgk.track(model) as traces:
         out, _ = model(x)
@@ -150,6 +165,55 @@ def test_linear_regime_exact_decay(backend, bidirectional, rho):
         g = trace.grad_norm[1].double()
         expected = rho ** torch.arange(T, dtype=torch.float64) * g[0]
         torch.testing.assert_close(g, expected, rtol=1e-5, atol=0)
+
+
+def assert_decay(norms, rho, last, floor):
+    """norms[t] = rho^(last-t) norms[last] for t <= last, wherever that is above floor."""
+    g = norms[: last + 1].double()
+    expected = rho ** torch.arange(last, -1, -1, dtype=torch.float64) * g[-1]
+    above = expected > floor
+    torch.testing.assert_close(g[above], expected[above], rtol=1e-3, atol=0)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton", "reference"])
+@pytest.mark.parametrize("mode", ["rnn_tanh", "gru", "lstm"])
+def test_float32_trace_keeps_norms_whose_square_underflows(backend, mode):
+    """float32, rho = 0.5, T = 100: the decay reaches ~1e-29, where a float32 squared norm underflows
+    (below ~1e-19) but the float32 gradient does not (above ~1e-38): the trace must not read 0 there."""
+    T, B, H, rho = 100, 2, 16, 0.5
+    model = build(mode, 3, H, backend, bias=False)
+    with torch.no_grad():
+        model.weight_hh_l0.copy_(linear_regime_w_hh(mode, H, rho))
+    x = 1e-6 * torch.randn(T, B, 3)
+    with vgk.track(model) as traces:
+        out, _ = model(x)
+        out[-1].sum().backward()
+    trace = traces[""]
+    assert trace.grad_norm.dtype == torch.float32
+    floor = 1e-33  # the gradient's elements stay well inside float32's normal range
+    if mode == "lstm":
+        # c's gradient shrinks by rho Q^T per step; h's is (2 rho Q^T - I) times c's of the next step
+        # (before T-1, where the loss adds to it), so it decays alike from T-2 on.
+        assert_decay(trace.cell_grad_norm[0], rho, T - 1, floor)
+        assert_decay(trace.grad_norm[0], rho, T - 2, floor)
+    else:
+        assert_decay(trace.grad_norm[0], rho, T - 1, floor)
+    assert trace.grad_norm[0].min() < 1e-25  # the range float32 squares lose is covered
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton", "reference"])
+@pytest.mark.parametrize("mode", ["lstm", "gru"])
+def test_layer_norm_trace_keeps_norms_whose_square_underflows(backend, mode):
+    """A loss scaled by 2^-100 scales every gradient exactly (a power of two, and the gradients stay
+    normal float32 numbers), so the trace scales by 2^-100 too, though the squares underflow in float32."""
+    model = build(mode, 3, 8, backend, layer_norm=True)
+    x, w = torch.randn(6, 2, 3), torch.randn(6, 2, 8)
+    scale = 2.0**-100
+    a, b = traced_run(model, x, w), traced_run(model, x, scale * w)
+    torch.testing.assert_close(b.grad_norm_per_sample, scale * a.grad_norm_per_sample, rtol=1e-5, atol=0)
+    if mode == "lstm":
+        torch.testing.assert_close(b.cell_grad_norm, scale * a.cell_grad_norm, rtol=1e-5, atol=0)
+    assert (b.grad_norm > 0).all()
 
 
 @pytest.mark.parametrize("backend", BACKENDS + ["reference"])

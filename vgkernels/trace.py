@@ -6,8 +6,9 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-# A source yields the per-sample squared gradient norms of one layer-direction, shape [K, T, B]
-# (K = 2 for the LSTM: hidden then cell state; K = 1 otherwise), or None before backward.
+# A source yields the per-sample squared gradient norms of one layer-direction, float64 [K, T, B]
+# (K = 2 for the LSTM: hidden then cell state; K = 1 otherwise), or None before backward. float64
+# because in float32 the square of a gradient below ~1e-19 underflows to 0.
 GradSource = Callable[[], "torch.Tensor | None"]
 
 
@@ -66,22 +67,28 @@ class BPTTTrace:
         return (self.jacobian_norm_per_sample * valid).sum(-1) / count
 
     def _squared(self) -> torch.Tensor | None:
+        """float64 [L, K, T, B] squared norms, or None before backward."""
         parts = [source() for source in self._grad_sources]
         if any(p is None for p in parts):
             return None
-        return torch.stack([p.to(torch.float32) for p in parts])  # [L, K, T, B]
+        return torch.stack([p.to(torch.float64) for p in parts])
+
+    @staticmethod
+    def _norm(sq: torch.Tensor) -> torch.Tensor:
+        # The root in float64, then float32: a norm is representable where its square is not.
+        return sq.clamp_min(0).sqrt().to(torch.float32)
 
     @property
     def grad_norm_per_sample(self) -> torch.Tensor | None:
         """[L, T, B]: ‖∂loss/∂h_t‖₂ per sample, or ``None`` before backward."""
         sq = self._squared()
-        return None if sq is None else sq[:, 0].clamp_min(0).sqrt()
+        return None if sq is None else self._norm(sq[:, 0])
 
     @property
     def grad_norm(self) -> torch.Tensor | None:
         """[L, T]: ‖∂loss/∂h_t‖₂ over batch and hidden units, or ``None`` before backward."""
         sq = self._squared()
-        return None if sq is None else sq[:, 0].sum(-1).clamp_min(0).sqrt()
+        return None if sq is None else self._norm(sq[:, 0].sum(-1))
 
     @property
     def cell_grad_norm(self) -> torch.Tensor | None:
@@ -89,7 +96,7 @@ class BPTTTrace:
         if self.mode != "lstm":
             return None
         sq = self._squared()
-        return None if sq is None else sq[:, 1].sum(-1).clamp_min(0).sqrt()
+        return None if sq is None else self._norm(sq[:, 1].sum(-1))
 
     def __repr__(self) -> str:
         state = "with gradients" if self._squared() is not None else "forward only"

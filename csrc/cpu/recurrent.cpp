@@ -265,7 +265,7 @@ template <typename T>
 void backward_loop(Cell cell, int64_t G, int64_t T_, int64_t B, int64_t H, const GradSeq<T>& gh,
                    const GradSeq<T>& gc, const StateSeq<T>& hs, const StateSeq<T>& cs, const T* wsp,
                    const at::Tensor& w, const at::Tensor& len, std::optional<double> grad_clip, bool track,
-                   at::Tensor& dh, at::Tensor& dc, T* gxp, T* recp, float* qp, const RowsGemm<T>* w_ih,
+                   at::Tensor& dh, at::Tensor& dc, T* gxp, T* recp, double* qp, const RowsGemm<T>* w_ih,
                    T* grad_x, int64_t I) {
   if (B == 0) return;
   const int64_t GH = G * H;
@@ -495,8 +495,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   at::Tensor gc0 = lstm ? at::empty({B, H}, opts) : at::empty({0}, opts);
   at::Tensor gw = at::empty({GH, H}, opts);
   at::Tensor gb = gru && has_b_hh ? at::empty({GH}, opts) : at::empty({0}, opts);
-  at::Tensor gsq = track ? at::empty({lstm ? 2 : 1, T_, B}, opts.dtype(at::kFloat))
-                         : at::empty({0}, opts.dtype(at::kFloat));
+  at::Tensor gsq = track ? at::empty({lstm ? 2 : 1, T_, B}, opts.dtype(at::kDouble))
+                         : at::empty({0}, opts.dtype(at::kDouble));
   const int64_t init = reverse ? T_ : 0, first_out = reverse ? 0 : 1;
 
   AT_DISPATCH_FLOATING_TYPES(dtype, "rnn_backward", [&] {
@@ -514,7 +514,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                      lstm ? grad_seq<T>(gcs, first_out, B, H, opts) : GradSeq<T>{}, slots<T>(st, reverse),
                      lstm ? slots<T>(cs, reverse) : StateSeq<T>{}, ws.defined() ? ws.const_data_ptr<T>() : nullptr,
                      w_hh.contiguous(), len, grad_clip, track, dh, dc, gx.data_ptr<T>(),
-                     gru ? rec.data_ptr<T>() : nullptr, track ? gsq.data_ptr<float>() : nullptr, nullptr, nullptr, 0);
+                     gru ? rec.data_ptr<T>() : nullptr, track ? gsq.data_ptr<double>() : nullptr, nullptr, nullptr, 0);
     at::add_out(gh0, dh, gs.select(0, init));
     if (lstm) has_gcells ? at::add_out(gc0, dc, gcs.select(0, init)) : gc0.copy_(dc);
     // grad_w_hh = sum over positions of the recurrent pre-activation gradients^T h_prev.
@@ -658,8 +658,8 @@ rnn_layer_backward_cpu(const at::Tensor& grad_output, const at::Tensor& grad_h_n
   at::Tensor gw_hh = at::empty({GH, H}, opts);
   at::Tensor gb_ih = has_bias ? at::empty({GH}, opts) : at::empty({0}, opts);
   at::Tensor gb_hh = has_bias ? at::empty({GH}, opts) : at::empty({0}, opts);
-  at::Tensor gsq = track ? at::empty({lstm ? 2 : 1, T_, B}, opts.dtype(at::kFloat))
-                         : at::empty({0}, opts.dtype(at::kFloat));
+  at::Tensor gsq = track ? at::empty({lstm ? 2 : 1, T_, B}, opts.dtype(at::kDouble))
+                         : at::empty({0}, opts.dtype(at::kDouble));
   // Gradients reaching the last processed state; on exit those of h0 and c0.
   at::Tensor dh = g_hn.defined() ? g_hn.clone() : at::zeros({B, H}, opts);
   at::Tensor dc = !lstm ? at::empty({0}, opts) : g_cn.defined() ? g_cn.clone() : at::zeros({B, H}, opts);
@@ -685,7 +685,7 @@ rnn_layer_backward_cpu(const at::Tensor& grad_output, const at::Tensor& grad_h_n
                      lstm ? grad_seq<T>(at::Tensor(), 0, B, H, opts) : GradSeq<T>{},
                      hs, cseq, ws.defined() ? ws.const_data_ptr<T>() : nullptr, w_hh.contiguous(), len, grad_clip,
                      track, dh, dc, D.data_ptr<T>(), gru ? rec.data_ptr<T>() : nullptr,
-                     track ? gsq.data_ptr<float>() : nullptr, &back_proj,
+                     track ? gsq.data_ptr<double>() : nullptr, &back_proj,
                      grad_input && per_step ? gx.data_ptr<T>() : nullptr, I);
     const at::Tensor Dx = D.view({T_ * B, GH}), Dh = (gru ? rec : D).view({T_ * B, GH});
     if (grad_input && !per_step) {

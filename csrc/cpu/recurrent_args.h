@@ -48,8 +48,8 @@ struct BwdStep {
   const T* cp = nullptr;    // LSTM c_prev
   T* gx = nullptr;          // grad_xproj[t]             [B, G*H]
   T* rec = nullptr;         // GRU: gradient of h_prev W_hh^T + b_hh   [B, 3H]
-  float* gsq_h = nullptr;   // grad_sq[0, t]             [B]
-  float* gsq_c = nullptr;   // grad_sq[1, t] (LSTM)      [B]
+  double* gsq_h = nullptr;  // grad_sq[0, t]             [B]; float64: a float32 square underflows
+  double* gsq_c = nullptr;  // grad_sq[1, t] (LSTM)      [B]
   const int64_t* len = nullptr;
   int64_t t = 0;
   T clip = 0;               // pre-activation gradients are clamped to [-clip, clip]; +inf: off

@@ -63,6 +63,14 @@ VGK_FN inline void zero_row(T* dst, int64_t n) {
   std::memset(dst, 0, sizeof(T) * n);
 }
 
+// A gradient's square for the grad_sq sums, in double: in float32 the squared norm of a gradient
+// below ~1e-19 underflows to 0, though the gradient itself is representable down to ~1e-38.
+template <typename T>
+VGK_FN inline double square_d(T v) {
+  const double d = static_cast<double>(v);
+  return d * d;
+}
+
 // Each row's loop over the hidden units is a function of its own (noinline, pointers as restrict
 // parameters): inlined into the loop over rows, GCC duplicates it (unswitching on the lengths test)
 // and leaves the copy with the `omp simd` reduction scalar.
@@ -136,8 +144,8 @@ VGK_FN void lstm_forward_rows(const FwdStep<T>& a, int64_t b0, int64_t b1) {
 template <typename T, bool TRACK>
 VGK_ROW void lstm_backward_row(int64_t H, T clip, const T* __restrict gs, const T* __restrict gcs,
                                T* __restrict dh, T* __restrict dc, const T* __restrict w, const T* __restrict c,
-                               const T* __restrict cp, T* __restrict gx, T* __restrict out) {
-  T acc_h = 0, acc_c = 0;
+                               const T* __restrict cp, T* __restrict gx, double* __restrict out) {
+  double acc_h = 0, acc_c = 0;
 #pragma omp simd reduction(+ : acc_h, acc_c)
   for (int64_t j = 0; j < H; ++j) {
     const T si = w[j], sf = w[H + j], tg = w[2 * H + j], so = w[3 * H + j];
@@ -151,8 +159,8 @@ VGK_ROW void lstm_backward_row(int64_t H, T clip, const T* __restrict gs, const 
     dc[j] = dcj * sf;
     dh[j] = 0;
     if constexpr (TRACK) {
-      acc_h += dhj * dhj;
-      acc_c += dcj * dcj;
+      acc_h += square_d(dhj);
+      acc_c += square_d(dcj);
     }
   }
   out[0] = acc_h;
@@ -169,15 +177,15 @@ VGK_FN void lstm_backward_rows(const BwdStep<T>& a, int64_t b0, int64_t b1) {
         a.dc[b * H + j] += a.gcs[b * H + j];
       }
       zero_row(a.gx + b * 4 * H, 4 * H);
-      if (TRACK) a.gsq_h[b] = a.gsq_c[b] = 0.0f;
+      if (TRACK) a.gsq_h[b] = a.gsq_c[b] = 0.0;
       continue;
     }
-    T sq[2];
+    double sq[2];
     lstm_backward_row<T, TRACK>(H, a.clip, a.gs + b * H, a.gcs + b * H, a.dh + b * H, a.dc + b * H,
                                 a.ws + b * 4 * H, a.c + b * H, a.cp + b * H, a.gx + b * 4 * H, sq);
     if (TRACK) {
-      a.gsq_h[b] = static_cast<float>(sq[0]);
-      a.gsq_c[b] = static_cast<float>(sq[1]);
+      a.gsq_h[b] = sq[0];
+      a.gsq_c[b] = sq[1];
     }
   }
 }
@@ -234,9 +242,9 @@ VGK_FN void gru_forward_rows(const FwdStep<T>& a, int64_t b0, int64_t b1) {
 }
 
 template <typename T, bool TRACK>
-VGK_ROW T gru_backward_row(int64_t H, T clip, const T* __restrict gs, T* __restrict dh, const T* __restrict w,
-                           const T* __restrict hp, T* __restrict gx, T* __restrict rec) {
-  T acc = 0;
+VGK_ROW double gru_backward_row(int64_t H, T clip, const T* __restrict gs, T* __restrict dh, const T* __restrict w,
+                                const T* __restrict hp, T* __restrict gx, T* __restrict rec) {
+  double acc = 0;
 #pragma omp simd reduction(+ : acc)
   for (int64_t j = 0; j < H; ++j) {
     const T r = w[j], z = w[H + j], n = w[2 * H + j], hn = w[3 * H + j];
@@ -253,7 +261,7 @@ VGK_ROW T gru_backward_row(int64_t H, T clip, const T* __restrict gs, T* __restr
     rec[H + j] = dz;
     rec[2 * H + j] = dn_h;
     dh[j] = dhj * z;
-    if constexpr (TRACK) acc += dhj * dhj;
+    if constexpr (TRACK) acc += square_d(dhj);
   }
   return acc;
 }
@@ -266,12 +274,12 @@ VGK_FN void gru_backward_rows(const BwdStep<T>& a, int64_t b0, int64_t b1) {
       for (int64_t j = 0; j < H; ++j) a.dh[b * H + j] += a.gs[b * H + j];
       zero_row(a.gx + b * 3 * H, 3 * H);
       zero_row(a.rec + b * 3 * H, 3 * H);
-      if (TRACK) a.gsq_h[b] = 0.0f;
+      if (TRACK) a.gsq_h[b] = 0.0;
       continue;
     }
-    const T acc = gru_backward_row<T, TRACK>(H, a.clip, a.gs + b * H, a.dh + b * H, a.ws + b * 4 * H,
-                                             a.hp + b * H, a.gx + b * 3 * H, a.rec + b * 3 * H);
-    if (TRACK) a.gsq_h[b] = static_cast<float>(acc);
+    const double acc = gru_backward_row<T, TRACK>(H, a.clip, a.gs + b * H, a.dh + b * H, a.ws + b * 4 * H,
+                                                  a.hp + b * H, a.gx + b * 3 * H, a.rec + b * 3 * H);
+    if (TRACK) a.gsq_h[b] = acc;
   }
 }
 
@@ -324,15 +332,15 @@ VGK_FN void elman_forward_rows(const FwdStep<T>& a, int64_t b0, int64_t b1) {
 }
 
 template <Cell ACT, typename T, bool TRACK>
-VGK_ROW T elman_backward_row(int64_t H, T clip, const T* __restrict gs, T* __restrict dh, const T* __restrict h,
-                             T* __restrict gx) {
-  T acc = 0;
+VGK_ROW double elman_backward_row(int64_t H, T clip, const T* __restrict gs, T* __restrict dh,
+                                  const T* __restrict h, T* __restrict gx) {
+  double acc = 0;
 #pragma omp simd reduction(+ : acc)
   for (int64_t j = 0; j < H; ++j) {
     const T dhj = gs[j] + dh[j];
     gx[j] = clamp_f(dhj * act_grad_f<ACT>(h[j]), clip);
     dh[j] = 0;
-    if constexpr (TRACK) acc += dhj * dhj;
+    if constexpr (TRACK) acc += square_d(dhj);
   }
   return acc;
 }
@@ -344,12 +352,12 @@ VGK_FN void elman_backward_rows(const BwdStep<T>& a, int64_t b0, int64_t b1) {
     if (!row_valid(a.len, a.t, b)) {
       for (int64_t j = 0; j < H; ++j) a.dh[b * H + j] += a.gs[b * H + j];
       zero_row(a.gx + b * H, H);
-      if (TRACK) a.gsq_h[b] = 0.0f;
+      if (TRACK) a.gsq_h[b] = 0.0;
       continue;
     }
-    const T acc = elman_backward_row<ACT, T, TRACK>(H, a.clip, a.gs + b * H, a.dh + b * H, a.h + b * H,
-                                                    a.gx + b * H);
-    if (TRACK) a.gsq_h[b] = static_cast<float>(acc);
+    const double acc = elman_backward_row<ACT, T, TRACK>(H, a.clip, a.gs + b * H, a.dh + b * H, a.h + b * H,
+                                                         a.gx + b * H);
+    if (TRACK) a.gsq_h[b] = acc;
   }
 }
 

@@ -394,8 +394,8 @@ void backward_impl(bool lstm, const at::Tensor& gstates, const at::Tensor& gcell
     st.dl = dlp + t * B * DL;
     st.dy = dyp + t * B * N;
     if (track) {
-      st.gsq_h = gsq.data_ptr<float>() + t * B;
-      if (lstm) st.gsq_c = gsq.data_ptr<float>() + (T_ + t) * B;
+      st.gsq_h = gsq.data_ptr<double>() + t * B;
+      if (lstm) st.gsq_c = gsq.data_ptr<double>() + (T_ + t) * B;
     }
     at::parallel_for(0, B, grain, [&](int64_t b0, int64_t b1) { rows(st, b0, b1); });
     gemm<T>(false, false, B, H, N, st.dy, N, wp, H, T(1), dhp, H);
@@ -461,7 +461,7 @@ rnn_ln_backward_cpu(const at::Tensor& grad_states, const at::Tensor& grad_cell_s
   at::Tensor g_gamma_c = lstm ? at::empty({H}, opts) : at::empty({0}, opts);
   at::Tensor g_beta_c = lstm ? at::empty({H}, opts) : at::empty({0}, opts);
   at::Tensor gsq =
-      track ? at::empty({lstm ? 2 : 1, T_, B}, opts.dtype(at::kFloat)) : at::empty({0}, opts.dtype(at::kFloat));
+      track ? at::empty({lstm ? 2 : 1, T_, B}, opts.dtype(at::kDouble)) : at::empty({0}, opts.dtype(at::kDouble));
 
   AT_DISPATCH_FLOATING_TYPES(dtype, "rnn_ln_backward", [&] {
     backward_impl<scalar_t>(lstm, grad_states.contiguous(), lstm ? grad_cell_states.contiguous() : at::Tensor(),

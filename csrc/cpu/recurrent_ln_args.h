@@ -65,8 +65,8 @@ struct LnBwdStep {
   T* gx = nullptr;           // grad_xproj[t]         [B, N]: clamped gate pre-activation gradients
   T* dl = nullptr;           // gradient w.r.t. the LN(W_hh h) output: GRU [B, N]; LSTM dl of LN(c) [B, H]
   T* dy = nullptr;           // gradient w.r.t. y = W h_prev          [B, N]
-  float* gsq_h = nullptr;
-  float* gsq_c = nullptr;
+  double* gsq_h = nullptr;   // grad_sq[0, t]  [B] (float64, as in BwdStep)
+  double* gsq_c = nullptr;   // grad_sq[1, t]  [B] (LSTM)
   const int64_t* len = nullptr;
   int64_t t = 0;
   T clip = 0;                // +inf: off

@@ -247,7 +247,7 @@ VGK_FN void ln_lstm_backward_rows(const LnBwdStep<T>& a, int64_t b0, int64_t b1)
       zero_row(gx, N);
       zero_row(dl, H);
       zero_row(dy, N);
-      if (TRACK) a.gsq_h[b] = a.gsq_c[b] = 0.0f;
+      if (TRACK) a.gsq_h[b] = a.gsq_c[b] = 0.0;
       continue;
     }
     const T* __restrict w = a.ws + b * WS;
@@ -268,7 +268,7 @@ VGK_FN void ln_lstm_backward_rows(const LnBwdStep<T>& a, int64_t b0, int64_t b1)
     }
     const T mg = static_cast<T>(sg / static_cast<double>(H)), mgc = static_cast<T>(sgc / static_cast<double>(H));
     const T rc = static_cast<T>(rstd_c);
-    T acc_h = 0, acc_c = 0;
+    double acc_h = 0, acc_c = 0;
 #pragma omp simd reduction(+ : acc_h, acc_c)
     for (int64_t j = 0; j < H; ++j) {
       const T si = w[j], sf = w[H + j], tg = w[2 * H + j], so = w[3 * H + j];
@@ -281,15 +281,15 @@ VGK_FN void ln_lstm_backward_rows(const LnBwdStep<T>& a, int64_t b0, int64_t b1)
       dc[j] = dcj * sf;
       dh[j] = 0;
       if constexpr (TRACK) {
-        acc_h += dhj * dhj;
-        acc_c += dcj * dcj;
+        acc_h += square_d(dhj);
+        acc_c += square_d(dcj);
       }
     }
     // The gates are x + LN(y): their gradient flows into y through the LN backward.
     ln_project(gx, a.gamma, yh, N, static_cast<double>(w[10 * H]), dy);
     if (TRACK) {
-      a.gsq_h[b] = static_cast<float>(acc_h);
-      a.gsq_c[b] = static_cast<float>(acc_c);
+      a.gsq_h[b] = acc_h;
+      a.gsq_c[b] = acc_c;
     }
   }
 }
@@ -395,12 +395,12 @@ VGK_FN void ln_gru_backward_rows(const LnBwdStep<T>& a, int64_t b0, int64_t b1) 
       zero_row(gx, N);
       zero_row(dl, N);
       zero_row(dy, N);
-      if (TRACK) a.gsq_h[b] = 0.0f;
+      if (TRACK) a.gsq_h[b] = 0.0;
       continue;
     }
     const T* __restrict w = a.ws + b * WS;
     const T* __restrict hp = a.hp + b * H;
-    T acc = 0;
+    double acc = 0;
 #pragma omp simd reduction(+ : acc)
     for (int64_t j = 0; j < H; ++j) {
       const T r = w[j], z = w[H + j], n = w[2 * H + j], hn = w[3 * H + j];
@@ -416,9 +416,9 @@ VGK_FN void ln_gru_backward_rows(const LnBwdStep<T>& a, int64_t b0, int64_t b1) 
       dl[H + j] = dz;
       dl[2 * H + j] = dn * r;
       dh[j] = dhj * z;
-      if constexpr (TRACK) acc += dhj * dhj;
+      if constexpr (TRACK) acc += square_d(dhj);
     }
     ln_project(dl, a.gamma, w + 4 * H, N, static_cast<double>(w[7 * H]), dy);
-    if (TRACK) a.gsq_h[b] = static_cast<float>(acc);
+    if (TRACK) a.gsq_h[b] = acc;
   }
 }

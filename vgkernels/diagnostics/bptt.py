@@ -14,10 +14,10 @@ the reverse one. "Steps back" count against processing order, the way back-propa
   exploding). For the forward direction it is the slope of log10 grad_norm over t.
 - The **ratio** is the gradient norm at the first processed step over that at the anchor.
 
-In float32 a vanishing gradient underflows to exactly 0: the trace accumulates squared norms, so a norm
-below about 1e-22 (a square below ~1e-45) reads 0. Such steps are counted
-(``zero_steps``), excluded from the decay fit, named in the report's notes, and drawn as markers on the
-bottom edge of :func:`plot_trace`'s log-scale axes rather than silently dropped.
+In float32 a vanishing gradient can underflow to exactly 0: the trace sums its squares in float64, so a
+norm reads 0 only once the float32 gradient itself is 0 (below about 1e-38, or 1e-45 with denormals).
+Such steps are counted (``zero_steps``), excluded from the decay fit, named in the report's notes, and
+drawn as markers on the bottom edge of :func:`plot_trace`'s log-scale axes rather than silently dropped.
 """
 
 from __future__ import annotations
@@ -347,10 +347,10 @@ class TraceReport:
                 where = f" (t = {r.zero_span[0]} ... {r.zero_span[1]})" if r.zero_span else ""
                 out.append(
                     f"{r.label}: the gradient norm is exactly 0 at {r.zero_steps} of {self.seq_len} "
-                    f"steps{where}. The trace sums squared norms in float32, so a norm below about 1e-22 "
-                    f"(a square below ~1e-45) underflows to 0; a dead ReLU path also gives 0. The true "
-                    f"ratio is then smaller than float32 can show. These steps are left out of the decay "
-                    f"fit and marked on the plot."
+                    f"steps{where}. A float32 gradient below about 1e-38 (1e-45 with denormals) "
+                    f"underflows to 0; a dead ReLU path also gives 0. The true ratio is then smaller "
+                    f"than float32 can show. These steps are left out of the decay fit and marked on "
+                    f"the plot."
                 )
             if r.nonfinite_steps:
                 out.append(f"{r.label}: {r.nonfinite_steps} steps have a non-finite gradient norm (inf/nan).")

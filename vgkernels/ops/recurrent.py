@@ -15,7 +15,9 @@ Structure:
 
 Tracking goes through autograd itself: with ``track=True`` every layer-direction gets a zero "probe"
 tensor [K, T, B] that requires grad; the layer's backward returns the per-step squared gradient norms
-as the probe's gradient, so ``probe.grad`` holds them once backward has run.
+as the probe's gradient, so ``probe.grad`` holds them once backward has run. The probe and the norms
+are float64 (autograd casts a gradient to its input's dtype): in float32 the square of a gradient
+below ~1e-19 underflows to 0.
 """
 
 from __future__ import annotations
@@ -83,7 +85,7 @@ def _fake_saved(like, T, B, H, mode, track, layer_norm):
 
 def _fake_grad_sq(like, T, B, mode, track):
     K = 2 if mode == "lstm" else 1
-    return like.new_empty(K, T, B, dtype=torch.float32) if track else _empty(like, torch.float32)
+    return like.new_empty(K, T, B, dtype=torch.float64) if track else _empty(like, torch.float64)
 
 
 def _fake_forward_shapes(xproj, w_hh, mode, track, layer_norm):
@@ -193,8 +195,8 @@ def recurrent_layer(
         ln_hh_weight, ln_hh_bias: [G*H] gain and shift of LN(W_hh h), or None for plain cells.
         ln_cell_weight, ln_cell_bias: [H] gain and shift of LN(c) (layer-normalized LSTM), else None.
         lengths: int64 [B] on the input's device, or None: past its length a sample's state is carried.
-        probe: float32 [K, T, B] zeros that require grad (K = 2 for the LSTM, else 1), or None. Its
-            gradient is the per-sample squared norm of ∂loss/∂h_t (and ∂loss/∂c_t).
+        probe: float64 [K, T, B] zeros that require grad (K = 2 for the LSTM, else 1), or None. Its
+            gradient is the per-sample squared norm of ∂loss/∂h_t (and ∂loss/∂c_t), in float64.
         mode: "lstm", "gru", "rnn_tanh", "rnn_relu" or "rnn_sigmoid". reverse: run t = T-1 .. 0.
         track: compute the step Jacobian norms (forward) and gradient norms (backward).
         grad_clip: clamp the gate pre-activation gradients to [-c, c] at every step, or None.
@@ -376,7 +378,7 @@ def _probe(mode: str, T: int, B: int, device: torch.device) -> torch.Tensor | No
             "torch.no_grad()"
         )
     K = 2 if mode == "lstm" else 1
-    return torch.zeros(K, T, B, dtype=torch.float32, device=device, requires_grad=True)
+    return torch.zeros(K, T, B, dtype=torch.float64, device=device, requires_grad=True)
 
 
 def _run_layer(backend, x, h0, c0, w_ih, w_hh, b_ih, b_hh, ln_ih, norm, lengths, mode, reverse, track,

@@ -145,17 +145,21 @@ class LayerResult:
         self.valid = valid
 
     def grad_sq(self) -> torch.Tensor | None:
-        """float32 [K, T, B] of per-sample ‖∂loss/∂h_t‖² (and ‖∂loss/∂c_t‖² for the LSTM), or None."""
+        """float64 [K, T, B] of per-sample ‖∂loss/∂h_t‖² (and ‖∂loss/∂c_t‖² for the LSTM), or None.
+
+        float64 whatever the states' dtype: in float32 the square of a gradient below ~1e-19 underflows.
+        """
         rows = [self.hidden] + ([self.cell] if self.cell is not None else [])
         if all(s.grad is None for row in rows for s in row):
             return None
         out = []
         for row in rows:
             sq = [
-                s.grad.pow(2).sum(-1) if s.grad is not None else torch.zeros_like(s[:, 0])
+                s.grad.double().pow(2).sum(-1) if s.grad is not None
+                else torch.zeros_like(s[:, 0], dtype=torch.float64)
                 for s in row
             ]
-            out.append(torch.stack(sq).to(torch.float32) * self.valid)
+            out.append(torch.stack(sq) * self.valid)
         return torch.stack(out)
 
 

@@ -28,9 +28,10 @@ The input projection is the caller's GEMM; the weight gradient is one GEMM after
 Dtypes: float32, float64, bfloat16 and float16 inputs (all inputs in one dtype). Arithmetic and the
 intermediate buffers are float64 for float64 inputs and float32 otherwise; the outputs ``states``,
 ``cell_states``, ``workspace`` and the gradients are returned in the input dtype (``grad_w_hh`` in
-w_hh's), ``jac_sq`` and ``grad_sq`` always in float32. The recurrent dots take half-precision operands
-(tensor cores, float32 accumulation) for half inputs and IEEE float32/float64 otherwise. (The Triton
-interpreter computes bfloat16 dots wrongly, so there bfloat16 dots run on float32 operands.)
+w_hh's), ``jac_sq`` always in float32 and ``grad_sq`` in float64 (a float32 square of a gradient below
+~1e-19 underflows to 0). The recurrent dots take half-precision operands (tensor cores, float32
+accumulation) for half inputs and IEEE float32/float64 otherwise. (The Triton interpreter computes
+bfloat16 dots wrongly, so there bfloat16 dots run on float32 operands.)
 
 Workspace layout (private to this backend): LSTM [T, B, 4H] activated gates (i, f, g, o); GRU
 [T, B, 4H] (r, z, n, W_hn h + b_hn); Elman RNN: empty, the derivative follows from h.
@@ -76,6 +77,14 @@ def _tanh(x):
 @triton.jit
 def _ld(ptr, mask, ACC: tl.constexpr):
     return tl.load(ptr, mask=mask, other=0.0).to(ACC)
+
+
+@triton.jit
+def _row_sq(x, keep):
+    """Per-row sum of squares of the kept elements of a [BLOCK_B, BLOCK_J] tile, in float64: in float32
+    the square of a gradient below ~1e-19 underflows to 0."""
+    x = tl.where(keep, x, 0.0).to(tl.float64)
+    return tl.sum(x * x, axis=1)
 
 
 @triton.jit
@@ -346,7 +355,7 @@ def _backward_kernel(
     gs, gcs, st, cs [T+1, B, H]; ws [T, B, 4H]; w = W_hh [G*H, H]; dx [T, B, G*H] gradient of the
     input projection; dr [T, B, G*H] gradient of the recurrent pre-activations (dx itself but for the
     GRU); ch, cc [2, B, H] ping-pong buffers of the direct gradient carried to the previous state;
-    gsq [n_tile_programs, NSQ, T, B] partial squared norms. Arithmetic runs in the dtype of gs.
+    gsq [n_tile_programs, NSQ, T, B] float64 partial squared norms. Arithmetic runs in the dtype of gs.
     """
     ACC = gs_ptr.dtype.element_ty
     if DOT_F32:
@@ -370,8 +379,8 @@ def _backward_kernel(
         ws_base = tl.cast(pos, tl.int64) * B * (4 * H)
         rd = tl.cast((s + 1) % 2, tl.int64) * BH
         wr = tl.cast(s % 2, tl.int64) * BH
-        sq_h = tl.zeros([BLOCK_B], dtype=ACC)
-        sq_c = tl.zeros([BLOCK_B], dtype=ACC)
+        sq_h = tl.zeros([BLOCK_B], dtype=tl.float64)
+        sq_c = tl.zeros([BLOCK_B], dtype=tl.float64)
         for q in range(tiles_per_prog):
             cols = (pid_j * tiles_per_prog + q) * BLOCK_J + tl.arange(0, BLOCK_J)
             col_ok = cols < H
@@ -382,7 +391,7 @@ def _backward_kernel(
             hoff = rows[:, None] * H + cols[None, :]
             dh = _ld(gs_ptr + out_base + hoff, m2, ACC) + _ld(ch_ptr + rd + hoff, m2, ACC) + acc
             if TRACK:
-                sq_h += tl.sum(tl.where(keep, dh * dh, 0.0), axis=1)
+                sq_h += _row_sq(dh, keep)
             d_ptrs = d_base + rows[:, None] * GH + cols[None, :]
             ws_ptrs = ws_ptr + ws_base + rows[:, None] * (4 * H) + cols[None, :]
             if MODE == 0:  # LSTM
@@ -396,7 +405,7 @@ def _backward_kernel(
                 dc = (tl.where(keep, dh * so * (1.0 - tc * tc), 0.0) + _ld(cc_ptr + rd + hoff, m2, ACC)
                       + _ld(gcs_ptr + out_base + hoff, m2, ACC))
                 if TRACK:
-                    sq_c += tl.sum(tl.where(keep, dc * dc, 0.0), axis=1)
+                    sq_c += _row_sq(dc, keep)
                 d_i, d_f, d_g, d_o = _lstm_gate_grads(dc, dh, si, sf, tg, so, c_prev, tc, keep, clip,
                                                       HAS_CLIP)
                 tl.store(dx_ptr + d_ptrs, d_i, mask=m2)
@@ -741,7 +750,8 @@ def _backward_impl(grad_states, grad_cell_states, states, cell_states, workspace
     dr = _alloc((T, B, G * H), acc, device) if mode == "gru" else dx
     carry_h = torch.zeros(2, B, H, dtype=acc, device=device)
     carry_c = torch.zeros(2, B, H, dtype=acc, device=device) if mode == "lstm" else carry_h
-    gsq_part = _alloc((1 if persistent else n_tiles, nsq, T, B), acc, device) if track else gs.new_empty(0)
+    gsq_part = (_alloc((1 if persistent else n_tiles, nsq, T, B), torch.float64, device) if track
+                else gs.new_empty(0))
     len_dev = lengths.to(device) if lengths is not None else gs.new_empty(0)
     meta = dict(
         MODE=_MODE_ID[mode], G=G, NSQ=nsq, REVERSE=bool(reverse), HAS_LEN=lengths is not None,
@@ -769,9 +779,9 @@ def _backward_impl(grad_states, grad_cell_states, states, cell_states, workspace
     grad_w_hh = (dr.reshape(T * B, G * H).t().to(dtype) @ h_prev.reshape(T * B, H)).to(w_hh.dtype)
     grad_b_hh = dr.sum((0, 1)).to(dtype) if has_b_hh else st.new_empty(0)
     if track:
-        grad_sq = gsq_part.sum(0, dtype=torch.float32) if gsq_part.shape[0] > 1 else gsq_part[0].float()
+        grad_sq = gsq_part.sum(0) if gsq_part.shape[0] > 1 else gsq_part[0]
     else:
-        grad_sq = st.new_empty(0, dtype=torch.float32)
+        grad_sq = st.new_empty(0, dtype=torch.float64)
     return dx.to(dtype), grad_h0.to(dtype), grad_c0, grad_w_hh, grad_b_hh, grad_sq
 
 
@@ -801,7 +811,7 @@ def rnn_backward_triton(
     Returns:
         grad_xproj [T, B, G*H], grad_h0 [B, H], grad_c0 [B, H] (LSTM) or [0], grad_w_hh [G*H, H],
         grad_b_hh [G*H] (GRU with has_b_hh) or [0], all in the states' dtype (grad_w_hh in w_hh's);
-        grad_sq float32 [K, T, B] (K = 2 for the LSTM: h then c; else 1), or [0] without track.
+        grad_sq float64 [K, T, B] (K = 2 for the LSTM: h then c; else 1), or [0] without track.
     """
     return _backward_impl(grad_states, grad_cell_states, states, cell_states, workspace, w_hh, lengths,
                           mode, reverse, grad_clip, track, has_b_hh)
@@ -819,7 +829,7 @@ def _fake_backward(states, w_hh, mode: str, track: bool, has_b_hh: bool):
         states.new_empty(B, H) if mode == "lstm" else states.new_empty(0),
         w_hh.new_empty(w_hh.shape),
         states.new_empty(G * H) if has_b_hh else states.new_empty(0),
-        states.new_empty((K, T, B) if track else (0,), dtype=torch.float32),
+        states.new_empty((K, T, B) if track else (0,), dtype=torch.float64),
     )
 
 

@@ -27,8 +27,8 @@ expansion exact also where the cell LN's projector nearly annihilates a row (sma
 Dtypes: float32, float64, bfloat16 and float16 inputs (all tensors in one dtype). Arithmetic and the
 internal buffers are float64 for float64 inputs and float32 otherwise. ``states``, ``cell_states`` and
 the gradients are returned in the input dtype; the ``workspace`` stays in that accumulation dtype
-(float32 for half inputs) so that the backward sees the normalized values unrounded; ``jac_sq`` and
-``grad_sq`` are float32. The recurrent dots take half-precision operands (tensor cores, float32
+(float32 for half inputs) so that the backward sees the normalized values unrounded; ``jac_sq`` is
+float32 and ``grad_sq`` float64. The recurrent dots take half-precision operands (tensor cores, float32
 accumulation) for half inputs and IEEE float32/float64 otherwise.
 
 Workspace layout (the C++ backend's): LSTM [T, B, 10H+2] = (si, sf, tg, so | yh (4H) | ch | tl | rstd |
@@ -49,6 +49,7 @@ from vgkernels.triton.recurrent import (
     _pow2_between,
     _rec_dot,
     _row_lengths,
+    _row_sq,
     _sigmoid,
     _step,
     _tanh,
@@ -246,7 +247,7 @@ def _ln_backward_kernel(
     (GRU: gradient of LN(W_hh h) + b_hh) or [T, B, H] (LSTM: of LN(c)); dy [T, B, N] gradient of
     W_hh h_prev; dh [B, H] scratch; ch, cc [2, B, H] ping-pong buffers of the gradients carried to the
     previous state (zeros on entry; step s reads slot (s+1) % 2 and writes slot s % 2, so the final ones
-    are in slot 0); gsq [K, T, B]; clip [1].
+    are in slot 0); gsq float64 [K, T, B]; clip [1].
     """
     pid = tl.program_id(0)
     clip = tl.load(clip_ptr).to(ACC)
@@ -277,8 +278,8 @@ def _ln_backward_kernel(
         rstd = _ld(row_ws + R_OFF, row_ok, ACC)
         rd = tl.cast((s + 1) % 2, tl.int64) * BH
         wr = tl.cast(s % 2, tl.int64) * BH
-        sq_h = tl.zeros([BLOCK_B], dtype=ACC)
-        sq_c = tl.zeros([BLOCK_B], dtype=ACC)
+        sq_h = tl.zeros([BLOCK_B], dtype=tl.float64)
+        sq_c = tl.zeros([BLOCK_B], dtype=tl.float64)
         # Sums of the LN(W_hh h) backward: g = (its output's gradient) * gamma; sum g and sum g * yh.
         sg = tl.zeros([BLOCK_B], dtype=ACC)
         sgy = tl.zeros([BLOCK_B], dtype=ACC)
@@ -295,7 +296,7 @@ def _ln_backward_kernel(
                            tl.zeros([BLOCK_B, BLOCK_J], dtype=ACC), DOT, BLOCK_K)
             dh = _ld(gs_ptr + out_base + hoff, m, ACC) + _ld(ch_ptr + rd + hoff, m, ACC) + rec
             if TRACK:
-                sq_h += tl.sum(tl.where(keep, dh * dh, 0.0), axis=1)
+                sq_h += _row_sq(dh, keep)
             wp = ws_ptr + ws_base + rows[:, None] * WS + cols[None, :]
             if LSTM:
                 t = _ld(wp + 9 * H, m, ACC)
@@ -347,7 +348,7 @@ def _ln_backward_kernel(
                 dc = (_ld(gcs_ptr + out_base + hoff, m, ACC) + _ld(cc_ptr + rd + hoff, m, ACC)
                       + tl.where(keep, from_h, 0.0))
                 if TRACK:
-                    sq_c += tl.sum(tl.where(keep, dc * dc, 0.0), axis=1)
+                    sq_c += _row_sq(dc, keep)
                 si = _ld(wp, m, ACC)
                 sf = _ld(wp + H, m, ACC)
                 tg = _ld(wp + 2 * H, m, ACC)
@@ -835,7 +836,7 @@ def _backward_impl(grad_states, grad_cell_states, states, cell_states, workspace
     dh = alloc((B, H), acc, device)
     carry_h = torch.zeros(2, B, H, dtype=acc, device=device)
     carry_c = torch.zeros(2, B, H, dtype=acc, device=device) if lstm else carry_h
-    gsq = alloc((2 if lstm else 1, T, B), acc, device) if track else gs.new_empty(0)
+    gsq = alloc((2 if lstm else 1, T, B), torch.float64, device) if track else gs.new_empty(0)
     len_dev = lengths.to(device) if lengths is not None else gs.new_empty(0, dtype=torch.int64)
     gc = ln_cell_weight.contiguous() if lstm else gs.new_empty(0)
     with _plain._device_ctx(device):
@@ -867,7 +868,7 @@ def _backward_impl(grad_states, grad_cell_states, states, cell_states, workspace
     empty = st.new_empty(0, dtype=dtype)
     # b_hh and the LN shift enter the GRU's gates as one sum; a copy, since outputs may not alias.
     grad_b_hh = g_beta.to(dtype, copy=True) if has_b_hh else empty
-    grad_sq = gsq.to(torch.float32) if track else st.new_empty(0, dtype=torch.float32)
+    grad_sq = gsq if track else st.new_empty(0, dtype=torch.float64)
     return (gx.to(dtype), grad_h0.to(dtype), grad_c0, grad_w_hh.to(w_hh.dtype), grad_b_hh, g_gamma.to(dtype),
             g_beta.to(dtype), empty.clone() if g_gamma_c is None else g_gamma_c,
             empty.clone() if g_beta_c is None else g_beta_c, grad_sq)
@@ -905,7 +906,7 @@ def rnn_ln_backward_triton(
         grad_xproj [T, B, G*H], grad_h0 [B, H], grad_c0 [B, H] (LSTM) or [0], grad_w_hh [G*H, H],
         grad_b_hh [G*H] (GRU with has_b_hh) or [0], grad_ln_hh_weight, grad_ln_hh_bias [G*H],
         grad_ln_cell_weight, grad_ln_cell_bias [H] (LSTM) or [0], all in the states' dtype; grad_sq
-        float32 [K, T, B] (K = 2 for the LSTM: h then c; else 1), or [0] without track.
+        float64 [K, T, B] (K = 2 for the LSTM: h then c; else 1), or [0] without track.
     """
     return _backward_impl(grad_states, grad_cell_states, states, cell_states, workspace, w_hh, ln_hh_weight,
                           ln_cell_weight, lengths, mode, reverse, grad_clip, track, has_b_hh)
