@@ -416,15 +416,16 @@ def _underflow_sentence(bptt: dict[str, TraceReport]) -> str:
     underflow = [n for n, rep in bptt.items() if rep.rows[0].zero_steps]
     if not underflow:
         return (
-            "No gradient underflowed to exactly 0 in this run (in float32 it can: the trace sums squared "
-            "norms, and a square below ~1e-45 reads 0)."
+            "No gradient underflowed to exactly 0 in this run (in float32 it can: a gradient below about "
+            "1e-38, or 1e-45 with denormals, reads 0)."
         )
+    ratios = "its ratio reads" if len(underflow) == 1 else "their ratios read"
     return (
         f"In float32 the gradient underflowed to exactly 0 for {_names(underflow)}: long before t = 0 "
-        f"its size fell below what float32 holds (the trace sums squared norms, and a square below "
-        f"~1e-45 reads 0, i.e. a norm below about 1e-22), so these ratios read 0 although the true "
-        f"values are tiny but positive. The plot draws those steps as ▼ in a shaded band at its bottom "
-        f"instead of dropping them."
+        f"its elements fell below what float32 holds (about 1e-38, or 1e-45 with denormals), so "
+        f"backpropagation itself carried zeros from there on, and {ratios} 0 although the exact values "
+        f"are tiny but positive. The plot draws those steps as ▼ in a shaded band at its bottom instead "
+        f"of dropping them."
     )
 
 
