@@ -132,6 +132,28 @@ def test_gradcheck_float64_looped_triton(looped):
     assert torch.autograd.gradcheck(fn, (x, w, b))
 
 
+SUBSETS = [("input", a) for a in AFFINE] + [
+    ("weight", "weight_bias"), ("weight", "weight"), ("bias", "weight_bias"), ("bias", "bias"),
+    ("params", "weight_bias"),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("wanted,affine", SUBSETS)
+def test_gradients_of_a_subset_of_the_inputs(backend, wanted, affine):
+    # Only some inputs require grad: each asked-for gradient matches torch's, whichever are present.
+    x, w, b = make((5, 37), (37,), affine)
+    asked = {"input": [x], "weight": [w], "bias": [b], "params": [w, b]}[wanted]
+    for t in (x, w, b):
+        if t is not None and not any(t is a for a in asked):
+            t.requires_grad_(False)
+    upstream = torch.randn(5, 37)
+    got = torch.autograd.grad(layer_norm(x, 37, w, b, backend=backend), asked, upstream)
+    want = torch.autograd.grad(F.layer_norm(x, (37,), w, b), asked, upstream)
+    for g, h in zip(got, want, strict=True):
+        torch.testing.assert_close(g, h, atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_non_contiguous_input_and_upstream(backend):
     base = torch.randn(37, 3, 4, requires_grad=True)

@@ -108,21 +108,26 @@ def _no_double_backward(ctx, *grads):
     )
 
 
-def _register_autograd(forward: str, backward: str) -> None:
-    """Autograd of ``vgk::<forward>`` through ``vgk::<backward>``, which is itself not differentiable."""
-    torch.library.register_autograd(
-        f"vgk::{forward}", _make_backward(getattr(torch.ops.vgk, backward)), setup_context=_setup_context
-    )
-    # Say so on double backward instead of returning zeros.
+def _refuse_double_backward(backward: str) -> None:
+    """Say so on double backward through ``vgk::<backward>`` instead of returning zeros."""
     torch.library.register_autograd(
         f"vgk::{backward}", _no_double_backward, setup_context=lambda ctx, inputs, output: None
     )
 
 
+def _register_autograd(forward: str, backward: str) -> None:
+    """Autograd of ``vgk::<forward>`` through ``vgk::<backward>``, which is itself not differentiable."""
+    torch.library.register_autograd(
+        f"vgk::{forward}", _make_backward(getattr(torch.ops.vgk, backward)), setup_context=_setup_context
+    )
+    _refuse_double_backward(backward)
+
+
 if cpp_available():  # without the build only the other backends work (and say why cpp does not)
     torch.library.register_fake("vgk::layer_norm_forward")(_forward_fake)
     torch.library.register_fake("vgk::layer_norm_backward")(_backward_fake)
-    _register_autograd("layer_norm_forward", "layer_norm_backward")
+    # The forward's autograd is C++ (csrc/cpu/layer_norm.cpp): a Python one cost ~90 us per call.
+    _refuse_double_backward("layer_norm_backward")
 
 _triton_forward = None
 
