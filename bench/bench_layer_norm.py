@@ -41,7 +41,8 @@ def _ours(backend, grad_clip=None):
     return lambda x, shape, w, b: vgk.ops.layer_norm(x, shape, w, b, grad_clip=grad_clip, backend=backend)
 
 
-@pytest.mark.parametrize("m,n", [(4096, 1024)])
+# The target shape, and two small ones where the per-call overhead shows.
+@pytest.mark.parametrize("m,n", [(4096, 1024), (512, 1024), (64, 512)])
 def test_cpu_forward_backward(m, n, benchmark, compare_record):
     x, w, b, dy = _inputs(m, n)
     candidates = {
@@ -51,7 +52,8 @@ def test_cpu_forward_backward(m, n, benchmark, compare_record):
     }
     comparison = interleaved(f"layer_norm fwd+bwd ({m}, {n}) fp32", candidates, baseline="torch",
                              rounds=CPU_ROUNDS)
-    comparison.extra["target vgkernels / torch"] = "<= 0.7"
+    if (m, n) == (4096, 1024):
+        comparison.extra["target vgkernels / torch"] = "<= 0.7"
     compare_record(comparison)
     benchmark.extra_info.update(comparison.summary())
     benchmark.pedantic(candidates["vgkernels"], rounds=5, iterations=1)
