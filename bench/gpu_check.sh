@@ -134,6 +134,21 @@ else:
     table = recurrent.with_suffix(".md")
     if table.exists():
         lines += ["", "## All candidates", "", table.read_text()]
+# Every other recorded case that states a target, with the value it is judged on.
+measured_by = {"target fraction": "vgkernels fraction of copy bandwidth"}
+targets = []
+for path in sorted(results.glob(f"*_{tag}.json")):
+    if path == recurrent:
+        continue
+    for row in json.loads(path.read_text())["results"]:
+        for key, goal in row.items():
+            if not key.startswith("target "):
+                continue
+            name = measured_by.get(key, key.removeprefix("target "))
+            targets.append(f"- {path.stem}: {row['case']}: {name} = {row.get(name, 'not recorded')} "
+                           f"(goal {goal})")
+if targets:
+    lines += ["", "## Other targets", "", *targets]
 (out / "summary.md").write_text("\n".join(lines) + "\n")
 print("\n".join(lines[:12]))
 EOF
