@@ -7,8 +7,9 @@
 #
 # OUT_DIR receives env.txt, build.log, gpu_tests.log (+ .xml), bench_recurrent.log, bench_other.log,
 # the recorded results (recurrent_gpu_<gpu>.json / .md, copied from bench/results/), the
-# pytest-benchmark JSON files and summary.md. Every phase has a time box; a benchmark cut short by
-# its box still records the cases it finished. The exit status is non-zero if the build or a GPU test
+# pytest-benchmark JSON files and summary.md (the recurrent goals, then every other recorded case that
+# states a target). Every phase has a time box; a benchmark cut short by its box still records the
+# cases it finished. The exit status is non-zero if the build or a GPU test
 # failed.
 set -u -o pipefail
 
