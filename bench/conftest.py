@@ -6,7 +6,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import pin_glibc_malloc, record  # noqa: E402
+from harness import record  # noqa: E402
+
+from vgkernels.benchmark import pin_glibc_malloc  # noqa: E402
 
 pin_glibc_malloc()  # before any benchmark allocates
 

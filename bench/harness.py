@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import ctypes
 import json
 from pathlib import Path
 
@@ -12,32 +11,6 @@ import torch
 from vgkernels.benchmark import Comparison, interleaved, machine, saved_bytes  # noqa: F401  (re-exported)
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-
-# glibc gives freed blocks above its (adaptive) mmap threshold back to the kernel, and trims the top of
-# its heap, so a later call of the same size faults its pages in again: a 16 MB LayerNorm baseline
-# swung between 3.2 and 14 ms with the process's allocation history. Pinning both thresholds takes
-# that lottery out of the baselines (they run at their best); it is recorded with every result.
-MMAP_THRESHOLD = 32 << 20  # glibc's largest allowed value
-TRIM_THRESHOLD = 1 << 30
-_malloc_settings: str | None = None
-
-
-def pin_glibc_malloc() -> str | None:
-    """Fix glibc's mmap and trim thresholds for this process; a description, or None off glibc."""
-    global _malloc_settings
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # from glibc's malloc.h
-        settings = ((M_MMAP_THRESHOLD, MMAP_THRESHOLD), (M_TRIM_THRESHOLD, TRIM_THRESHOLD))
-        if any(libc.mallopt(option, value) != 1 for option, value in settings):
-            return None
-    except (OSError, AttributeError):
-        return None
-    _malloc_settings = (
-        f"glibc mmap threshold {MMAP_THRESHOLD >> 20} MiB, trim threshold {TRIM_THRESHOLD >> 20} MiB"
-    )
-    return _malloc_settings
-
 
 def device_tag() -> str:
     """File-name tag: the GPU's name when there is one, else ``cpu-<N>threads``."""
@@ -55,7 +28,7 @@ def record(suite: str, results: list[Comparison | dict]) -> Path:
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     stem = RESULTS_DIR / f"{suite}_{device_tag()}"
     rows = [r.summary() if isinstance(r, Comparison) else r for r in results]
-    payload = {"machine": {**machine(), "malloc": _malloc_settings or "default"}, "results": rows}
+    payload = {"machine": machine(), "results": rows}
     stem.with_suffix(".json").write_text(json.dumps(payload, indent=2) + "\n")
     stem.with_suffix(".md").write_text(markdown_table(payload) + "\n")
     return stem.with_suffix(".json")

@@ -1,5 +1,7 @@
 """The compiled extension must be present: a missing build is a failure, never a skip."""
 
+import platform
+
 import torch
 
 import vgkernels
@@ -36,3 +38,6 @@ def test_bench_command_quick(capsys):
     for name in ("torch.nn.LSTM", "torch.nn.GRU", "vgkernels tracked", "LSTMCell loop + retain_grad"):
         assert name in out
     assert out.count("of torch.nn") == 7
+    # The bench command pins glibc's allocator thresholds (on glibc) and says so with the machine.
+    pinned = platform.libc_ver()[0] == "glibc"
+    assert ("mmap threshold 32 MiB" in out) == pinned

@@ -7,6 +7,7 @@ table; the pytest-benchmark suites under ``bench/`` use the same functions and r
 
 from __future__ import annotations
 
+import ctypes
 import datetime
 import os
 import platform
@@ -73,6 +74,32 @@ def interleaved(
     return result
 
 
+# glibc gives freed blocks above its (adaptive) mmap threshold back to the kernel and trims the top of
+# its heap, so a later call of the same size faults its pages in again: a 16 MB LayerNorm baseline
+# swung between 3.2 and 14 ms with the process's allocation history. Pinning both thresholds takes
+# that lottery out of the baselines (they run at their best); machine() reports it.
+MMAP_THRESHOLD = 32 << 20  # glibc's largest allowed value
+TRIM_THRESHOLD = 1 << 30
+_malloc_settings = "default"
+
+
+def pin_glibc_malloc() -> bool:
+    """Fix glibc's mmap and trim thresholds for this process; False where that is not possible."""
+    global _malloc_settings
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # from glibc's malloc.h
+        settings = ((M_MMAP_THRESHOLD, MMAP_THRESHOLD), (M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+        if any(libc.mallopt(option, value) != 1 for option, value in settings):
+            return False
+    except (OSError, AttributeError):
+        return False
+    _malloc_settings = (
+        f"glibc mmap threshold {MMAP_THRESHOLD >> 20} MiB, trim threshold {TRIM_THRESHOLD >> 20} MiB"
+    )
+    return True
+
+
 def machine() -> dict[str, object]:
     """What the numbers were measured on."""
     cpu = platform.processor() or platform.machine()
@@ -91,6 +118,7 @@ def machine() -> dict[str, object]:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "date": datetime.date.today().isoformat(),
+        "malloc": _malloc_settings,
     }
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
@@ -195,6 +223,7 @@ def lstm_cell_loop_candidate(T: int, B: int, size: int, device: str = "cpu") -> 
 def run_benchmarks(quick: bool = False) -> list[Comparison]:
     """Print the recurrent table: vgkernels vs torch.nn, forward+backward, on this machine."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    pin_glibc_malloc()
     T, B, size, rounds = (20, 8, 64, 5) if quick else (100, 32, 256, 15)
     print(f"machine: {machine()}")
     print(f"forward+backward, T={T}, B={B}, input=hidden={size}, fp32, {device}")
