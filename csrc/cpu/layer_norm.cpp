@@ -401,16 +401,17 @@ class LayerNormFunction : public torch::autograd::Function<LayerNormFunction> {
     const bool need_bias = has_bias && ctx->needs_input_grad(has_weight ? 2 : 1);
     torch::autograd::variable_list out(6);
     if (!grads[0].defined()) return out;  // the output was not used
-    const c10::IValue& clip = ctx->saved_data["grad_clip"];
+    const c10::IValue& saved_clip = ctx->saved_data["grad_clip"];
+    const auto clip = saved_clip.isNone() ? std::nullopt : std::optional<double>(saved_clip.toDouble());
+    const int64_t normalized_ndim = ctx->saved_data["normalized_ndim"].toInt();
     // Without create_graph the backward op runs below autograd: its autograd kernel (an error on
     // double backward, registered from Python) would cost a trip into Python on every call.
     std::optional<at::AutoDispatchBelowADInplaceOrView> below_autograd;
     if (!at::GradMode::is_enabled()) below_autograd.emplace();
     auto [grad_input, grad_weight, grad_bias] =
         backward_op(grads[0], input, mean, rstd, has_weight ? std::optional<at::Tensor>(weight) : std::nullopt,
-                    ctx->saved_data["normalized_ndim"].toInt(),
-                    clip.isNone() ? std::nullopt : std::optional<double>(clip.toDouble()), need_weight, need_bias);
-    const auto param_shape = input.sizes().slice(input.dim() - ctx->saved_data["normalized_ndim"].toInt());
+                    normalized_ndim, clip, need_weight, need_bias);
+    const auto param_shape = input.sizes().slice(input.dim() - normalized_ndim);
     if (need_input) out[0] = grad_input;
     if (need_weight) out[1] = grad_weight.view(param_shape);
     if (need_bias) out[2] = grad_bias.view(param_shape);

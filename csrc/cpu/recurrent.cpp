@@ -495,8 +495,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   at::Tensor gc0 = lstm ? at::empty({B, H}, opts) : at::empty({0}, opts);
   at::Tensor gw = at::empty({GH, H}, opts);
   at::Tensor gb = gru && has_b_hh ? at::empty({GH}, opts) : at::empty({0}, opts);
-  at::Tensor gsq = track ? at::empty({lstm ? 2 : 1, T_, B}, opts.dtype(at::kDouble))
-                         : at::empty({0}, opts.dtype(at::kDouble));
+  at::Tensor gsq = grad_sq_buffer(track, lstm, T_, B, opts);
   const int64_t init = reverse ? T_ : 0, first_out = reverse ? 0 : 1;
 
   AT_DISPATCH_FLOATING_TYPES(dtype, "rnn_backward", [&] {
@@ -658,8 +657,7 @@ rnn_layer_backward_cpu(const at::Tensor& grad_output, const at::Tensor& grad_h_n
   at::Tensor gw_hh = at::empty({GH, H}, opts);
   at::Tensor gb_ih = has_bias ? at::empty({GH}, opts) : at::empty({0}, opts);
   at::Tensor gb_hh = has_bias ? at::empty({GH}, opts) : at::empty({0}, opts);
-  at::Tensor gsq = track ? at::empty({lstm ? 2 : 1, T_, B}, opts.dtype(at::kDouble))
-                         : at::empty({0}, opts.dtype(at::kDouble));
+  at::Tensor gsq = grad_sq_buffer(track, lstm, T_, B, opts);
   // Gradients reaching the last processed state; on exit those of h0 and c0.
   at::Tensor dh = g_hn.defined() ? g_hn.clone() : at::zeros({B, H}, opts);
   at::Tensor dc = !lstm ? at::empty({0}, opts) : g_cn.defined() ? g_cn.clone() : at::zeros({B, H}, opts);

@@ -2,6 +2,8 @@
 // All pointers address row 0 of a [B, ...] slice; a pass handles the batch rows [b0, b1).
 #pragma once
 
+#include <ATen/ATen.h>
+
 #include <cstdint>
 
 namespace vgk::rnn {
@@ -69,6 +71,13 @@ inline bool cpu_has_avx2_fma() {
 #else
   return false;
 #endif
+}
+
+// The grad_sq output of a backward op, which the gsq_h/gsq_c pointers fill: float64 [K, T, B]
+// (K = 2 for the LSTM: h then c; else 1) with track, else [0].
+inline at::Tensor grad_sq_buffer(bool track, bool lstm, int64_t T, int64_t B, const at::TensorOptions& opts) {
+  const auto f64 = opts.dtype(at::kDouble);
+  return track ? at::empty({lstm ? 2 : 1, T, B}, f64) : at::empty({0}, f64);
 }
 
 }  // namespace vgk::rnn

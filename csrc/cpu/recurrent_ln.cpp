@@ -460,8 +460,7 @@ rnn_ln_backward_cpu(const at::Tensor& grad_states, const at::Tensor& grad_cell_s
   at::Tensor g_gamma = at::empty({N}, opts), g_beta = at::empty({N}, opts);
   at::Tensor g_gamma_c = lstm ? at::empty({H}, opts) : at::empty({0}, opts);
   at::Tensor g_beta_c = lstm ? at::empty({H}, opts) : at::empty({0}, opts);
-  at::Tensor gsq =
-      track ? at::empty({lstm ? 2 : 1, T_, B}, opts.dtype(at::kDouble)) : at::empty({0}, opts.dtype(at::kDouble));
+  at::Tensor gsq = grad_sq_buffer(track, lstm, T_, B, opts);
 
   AT_DISPATCH_FLOATING_TYPES(dtype, "rnn_ln_backward", [&] {
     backward_impl<scalar_t>(lstm, grad_states.contiguous(), lstm ? grad_cell_states.contiguous() : at::Tensor(),
