@@ -11,7 +11,7 @@ Targets (issue 4):
 import pytest
 import torch
 import torch.nn.functional as F
-from harness import interleaved
+from harness import cache_evictor, interleaved
 
 import vgkernels as vgk
 
@@ -72,6 +72,38 @@ def test_cpu_forward(m, n, benchmark, compare_record):
     compare_record(comparison)
     benchmark.extra_info.update(comparison.summary())
     benchmark.pedantic(candidates["vgkernels"], rounds=5, iterations=1)
+
+
+@pytest.mark.parametrize("m,n", [(4096, 1024)])
+def test_cpu_memory_floor(m, n, compare_record):
+    """Where the memory puts the floor: each call starts from a cold cache (evicted, untimed).
+
+    Our forward (reads x, writes y) against a copy of x, and our backward (reads dy and x, writes dx)
+    against x * dy into a new tensor: torch ops that move at least as many bytes of DRAM traffic. A
+    ratio near 1 means the kernel runs at the machine's memory speed. Forward+backward against torch
+    from a cold cache too: there neither side finds x or dy in the cache.
+    """
+    x, w, b, dy = (t.detach() for t in _inputs(m, n))
+    ops = torch.ops.vgk
+    _, mean, rstd = ops.layer_norm_forward(x, w, b, 1, 1e-5, None)
+    evict = cache_evictor()
+    cases = [
+        (f"layer_norm forward ({m}, {n}) fp32, cold cache", "copy of x", {
+            "vgkernels forward": lambda: ops.layer_norm_forward(x, w, b, 1, 1e-5, None),
+            "copy of x": x.clone,
+        }),
+        (f"layer_norm backward ({m}, {n}) fp32, cold cache", "x * dy", {
+            "vgkernels backward": lambda: ops.layer_norm_backward(dy, x, mean, rstd, w, 1, None, True, True),
+            "x * dy": lambda: x * dy,
+        }),
+    ]
+    xg, wg, bg, _ = _inputs(m, n)
+    cases.append((f"layer_norm fwd+bwd ({m}, {n}) fp32, cold cache", "torch", {
+        "vgkernels": _forward_backward(_ours("cpp"), xg, wg, bg, dy),
+        "torch": _forward_backward(F.layer_norm, xg, wg, bg, dy),
+    }))
+    for case, baseline, candidates in cases:
+        compare_record(interleaved(case, candidates, baseline=baseline, rounds=CPU_ROUNDS, setup=evict))
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -55,8 +55,12 @@ def interleaved(
     rounds: int = 20,
     warmup: int = 3,
     device: str = "cpu",
+    setup: Callable[[], object] | None = None,
 ) -> Comparison:
-    """Time every candidate ``rounds`` times, alternating between them each round."""
+    """Time every candidate ``rounds`` times, alternating between them each round.
+
+    ``setup``, when given, runs untimed before every timed call (for example to evict the caches).
+    """
     if baseline not in candidates:
         raise ValueError(f"baseline {baseline!r} is not among the candidates {list(candidates)}")
     for fn in candidates.values():
@@ -66,6 +70,8 @@ def interleaved(
     result = Comparison(case=case, baseline=baseline, times={name: [] for name in candidates})
     for _ in range(rounds):
         for name, fn in candidates.items():
+            if setup is not None:
+                setup()
             _sync(device)
             start = time.perf_counter()
             fn()
