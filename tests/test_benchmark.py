@@ -1,5 +1,8 @@
 """The side-by-side timing that every benchmark uses (vgkernels.benchmark.interleaved)."""
 
+import platform
+import subprocess
+import sys
 import time
 
 import pytest
@@ -38,3 +41,19 @@ def test_ratio_is_of_medians():
 def test_unknown_baseline_is_an_error():
     with pytest.raises(ValueError, match="baseline 'c' is not among the candidates"):
         interleaved("case", {"a": lambda: None}, baseline="c")
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the allocator pin is glibc's")
+def test_pinned_malloc_serves_a_new_16_mb_buffer_without_page_faults():
+    # In a fresh process: without the faulted-in heap, the first 16 MB buffer costs ~4096 page faults.
+    script = (
+        "import resource, torch\n"
+        "from vgkernels.benchmark import pin_glibc_malloc\n"
+        "assert pin_glibc_malloc()\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
+        "torch.ones(4 << 20)\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)\n"
+    )
+    faults = int(subprocess.run([sys.executable, "-c", script], check=True, capture_output=True,
+                                text=True).stdout.split()[-1])
+    assert faults < 400

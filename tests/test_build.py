@@ -38,6 +38,8 @@ def test_bench_command_quick(capsys):
     for name in ("torch.nn.LSTM", "torch.nn.GRU", "vgkernels tracked", "LSTMCell loop + retain_grad"):
         assert name in out
     assert out.count("of torch.nn") == 7
-    # The bench command pins glibc's allocator thresholds (on glibc) and says so with the machine.
+    # The bench command pins glibc's allocator thresholds and faults a heap in (on glibc), and says so
+    # with the machine.
     pinned = platform.libc_ver()[0] == "glibc"
     assert ("mmap threshold 32 MiB" in out) == pinned
+    assert ("heap of 256 MiB faulted in" in out) == pinned
