@@ -3,6 +3,7 @@
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
+#include "cpu/block_cache.h"
 #include "ops.h"
 
 TORCH_LIBRARY(vgk, m) {
@@ -31,4 +32,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
     info["parallel_info"] = at::get_parallel_info();
     return info;
   });
+  module.def("cpu_block_cache_stats", []() {
+    const auto stats = vgk::BlockCache::get().stats();
+    pybind11::dict out;
+    out["idle_bytes"] = stats.idle_bytes;
+    out["idle_blocks"] = stats.idle_blocks;
+    out["limit_bytes"] = stats.limit_bytes;
+    out["hits"] = stats.hits;
+    out["misses"] = stats.misses;
+    return out;
+  }, "The cache of freed CPU blocks (block_cache.h): idle bytes and blocks, its limit, hits and misses.");
 }

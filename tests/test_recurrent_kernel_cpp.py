@@ -16,6 +16,7 @@ Tolerances:
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -972,3 +973,38 @@ def test_layer_live_outputs_keep_their_values():
         del o_fwd
     for a, b in zip(fwd + bwd, kept, strict=True):
         assert torch.equal(a, b)
+
+
+EVICTION_SCRIPT = """
+import json, sys, torch
+import vgkernels
+from vgkernels._C import cpu_block_cache_stats as stats
+
+def outputs(rows, count):
+    # count live LayerNorm outputs of rows x 1024 float32 (4 KiB a row), taken from the block cache
+    with torch.no_grad():
+        return [vgkernels.ops.layer_norm(torch.randn(rows, 1024), 1024, backend="cpp") for _ in range(count)]
+
+held = outputs(1024, 2)   # two 4 MiB blocks
+del held                  # both idle: the 8 MiB cap is full
+full = stats()
+for _ in range(3):        # a new size: 6 MiB, asked for again and again
+    outputs(1536, 1)
+after = stats()
+print(json.dumps({"full": full, "after": after}))
+"""
+
+
+def test_block_cache_gives_back_the_longest_idle_blocks_for_new_sizes():
+    # With the cap full of blocks of an old size, a new size must still be cached: the old blocks go.
+    environ = {**os.environ, "VGK_CPU_CACHE_MB": "8"}
+    out = subprocess.run([sys.executable, "-c", EVICTION_SCRIPT], check=True, env=environ, timeout=300,
+                         capture_output=True, text=True).stdout
+    result = json.loads(out.strip().splitlines()[-1])
+    full, after = result["full"], result["after"]
+    assert full["limit_bytes"] == 8 << 20
+    assert full["idle_bytes"] == 8 << 20 and full["idle_blocks"] == 2
+    # The first 6 MiB call misses; the next two reuse its block.
+    assert after["misses"] - full["misses"] == 1
+    assert after["hits"] - full["hits"] == 2
+    assert after["idle_blocks"] == 1 and after["idle_bytes"] == 6 << 20

@@ -5,8 +5,10 @@
 // 6-8 ms of a 55 ms LSTM layer forward+backward at T=100, B=32, I=H=256, and more than the whole
 // kernel time of a LayerNorm at (4096, 1024), whenever it happens, which is every other call in a
 // training loop. Outputs, workspaces and temporaries of 1 MiB or more
-// therefore reuse freed blocks of their size class (rounded up to 1 MiB); a freed block is kept for
-// reuse unless the idle blocks would exceed VGK_CPU_CACHE_MB (default 256; 0 turns the cache off).
+// therefore reuse freed blocks of their size class (rounded up to 1 MiB). The idle blocks are capped at
+// VGK_CPU_CACHE_MB (default 256; 0 turns the cache off); to make room, the blocks idle the longest are
+// given back first, so that when the shapes change (variable sequence lengths) the cache follows the
+// sizes in use instead of filling up with sizes no longer asked for.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -16,8 +18,11 @@
 
 #include <cstdlib>
 #include <cstring>
+#include <list>
 #include <map>
 #include <mutex>
+#include <utility>
+#include <vector>
 
 namespace vgk {
 
@@ -33,16 +38,28 @@ class BlockCache final : public c10::Allocator {
 
   bool enabled() const { return limit_ > 0; }
 
+  struct Stats {
+    size_t idle_bytes, idle_blocks, limit_bytes, hits, misses;
+  };
+  Stats stats() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return {idle_bytes_, lru_.size(), limit_, hits_, misses_};
+  }
+
   c10::DataPtr allocate(size_t n) override {
     const size_t size = (n + kMinBytes - 1) / kMinBytes * kMinBytes;
     void* p = nullptr;
     {
       std::lock_guard<std::mutex> lock(mutex_);
-      auto it = idle_blocks_.find(size);
-      if (it != idle_blocks_.end()) {
-        p = it->second;
-        idle_blocks_.erase(it);
+      auto it = by_size_.find(size);
+      if (it != by_size_.end()) {
+        p = it->second->ptr;
+        lru_.erase(it->second);
+        by_size_.erase(it);
         idle_bytes_ -= size;
+        ++hits_;
+      } else {
+        ++misses_;
       }
     }
     if (p == nullptr) p = c10::alloc_cpu(size);
@@ -71,21 +88,38 @@ class BlockCache final : public c10::Allocator {
   }
 
   void put(void* p, size_t size) {
+    std::vector<void*> evicted;
     {
       std::lock_guard<std::mutex> lock(mutex_);
-      if (idle_bytes_ + size <= limit_) {
-        idle_blocks_.emplace(size, p);
+      if (size <= limit_) {
+        while (idle_bytes_ + size > limit_) {  // give back the blocks idle the longest
+          const Block oldest = lru_.front();
+          auto range = by_size_.equal_range(oldest.size);
+          for (auto it = range.first; it != range.second; ++it) {
+            if (it->second == lru_.begin()) {
+              by_size_.erase(it);
+              break;
+            }
+          }
+          lru_.pop_front();
+          idle_bytes_ -= oldest.size;
+          evicted.push_back(oldest.ptr);
+        }
+        by_size_.emplace(size, lru_.insert(lru_.end(), Block{p, size}));
         idle_bytes_ += size;
-        return;
+        p = nullptr;
       }
     }
-    c10::free_cpu(p);
+    for (void* block : evicted) c10::free_cpu(block);  // outside the lock
+    if (p != nullptr) c10::free_cpu(p);
   }
 
   std::mutex mutex_;
-  std::multimap<size_t, void*> idle_blocks_;
+  std::list<Block> lru_;                                       // idle blocks, the longest idle first
+  std::multimap<size_t, std::list<Block>::iterator> by_size_;  // the same blocks by size
   size_t idle_bytes_ = 0;
   size_t limit_ = 0;
+  size_t hits_ = 0, misses_ = 0;
 };
 
 // at::empty on the CPU; buffers of 1 MiB or more come from the block cache.
