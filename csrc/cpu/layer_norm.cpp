@@ -72,7 +72,7 @@ VGK_INLINE void forward_row(const T* x, T* y, const T* w, const T* b, int64_t n,
     return std::array<typename O::V, 1>{d * d};
   })[0];
   const T rstd = T(1) / std::sqrt(sq / static_cast<T>(n) + eps);
-  const bool stream = simd::streamable(y) && n % simd::kLanes<T> == 0;
+  const bool stream = simd::streamable(y, n);
   simd::for_each<T>(n, [&](auto ops, int64_t i) VGK_STEP {
     using O = decltype(ops);
     auto v = (O::load(x + i) - mean) * rstd;
@@ -199,7 +199,7 @@ VGK_INLINE void backward_row(const T* dy, const T* x, const T* w, T mean, T rstd
     })[0];
     if (sq > clip * clip) scale = clip / std::sqrt(sq);
   }
-  const bool stream = simd::streamable(dx) && n % simd::kLanes<T> == 0;
+  const bool stream = simd::streamable(dx, n);
   constexpr int64_t kLine = 64 / sizeof(T);  // elements per cache line
   simd::for_each<T>(n, [&](auto ops, int64_t i) VGK_STEP {
     using O = decltype(ops);

@@ -72,10 +72,11 @@ struct ScalarOps {
   static VGK_INLINE void stream(T* p, T v) { *p = v; }
 };
 
-// True when every vector of a row starting at p can be streamed (16-byte aligned start).
+// True when the rows of n elements from p can be written with stream(): p is 16-byte aligned and n a
+// whole number of vectors, so every row starts aligned and has no scalar tail.
 template <typename T>
-VGK_INLINE bool streamable(const T* p) {
-  return (reinterpret_cast<uintptr_t>(p) & 15) == 0;
+VGK_INLINE bool streamable(const T* p, int64_t n) {
+  return (reinterpret_cast<uintptr_t>(p) & 15) == 0 && n % kLanes<T> == 0;
 }
 
 template <typename T>
