@@ -103,6 +103,7 @@ def fma_peak_gflops(threads: int | None = None) -> float:
         out = subprocess.run([str(binary)], check=True, capture_output=True, text=True, env=env).stdout
     return float(out.strip().lstrip("#"))
 
+
 def device_tag() -> str:
     """File-name tag: the GPU's name when there is one, else ``cpu-<N>threads``."""
     if torch.cuda.is_available():

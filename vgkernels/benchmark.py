@@ -109,9 +109,11 @@ def _prefault_heap(libc: ctypes.CDLL, total: int) -> None:
 def pin_glibc_malloc() -> bool:
     """Fix glibc's mmap and trim thresholds for this process and fault a heap of 256 MiB in.
 
-    Returns False where that is not possible (not glibc).
+    Returns False where that is not possible (not glibc). A second call changes nothing.
     """
     global _malloc_settings
+    if _malloc_settings != "default":
+        return True
     try:
         libc = ctypes.CDLL("libc.so.6")
         M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # from glibc's malloc.h
