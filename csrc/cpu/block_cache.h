@@ -16,12 +16,12 @@
 #include <c10/core/Allocator.h>
 #include <c10/core/impl/alloc_cpu.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <iterator>
 #include <list>
-#include <map>
 #include <mutex>
-#include <utility>
 #include <vector>
 
 namespace vgk {
@@ -43,7 +43,7 @@ class BlockCache final : public c10::Allocator {
   };
   Stats stats() {
     std::lock_guard<std::mutex> lock(mutex_);
-    return {idle_bytes_, lru_.size(), limit_, hits_, misses_};
+    return {idle_bytes_, idle_.size(), limit_, hits_, misses_};
   }
 
   c10::DataPtr allocate(size_t n) override {
@@ -51,11 +51,13 @@ class BlockCache final : public c10::Allocator {
     void* p = nullptr;
     {
       std::lock_guard<std::mutex> lock(mutex_);
-      auto it = by_size_.find(size);
-      if (it != by_size_.end()) {
-        p = it->second->ptr;
-        lru_.erase(it->second);
-        by_size_.erase(it);
+      // The most recently freed block of this size (its pages are the likeliest still in cache); the
+      // idle list holds at most VGK_CPU_CACHE_MB blocks, in practice a handful.
+      const auto fits = [&](const Block& b) { return b.size == size; };
+      const auto it = std::find_if(idle_.rbegin(), idle_.rend(), fits);
+      if (it != idle_.rend()) {
+        p = it->ptr;
+        idle_.erase(std::next(it).base());
         idle_bytes_ -= size;
         ++hits_;
       } else {
@@ -93,19 +95,11 @@ class BlockCache final : public c10::Allocator {
       std::lock_guard<std::mutex> lock(mutex_);
       if (size <= limit_) {
         while (idle_bytes_ + size > limit_) {  // give back the blocks idle the longest
-          const Block oldest = lru_.front();
-          auto range = by_size_.equal_range(oldest.size);
-          for (auto it = range.first; it != range.second; ++it) {
-            if (it->second == lru_.begin()) {
-              by_size_.erase(it);
-              break;
-            }
-          }
-          lru_.pop_front();
-          idle_bytes_ -= oldest.size;
-          evicted.push_back(oldest.ptr);
+          idle_bytes_ -= idle_.front().size;
+          evicted.push_back(idle_.front().ptr);
+          idle_.pop_front();
         }
-        by_size_.emplace(size, lru_.insert(lru_.end(), Block{p, size}));
+        idle_.push_back(Block{p, size});
         idle_bytes_ += size;
         p = nullptr;
       }
@@ -115,8 +109,7 @@ class BlockCache final : public c10::Allocator {
   }
 
   std::mutex mutex_;
-  std::list<Block> lru_;                                       // idle blocks, the longest idle first
-  std::multimap<size_t, std::list<Block>::iterator> by_size_;  // the same blocks by size
+  std::list<Block> idle_;  // idle blocks, the longest idle first
   size_t idle_bytes_ = 0;
   size_t limit_ = 0;
   size_t hits_ = 0, misses_ = 0;
