@@ -4,6 +4,8 @@
 #include <torch/extension.h>
 
 #include "cpu/block_cache.h"
+#include "cpu/cpu_isa.h"
+#include "cpu/recurrent_blas.h"
 #include "ops.h"
 
 TORCH_LIBRARY(vgk, m) {
@@ -42,4 +44,31 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
     out["misses"] = stats.misses;
     return out;
   }, "The cache of freed CPU blocks (block_cache.h): idle bytes and blocks, its limit, hits and misses.");
+  module.def("cpu_isa", []() {
+    pybind11::dict out;
+    out["native"] = vgk::cpu_isa_name(vgk::native_cpu_isa());
+    out["in_effect"] = vgk::cpu_isa_name(vgk::cpu_isa());
+    return out;
+  }, "The instruction-set level of the CPU and the one the kernels use (lowered by VGK_CPU_ISA).");
+  module.def("cpu_gemm_choices", []() {
+    pybind11::list out;
+    for (const auto& [key, choice] : vgk::rnn::GemmChoices::get().list()) {
+      pybind11::dict row;
+      row["kind"] = std::get<0>(key);
+      row["rows"] = std::get<1>(key);
+      row["n"] = std::get<2>(key);
+      row["k"] = std::get<3>(key);
+      row["transposed"] = std::get<4>(key);
+      row["path"] = vgk::rnn::gemm_path_name(choice.path);
+      row["brgemm_us"] = choice.brgemm_seconds * 1e6;
+      row["library_us"] = choice.library_seconds * 1e6;
+      out.append(row);
+    }
+    return out;
+  }, "The GEMM paths chosen so far in this process, per shape, with the single-core timings behind them.");
+  module.def("cpu_gemm_forced", []() -> std::optional<std::string> {
+    const auto forced = vgk::rnn::forced_gemm_path();
+    if (!forced.has_value()) return std::nullopt;
+    return std::string(vgk::rnn::gemm_path_name(*forced));
+  }, "The GEMM path VGK_CPU_BLAS forces, or None when the kernels choose.");
 }

@@ -42,7 +42,6 @@
 
 #if defined(__GNUC__) && defined(__x86_64__)
 #define VGK_RNN_AVX2 1
-#include <immintrin.h>
 #endif
 
 namespace vgk::rnn {
@@ -184,7 +183,7 @@ void forward_loop(Cell cell, int64_t G, int64_t T_, int64_t B, int64_t H, const 
   // The GRU adds a bias to its input side too: b_ih with x, zeros with xproj (which holds it).
   at::Tensor xbias = gru && !fused ? at::zeros({GH}, opts) : at::Tensor();
   at::Tensor gram = track ? gram_entries<T>(w, G, H, /*diagonals=*/gru) : at::Tensor();
-  const RowsGemm<T> step_gemm(w, /*trans_w=*/true);  // h_prev W_hh^T
+  const RowsGemm<T> step_gemm(w, /*trans_w=*/true, parallel_chunk(B, kRowGrain));  // h_prev W_hh^T
   const ForwardRows<T> rows = pick_forward<T>(cell, track);
   const int64_t* lp = len.defined() ? len.const_data_ptr<int64_t>() : nullptr;
 
@@ -270,7 +269,7 @@ void backward_loop(Cell cell, int64_t G, int64_t T_, int64_t B, int64_t H, const
   if (B == 0) return;
   const int64_t GH = G * H;
   const bool lstm = cell == Cell::kLstm, gru = cell == Cell::kGru;
-  const RowsGemm<T> step_gemm(w, /*trans_w=*/false);  // dgates W_hh
+  const RowsGemm<T> step_gemm(w, /*trans_w=*/false, parallel_chunk(B, kRowGrain));  // dgates W_hh
   const BackwardRows<T> rows = pick_backward<T>(cell, track);
   const T clip = grad_clip.has_value() ? static_cast<T>(*grad_clip) : std::numeric_limits<T>::infinity();
   const int64_t* lp = len.defined() ? len.const_data_ptr<int64_t>() : nullptr;
@@ -307,90 +306,6 @@ void backward_loop(Cell cell, int64_t G, int64_t T_, int64_t B, int64_t H, const
       if (grad_x) w_ih->run(nb, st.gx, GH, /*accumulate=*/false, grad_x + row * I, I);
     }
   });
-}
-
-#ifdef VGK_RNN_AVX2
-// dst[c, r] = src[r, c] for one 8 x 8 float block.
-__attribute__((target("avx2"))) void transpose_8x8(const float* src, int64_t lds, float* dst, int64_t ldd) {
-  __m256 r[8], t[8];
-  for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + i * lds);
-  for (int i = 0; i < 8; i += 2) {
-    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
-    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
-  }
-  for (int i = 0; i < 8; i += 4) {
-    r[i] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
-    r[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
-    r[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
-    r[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
-  }
-  for (int i = 0; i < 4; ++i) {
-    _mm256_storeu_ps(dst + i * ldd, _mm256_permute2f128_ps(r[i], r[i + 4], 0x20));
-    _mm256_storeu_ps(dst + (i + 4) * ldd, _mm256_permute2f128_ps(r[i], r[i + 4], 0x31));
-  }
-}
-#endif
-
-// dst[c, r] = src[r, c] for a [rows, cols] block, in tiles over the threads (8 x 8 vector blocks for
-// float on AVX2, element by element elsewhere and at the edges).
-template <typename T>
-void transpose_into(const T* src, int64_t rows, int64_t cols, int64_t lds, T* dst, int64_t ldd) {
-  constexpr int64_t kTile = 64;
-  const int64_t tiles_r = (rows + kTile - 1) / kTile, tiles_c = (cols + kTile - 1) / kTile;
-  bool blocks = false;
-#ifdef VGK_RNN_AVX2
-  blocks = std::is_same_v<T, float> && use_avx2();
-#endif
-  at::parallel_for(0, tiles_r * tiles_c, 4, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t r0 = (i / tiles_c) * kTile, c0 = (i % tiles_c) * kTile;
-      const int64_t r1 = std::min(rows, r0 + kTile), c1 = std::min(cols, c0 + kTile);
-      int64_t r8 = r0, c8 = c0;  // end of the part done in 8 x 8 blocks
-#ifdef VGK_RNN_AVX2
-      if constexpr (std::is_same_v<T, float>) {
-        if (blocks) {
-          r8 = r0 + (r1 - r0) / 8 * 8;
-          c8 = c0 + (c1 - c0) / 8 * 8;
-          for (int64_t r = r0; r < r8; r += 8) {
-            for (int64_t c = c0; c < c8; c += 8) transpose_8x8(src + r * lds + c, lds, dst + c * ldd + r, ldd);
-          }
-        }
-      }
-#endif
-      for (int64_t c = c0; c < c1; ++c) {
-        for (int64_t r = (c < c8 ? r8 : r0); r < r1; ++r) dst[c * ldd + r] = src[r * lds + c];
-      }
-    }
-  });
-}
-
-// A weight gradient summed over all T*B rows: out [N, K] = D^T A with D [R, N] contiguous and A [R, K]
-// given as consecutive blocks of contiguous rows. One GEMM after the time loop. brgemm wants both
-// operands row-major, so it computes out^T = A^T D from a transposed copy of A.
-template <typename T>
-void weight_grad(const std::vector<at::Tensor>& blocks, const at::Tensor& D, at::Tensor& out) {
-  const int64_t R = D.size(0), N = D.size(1), K = out.size(1);
-  if (R == 0) {
-    out.zero_();
-    return;
-  }
-  if (brgemm_enabled<T>()) {
-    at::Tensor a_t = cached_empty({K, R}, D.options());
-    int64_t r0 = 0;
-    for (const at::Tensor& blk : blocks) {
-      transpose_into<T>(blk.const_data_ptr<T>(), blk.size(0), K, K, a_t.data_ptr<T>() + r0, R);
-      r0 += blk.size(0);
-    }
-    at::Tensor out_t = cached_empty({K, N}, D.options());
-    if constexpr (std::is_same_v<T, float>) {
-      tiled_brgemm(K, N, R, a_t.const_data_ptr<float>(), R, D.const_data_ptr<float>(), N, out_t.data_ptr<float>(),
-                   N);
-    }
-    transpose_into<T>(out_t.const_data_ptr<T>(), K, N, N, out.data_ptr<T>(), K);
-    return;
-  }
-  const at::Tensor A = blocks.size() == 1 ? blocks[0] : at::cat(blocks);
-  gemm<T>(true, false, N, K, R, D.const_data_ptr<T>(), N, A.const_data_ptr<T>(), K, T(0), out.data_ptr<T>(), K);
 }
 
 // The state before each position, in the order of positions, as blocks of rows of `seq` [T, B, H]
@@ -581,7 +496,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     if (per_step) {
       in.x = xc.const_data_ptr<T>();
       in.I = I;
-      in.w_ih = &proj.emplace(wih, /*trans_w=*/true);
+      in.w_ih = &proj.emplace(wih, /*trans_w=*/true, parallel_chunk(B, kRowGrain));
       in.bias = bias.const_data_ptr<T>();
     } else {
       xproj = cached_empty({T_ * B, GH}, opts);  // a fresh tensor: expand().contiguous() may alias the bias
@@ -671,7 +586,8 @@ rnn_layer_backward_cpu(const at::Tensor& grad_output, const at::Tensor& grad_h_n
     const at::Tensor wih = w_ih.contiguous();
     // grad_x: dgates W_ih per step, or one GEMM after the loop for few rows (as in the forward).
     const bool per_step = B >= kStepProjectionRows;
-    const RowsGemm<T> back_proj(wih, /*trans_w=*/false);
+    std::optional<RowsGemm<T>> back_proj;
+    if (grad_input && per_step) back_proj.emplace(wih, /*trans_w=*/false, parallel_chunk(B, kRowGrain));
     // The pre-activation gradients; the GRU's recurrent ones differ in their n block (d hn = r * d n_pre).
     at::Tensor D = cached_empty({T_, B, GH}, opts);
     at::Tensor rec = gru ? cached_empty({T_, B, GH}, opts) : at::Tensor();
@@ -683,7 +599,7 @@ rnn_layer_backward_cpu(const at::Tensor& grad_output, const at::Tensor& grad_h_n
                      lstm ? grad_seq<T>(at::Tensor(), 0, B, H, opts) : GradSeq<T>{},
                      hs, cseq, ws.defined() ? ws.const_data_ptr<T>() : nullptr, w_hh.contiguous(), len, grad_clip,
                      track, dh, dc, D.data_ptr<T>(), gru ? rec.data_ptr<T>() : nullptr,
-                     track ? gsq.data_ptr<double>() : nullptr, &back_proj,
+                     track ? gsq.data_ptr<double>() : nullptr, back_proj ? &*back_proj : nullptr,
                      grad_input && per_step ? gx.data_ptr<T>() : nullptr, I);
     const at::Tensor Dx = D.view({T_ * B, GH}), Dh = (gru ? rec : D).view({T_ * B, GH});
     if (grad_input && !per_step) {
