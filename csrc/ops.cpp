@@ -3,6 +3,8 @@
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
+#include <limits>
+
 #include "cpu/block_cache.h"
 #include "cpu/cpu_isa.h"
 #include "cpu/recurrent_blas.h"
@@ -39,11 +41,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
     pybind11::dict out;
     out["idle_bytes"] = stats.idle_bytes;
     out["idle_blocks"] = stats.idle_blocks;
-    out["limit_bytes"] = stats.limit_bytes;
+    out["in_use_bytes"] = stats.in_use_bytes;
+    out["budget_bytes"] = stats.budget_bytes;
+    out["limit_bytes"] = stats.limit_bytes == std::numeric_limits<size_t>::max() ? pybind11::object(pybind11::none())
+                                                                                  : pybind11::int_(stats.limit_bytes);
     out["hits"] = stats.hits;
     out["misses"] = stats.misses;
     return out;
-  }, "The cache of freed CPU blocks (block_cache.h): idle bytes and blocks, its limit, hits and misses.");
+  }, "The cache of freed CPU blocks (block_cache.h): idle bytes and blocks, bytes in use, the budget (the "
+     "most in use at once recently), the VGK_CPU_CACHE_MB limit (None: none), hits and misses.");
+  module.def("cpu_block_cache_empty", []() { return vgk::BlockCache::get().empty(); },
+             "Gives every idle block of the CPU block cache back to the system; returns the bytes given back.");
   module.def("cpu_isa", []() {
     pybind11::dict out;
     out["native"] = vgk::cpu_isa_name(vgk::native_cpu_isa());
