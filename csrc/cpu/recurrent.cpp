@@ -502,7 +502,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor xc = cached_contiguous(x), h0c = h0.contiguous();
     const at::Tensor c0c = lstm ? c0->contiguous() : at::Tensor();
     const at::Tensor wih = w_ih.contiguous();
-    const bool per_step = B >= kStepProjectionRows;
+    // The projection of all steps in one GEMM where it runs on brgemm tiles (3-4% faster than per step on
+    // a Zen 5 core, at AVX-512 and at AVX2), or where the batch is too small for per-step GEMMs.
+    const TiledGemm<T> whole(wih, /*trans_w=*/true);
+    const bool per_step = B >= kStepProjectionRows && whole.path() != GemmPath::kBrgemm;
     std::optional<RowsGemm<T>> proj;
     at::Tensor xproj;
     InputSide<T> in;
@@ -512,10 +515,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       in.w_ih = &proj.emplace(wih, /*trans_w=*/true, parallel_chunk(B, kRowGrain));
       in.bias = bias.const_data_ptr<T>();
     } else {
-      xproj = cached_empty({T_ * B, GH}, opts);  // a fresh tensor: expand().contiguous() may alias the bias
-      xproj.copy_(bias.expand({T_ * B, GH}));
-      gemm<T>(false, true, T_ * B, GH, I, xc.const_data_ptr<T>(), I, wih.const_data_ptr<T>(), I, T(1),
-              xproj.data_ptr<T>(), GH);
+      xproj = cached_empty({T_ * B, GH}, opts);
+      whole.run(T_ * B, xc.const_data_ptr<T>(), I, bias.const_data_ptr<T>(), false, xproj.data_ptr<T>(), GH);
       in.xproj = xproj.const_data_ptr<T>();
     }
     const StateSeq<T> hs{output.data_ptr<T>(), h0c.const_data_ptr<T>(), T_, B * H, reverse};
@@ -597,8 +598,10 @@ rnn_layer_backward_cpu(const at::Tensor& grad_output, const at::Tensor& grad_h_n
     const at::Tensor c0c = lstm ? c0->contiguous() : at::Tensor();
     const at::Tensor ws = lstm || gru ? cached_contiguous(workspace) : at::Tensor();
     const at::Tensor wih = w_ih.contiguous();
-    // grad_x: dgates W_ih per step, or one GEMM after the loop for few rows (as in the forward).
-    const bool per_step = B >= kStepProjectionRows;
+    // grad_x: dgates W_ih per step, or one GEMM after the loop (as the forward's projection).
+    std::optional<TiledGemm<T>> whole;
+    if (grad_input) whole.emplace(wih, /*trans_w=*/false);
+    const bool per_step = B >= kStepProjectionRows && (!whole || whole->path() != GemmPath::kBrgemm);
     std::optional<RowsGemm<T>> back_proj;
     if (grad_input && per_step) back_proj.emplace(wih, /*trans_w=*/false, parallel_chunk(B, kRowGrain));
     // The pre-activation gradients; the GRU's recurrent ones differ in their n block (d hn = r * d n_pre).
@@ -615,10 +618,7 @@ rnn_layer_backward_cpu(const at::Tensor& grad_output, const at::Tensor& grad_h_n
                      track ? gsq.data_ptr<double>() : nullptr, back_proj ? &*back_proj : nullptr,
                      grad_input && per_step ? gx.data_ptr<T>() : nullptr, I);
     const at::Tensor Dx = D.view({T_ * B, GH}), Dh = (gru ? rec : D).view({T_ * B, GH});
-    if (grad_input && !per_step) {
-      gemm<T>(false, false, T_ * B, I, GH, Dx.const_data_ptr<T>(), GH, wih.const_data_ptr<T>(), I, T(0),
-              gx.data_ptr<T>(), I);
-    }
+    if (grad_input && !per_step) whole->run(T_ * B, Dx.const_data_ptr<T>(), GH, nullptr, false, gx.data_ptr<T>(), I);
     weight_grad<T>({xc.view({T_ * B, I})}, Dx, gw_ih);
     weight_grad<T>(states_before(out, h0c, reverse), Dh, gw_hh);
     if (has_bias) {

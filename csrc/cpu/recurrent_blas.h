@@ -242,6 +242,15 @@ class GemmChoices {
   std::map<Key, Choice> choices_;
 };
 
+// brgemm's B operand for op(W): row-major [K, N] (W transposed where it is stored [N, K]), rows apart by
+// an unaliased leading dimension. Copied once per call of an op.
+inline at::Tensor brgemm_rhs(const at::Tensor& w, bool trans_w) {
+  const int64_t N = trans_w ? w.size(0) : w.size(1), K = trans_w ? w.size(1) : w.size(0);
+  at::Tensor rhs = cached_empty({K, w.scalar_type() == at::kFloat ? unaliased_ld<float>(N) : N}, w.options());
+  rhs.narrow(1, 0, N).copy_(trans_w ? w.t() : w);
+  return rhs;
+}
+
 // The most elements at::parallel_for(0, n, grain, f) passes to one call of f from here: the rows one
 // thread takes in the time loops.
 inline int64_t parallel_chunk(int64_t n, int64_t grain) {
@@ -263,11 +272,8 @@ class RowsGemm {
       : trans_w_(trans_w), N_(trans_w ? w.size(0) : w.size(1)), K_(trans_w ? w.size(1) : w.size(0)), w_(w) {
     path_ = library_gemm_path();
     if (!brgemm_enabled<T>() || N_ == 0 || K_ == 0) return;
-    // brgemm takes B row-major [K, N]: copied once per call of the op, transposed where W is stored
-    // [N, K], rows apart by an unaliased leading dimension.
-    ldb_ = unaliased_ld<T>(N_);
-    rhs_ = cached_empty({K_, ldb_}, w.options());
-    rhs_.narrow(1, 0, N_).copy_(trans_w ? w.t() : w);
+    rhs_ = brgemm_rhs(w, trans_w);
+    ldb_ = rhs_.size(1);
     path_ = GemmPath::kBrgemm;
     if (rows > 0 && !forced_gemm_path().has_value()) {
       const GemmChoices::Key key{"rows", rows, N_, K_, trans_w};
@@ -309,6 +315,111 @@ class RowsGemm {
   at::Tensor w_;
   at::Tensor rhs_;  // brgemm's B: op(W) row-major [K, ldb_]
   int64_t ldb_ = 0;
+  GemmPath path_;
+};
+
+// C[M, N] = A[M, K] op(W) (+ bias on every row, or + C), for all rows at once, outside parallel regions:
+// the input projection of every step in one GEMM. On brgemm the product is cut into tiles of kTileM rows
+// and kTileN columns over the threads, and the last, partial row tile goes through a zero-padded copy,
+// so that brgemm compiles kernels for a few shapes per W and not one per M (M = T * B takes a new value
+// at nearly every call of a training loop with changing lengths). The path is forced by VGK_CPU_BLAS or
+// chosen once per shape of W by GemmChoices.
+template <typename T>
+class TiledGemm {
+ public:
+  static constexpr int64_t kTileM = 64, kTileN = 128;
+
+  // op(W) = W^T (W stored [N, K]) when trans_w, else W (stored [K, N]); w contiguous, kept alive.
+  TiledGemm(const at::Tensor& w, bool trans_w)
+      : trans_w_(trans_w), N_(trans_w ? w.size(0) : w.size(1)), K_(trans_w ? w.size(1) : w.size(0)), w_(w) {
+    path_ = library_gemm_path();
+    if (!brgemm_enabled<T>() || N_ == 0 || K_ == 0) return;
+    rhs_ = brgemm_rhs(w, trans_w);
+    path_ = GemmPath::kBrgemm;
+    if (!forced_gemm_path().has_value()) {
+      const GemmChoices::Key key{"tiles", 0, N_, K_, trans_w};
+      path_ = GemmChoices::get().choose(key, [&] { return measure(); });
+    }
+    if (path_ != GemmPath::kBrgemm) rhs_ = at::Tensor();
+  }
+
+  GemmPath path() const { return path_; }
+
+  // bias: nullptr or [N]; accumulate: add to C (without bias).
+  void run(int64_t M, const T* A, int64_t lda, const T* bias, bool accumulate, T* C, int64_t ldc) const {
+    if (M == 0) return;
+    if constexpr (std::is_same_v<T, float>) {
+      if (path_ == GemmPath::kBrgemm) {
+        at::parallel_for(0, tiles(M), 1, [&](int64_t t0, int64_t t1) {
+          run_tiles(M, A, lda, bias, accumulate, C, ldc, t0, t1);
+        });
+        return;
+      }
+    }
+    if (bias != nullptr) {
+      for (int64_t m = 0; m < M; ++m) std::copy_n(bias, N_, C + m * ldc);
+    }
+    gemm<T>(false, trans_w_, M, N_, K_, A, lda, w_.const_data_ptr<T>(), trans_w_ ? K_ : N_,
+            bias != nullptr || accumulate ? T(1) : T(0), C, ldc);
+  }
+
+ private:
+  int64_t tiles_n() const { return (N_ + kTileN - 1) / kTileN; }
+  int64_t tiles(int64_t M) const { return (M + kTileM - 1) / kTileM * tiles_n(); }
+
+  // Tiles [t0, t1) in column-block-major order (consecutive tiles share their block of op(W)).
+  void run_tiles(int64_t M, const float* A, int64_t lda, const float* bias, bool accumulate, float* C,
+                 int64_t ldc, int64_t t0, int64_t t1) const {
+    const int64_t tiles_m = (M + kTileM - 1) / kTileM, ldb = rhs_.size(1);
+    const float* b = rhs_.const_data_ptr<float>();
+    std::vector<float> a_tail, c_tail;  // the partial row tile, padded with zero rows
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t m0 = (t % tiles_m) * kTileM, n0 = (t / tiles_m) * kTileN;
+      const int64_t mt = std::min(kTileM, M - m0), nt = std::min(kTileN, N_ - n0);
+      const float* a = A + m0 * lda;
+      float* c = C + m0 * ldc + n0;
+      int64_t lc = ldc;
+      if (mt < kTileM) {
+        a_tail.assign(kTileM * lda, 0.f);
+        for (int64_t m = 0; m < mt; ++m) std::copy_n(a + m * lda, K_, a_tail.data() + m * lda);
+        c_tail.assign(kTileM * kTileN, 0.f);
+        for (int64_t m = 0; m < mt && accumulate; ++m) std::copy_n(c + m * ldc, nt, c_tail.data() + m * kTileN);
+        a = a_tail.data();
+        c = c_tail.data();
+        lc = kTileN;
+      }
+      if (bias != nullptr) {
+        for (int64_t m = 0; m < kTileM; ++m) std::copy_n(bias + n0, nt, c + m * lc);
+      }
+      brgemm_f32(kTileM, nt, K_, a, lda, b + n0, ldb, accumulate || bias != nullptr, c, lc);
+      if (mt < kTileM) {
+        for (int64_t m = 0; m < mt; ++m) std::copy_n(c_tail.data() + m * kTileN, nt, C + (m0 + m) * ldc + n0);
+      }
+    }
+  }
+
+  // {brgemm seconds, library seconds} for a product of two row tiles, on scratch operands.
+  std::pair<double, double> measure() const {
+    constexpr int64_t M = 2 * kTileM;
+    const at::Tensor a = at::full({M, K_}, 0.5, w_.options());
+    at::Tensor c = at::empty({M, N_}, w_.options());
+    return time_pair(
+        [&] {
+          if constexpr (std::is_same_v<T, float>) {
+            run_tiles(M, a.const_data_ptr<float>(), K_, nullptr, false, c.data_ptr<float>(), N_, 0, tiles(M));
+          }
+        },
+        [&] {
+          gemm<T>(false, trans_w_, M, N_, K_, a.const_data_ptr<T>(), K_, w_.const_data_ptr<T>(),
+                  trans_w_ ? K_ : N_, T(0), c.data_ptr<T>(), N_);
+        },
+        2);
+  }
+
+  bool trans_w_;
+  int64_t N_, K_;
+  at::Tensor w_;
+  at::Tensor rhs_;  // brgemm's B: op(W) row-major [K, ldb]
   GemmPath path_;
 };
 
