@@ -549,17 +549,17 @@ class WeightGradTiles {
 
 // Whether a weight gradient out[N, K] = D^T X goes to brgemm (WeightGradTiles) rather than to the
 // library GEMM. Where both can run and VGK_CPU_BLAS does not choose, both are timed once per (N, K)
-// on one core, over two chunks of rows.
+// on one core, over one chunk of rows.
 template <typename T>
 bool weight_grad_on_brgemm(int64_t N, int64_t K) {
   if (!brgemm_enabled<T>()) return false;
   if (forced_gemm_path().has_value()) return true;
   const GemmChoices::Key key{"weight_grad", 0, N, K, false};
   return GemmChoices::get().choose(key, [&] {
-           constexpr int64_t R = 2 * WeightGradTiles::kChunk;
+           constexpr int64_t R = WeightGradTiles::kChunk;
            const auto opts = at::TensorOptions().dtype(at::kFloat);
            const at::Tensor d = at::full({R, N}, 0.5, opts), x = at::full({R, K}, 0.5, opts);
-           const at::Tensor x_packed = at::full({2, K, WeightGradTiles::kLdX}, 0.5, opts);
+           const at::Tensor x_packed = at::full({1, K, WeightGradTiles::kLdX}, 0.5, opts);
            at::Tensor out = at::empty({N, K}, opts), out_t = at::empty({K, N}, opts);
            const WeightGradTiles tiles(R, N, K, x_packed.const_data_ptr<float>(), d.const_data_ptr<float>(),
                                        out_t.data_ptr<float>());
