@@ -3,7 +3,9 @@
 // Levels: baseline x86-64 (SSE2), AVX2 (with FMA), AVX-512 (F, BW, VL, DQ). The level in effect is the
 // CPU's own, or lower where VGK_CPU_ISA asks for it ("avx512", "avx2" or "baseline"; unset or
 // "native" keeps the CPU's). Lowering it makes one machine run the code paths of another kind of
-// CPU: the pointwise passes compiled per level and the GEMM path choice (recurrent_blas.h) follow it.
+// CPU: the recurrent kernels' pointwise passes compiled per level and the GEMM path choice
+// (recurrent_blas.h) follow it. (LayerNorm and the clipping kernels take their AVX2 or baseline build by
+// the CPU alone, through the loader: norm_simd.h.)
 // oneDNN (the brgemm micro-kernels, torch.nn's RNNs) reads its own cap, ONEDNN_MAX_CPU_ISA, at its
 // first use; the benchmark and the tests set both.
 #pragma once

@@ -145,9 +145,9 @@ inline bool brgemm_enabled() {
 #endif
 }
 
-// The path of dtype T's GEMMs when brgemm is not taken.
+// The path of the GEMMs when brgemm is not taken (gemm() below).
 inline GemmPath library_gemm_path() {
-  return use_fortran_blas() ? GemmPath::kBlas : GemmPath::kAten;
+  return use_fortran_blas() && sgemm_ != nullptr ? GemmPath::kBlas : GemmPath::kAten;
 }
 
 inline void brgemm_f32(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb,
