@@ -446,8 +446,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     if (lstm) has_gcells ? at::add_out(gc0, dc, gcs.select(0, init)) : gc0.copy_(dc);
     // grad_w_hh = sum over positions of the recurrent pre-activation gradients^T h_prev.
     const at::Tensor D = (gru ? rec : gx).view({T_ * B, GH});
-    weight_grad<T>({st.narrow(0, reverse ? 1 : 0, T_).reshape({T_ * B, H})}, D, gw);
-    if (gb.numel()) at::sum_out(gb, D, at::IntArrayRef{0});
+    weight_grad<T>({st.narrow(0, reverse ? 1 : 0, T_).reshape({T_ * B, H})}, D, gw, gb.numel() ? gb : at::Tensor());
   });
   return {gx, gh0, gc0, gw, gb, gsq};
 }
@@ -619,12 +618,9 @@ rnn_layer_backward_cpu(const at::Tensor& grad_output, const at::Tensor& grad_h_n
                      grad_input && per_step ? gx.data_ptr<T>() : nullptr, I);
     const at::Tensor Dx = D.view({T_ * B, GH}), Dh = (gru ? rec : D).view({T_ * B, GH});
     if (grad_input && !per_step) whole->run(T_ * B, Dx.const_data_ptr<T>(), GH, nullptr, false, gx.data_ptr<T>(), I);
-    weight_grad<T>({xc.view({T_ * B, I})}, Dx, gw_ih);
-    weight_grad<T>(states_before(out, h0c, reverse), Dh, gw_hh);
-    if (has_bias) {
-      at::sum_out(gb_ih, Dx, at::IntArrayRef{0});
-      gru ? at::sum_out(gb_hh, Dh, at::IntArrayRef{0}) : gb_hh.copy_(gb_ih);
-    }
+    weight_grad<T>({xc.view({T_ * B, I})}, Dx, gw_ih, has_bias ? gb_ih : at::Tensor());
+    weight_grad<T>(states_before(out, h0c, reverse), Dh, gw_hh, has_bias && gru ? gb_hh : at::Tensor());
+    if (has_bias && !gru) gb_hh.copy_(gb_ih);
   });
   return {gx, dh, dc, gw_ih, gw_hh, gb_ih, gb_hh, gsq};
 }

@@ -488,9 +488,12 @@ class WeightGradTiles {
   static constexpr int64_t kTileM = 256, kTileN = 128, kChunk = 256;
   static constexpr int64_t kLdX = unaliased_ld<float>(kChunk), kLdD = unaliased_ld<float>(kTileN);
 
-  // x_packed: [chunks(R), K, kLdX]; out_t: [K, N] row-major.
-  WeightGradTiles(int64_t R, int64_t N, int64_t K, const float* x_packed, const float* D, float* out_t)
-      : R_(R), N_(N), K_(K), x_(x_packed), d_(D), out_(out_t) {}
+  // x_packed: [chunks(R), K, kLdX]; out_t: [K, N] row-major. With column_sums ([N], zeros), the sums
+  // of D's columns (a bias gradient) are added into it from the copies of D's chunks: the tiles of the
+  // first row block do that, so each column has one owner and a fixed order.
+  WeightGradTiles(int64_t R, int64_t N, int64_t K, const float* x_packed, const float* D, float* out_t,
+                  double* column_sums = nullptr)
+      : R_(R), N_(N), K_(K), x_(x_packed), d_(D), out_(out_t), sums_(column_sums) {}
 
   static int64_t chunks(int64_t R) { return (R + kChunk - 1) / kChunk; }
 
@@ -507,7 +510,9 @@ class WeightGradTiles {
   static void zero_x_tail(int64_t R, int64_t K, float* x_packed) {
     const int64_t used = R - (chunks(R) - 1) * kChunk;
     float* last = x_packed + (chunks(R) - 1) * K * kLdX;
-    for (int64_t k = 0; k < K && used < kChunk; ++k) std::fill(last + k * kLdX + used, last + k * kLdX + kChunk, 0.f);
+    for (int64_t k = 0; k < K && used < kChunk; ++k) {
+      std::fill(last + k * kLdX + used, last + k * kLdX + kChunk, 0.f);
+    }
   }
 
   int64_t tiles() const { return tiles_m() * tiles_n(); }
@@ -529,6 +534,7 @@ class WeightGradTiles {
         }
         brgemm_f32(mt, nt, kChunk, x_ + c * K_ * kLdX + m0 * kLdX, kLdX, d_chunk.data(), kLdD, c > 0,
                    out_ + m0 * N_ + n0, N_);
+        if (sums_ != nullptr && m0 == 0) add_column_sums(d_chunk.data(), rows, nt, sums_ + n0);
       }
     }
   }
@@ -541,10 +547,21 @@ class WeightGradTiles {
   int64_t tiles_m() const { return (K_ + kTileM - 1) / kTileM; }
   int64_t tiles_n() const { return (N_ + kTileN - 1) / kTileN; }
 
+  // sums[j] += the sum of column j of a chunk copy (rows x n, rows kLdD apart): in float within the
+  // chunk (vectorised across j), in double across chunks.
+  static void add_column_sums(const float* __restrict chunk, int64_t rows, int64_t n, double* __restrict sums) {
+    float partial[kTileN] = {};
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t j = 0; j < n; ++j) partial[j] += chunk[r * kLdD + j];
+    }
+    for (int64_t j = 0; j < n; ++j) sums[j] += partial[j];
+  }
+
   int64_t R_, N_, K_;
   const float* x_;
   const float* d_;
   float* out_;
+  double* sums_;
 };
 
 // Whether a weight gradient out[N, K] = D^T X goes to brgemm (WeightGradTiles) rather than to the
@@ -573,12 +590,15 @@ bool weight_grad_on_brgemm(int64_t N, int64_t K) {
 }
 
 // A weight gradient summed over all R rows: out [N, K] = D^T X with D [R, N] contiguous and X [R, K]
-// given as consecutive blocks of contiguous rows. One GEMM after a time loop.
+// given as consecutive blocks of contiguous rows. One GEMM after a time loop. With `bias` ([N]), also
+// the sums of D's columns (the bias gradient), on brgemm from the copies the GEMM reads anyway.
 template <typename T>
-void weight_grad(const std::vector<at::Tensor>& blocks, const at::Tensor& D, at::Tensor& out) {
+void weight_grad(const std::vector<at::Tensor>& blocks, const at::Tensor& D, at::Tensor& out,
+                 const at::Tensor& bias = at::Tensor()) {
   const int64_t R = D.size(0), N = D.size(1), K = out.size(1);
   if (R == 0) {
     out.zero_();
+    if (bias.defined()) bias.zero_();
     return;
   }
   if constexpr (std::is_same_v<T, float>) {
@@ -591,14 +611,21 @@ void weight_grad(const std::vector<at::Tensor>& blocks, const at::Tensor& D, at:
       }
       WeightGradTiles::zero_x_tail(R, K, x_packed.data_ptr<float>());
       at::Tensor out_t = cached_empty({K, N}, D.options());
-      WeightGradTiles(R, N, K, x_packed.const_data_ptr<float>(), D.const_data_ptr<float>(), out_t.data_ptr<float>())
+      at::Tensor sums = bias.defined() ? at::zeros({N}, D.options().dtype(at::kDouble)) : at::Tensor();
+      WeightGradTiles(R, N, K, x_packed.const_data_ptr<float>(), D.const_data_ptr<float>(), out_t.data_ptr<float>(),
+                      bias.defined() ? sums.data_ptr<double>() : nullptr)
           .run();
       transpose_into<float>(out_t.const_data_ptr<float>(), K, N, N, out.data_ptr<float>(), K);
+      if (bias.defined()) bias.copy_(sums);
       return;
     }
   }
   const at::Tensor X = blocks.size() == 1 ? blocks[0] : at::cat(blocks);
   gemm<T>(true, false, N, K, R, D.const_data_ptr<T>(), N, X.const_data_ptr<T>(), K, T(0), out.data_ptr<T>(), K);
+  if (bias.defined()) {
+    at::Tensor sums = bias;  // a handle to the same storage
+    at::sum_out(sums, D, at::IntArrayRef{0});
+  }
 }
 
 }  // namespace vgk::rnn
