@@ -3,6 +3,8 @@
 // gemm: C[M, N] = op(A) op(B) + beta C, where op(A) is A ([M, K]) or A^T (A stored [K, M]).
 // StepGemm: the per-step product with a fixed weight matrix, C[M, N] = A[M, K] op(W) + beta C.
 // RowsGemm: the same product for one thread's rows, called inside a parallel region.
+// TiledGemm: the same product for all rows at once (the input projection of every step), over the
+// threads.
 // weight_grad: the weight gradients after the time loops, on brgemm tiles or the library GEMM.
 //
 // Paths (VGK_CPU_BLAS forces one; unset or "auto" chooses):
@@ -207,7 +209,8 @@ std::pair<double, double> time_pair(const A& a, const B& b, int rounds) {
 // The GEMM paths chosen so far in this process, one per shape, with the timings that chose them.
 class GemmChoices {
  public:
-  // kind: "rows" (per-step, one thread's rows) or "weight_grad"; trans: the weight is stored transposed.
+  // {kind, rows, N, K, trans}: kind "rows" (RowsGemm, `rows` rows a thread), "tiles" (TiledGemm) or
+  // "weight_grad" (rows 0 for the latter two); trans: the weight is stored transposed.
   using Key = std::tuple<std::string, int64_t, int64_t, int64_t, bool>;
   struct Choice {
     GemmPath path;
