@@ -112,10 +112,13 @@ def fma_peak_gflops(threads: int | None = None) -> float | None:
 
 
 def device_tag() -> str:
-    """File-name tag: the GPU's name when there is one, else ``cpu-<N>threads-<instruction set>``."""
+    """File-name tag: the GPU's name when there is one, else ``cpu-<N>threads-<instruction set>``, with
+    ``-pinned-malloc`` when glibc's allocator was pinned (so such runs never replace plain ones)."""
     if torch.cuda.is_available():
         return torch.cuda.get_device_name().replace(" ", "_")
-    return f"cpu-{torch.get_num_threads()}threads-{machine()['isa']}"
+    info = machine()
+    pinned = "-pinned-malloc" if info["malloc"] != "default" else ""
+    return f"cpu-{torch.get_num_threads()}threads-{info['isa']}{pinned}"
 
 
 def record(suite: str, results: list[Comparison | dict]) -> Path:
