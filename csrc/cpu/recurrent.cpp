@@ -422,10 +422,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const at::Tensor len = checked_lengths(op, lengths, B, T_);
 
   const auto opts = states.options();
-  at::Tensor gx = at::empty({T_, B, GH}, opts);
+  at::Tensor gx = cached_empty({T_, B, GH}, opts);
   at::Tensor gh0 = at::empty({B, H}, opts);
   at::Tensor gc0 = lstm ? at::empty({B, H}, opts) : at::empty({0}, opts);
-  at::Tensor gw = at::empty({GH, H}, opts);
+  at::Tensor gw = cached_empty({GH, H}, opts);  // becomes .grad, freed by zero_grad: reused
   at::Tensor gb = gru && has_b_hh ? at::empty({GH}, opts) : at::empty({0}, opts);
   at::Tensor gsq = grad_sq_buffer(track, lstm, T_, B, opts);
   const int64_t init = reverse ? T_ : 0, first_out = reverse ? 0 : 1;
@@ -588,8 +588,8 @@ rnn_layer_backward_cpu(const at::Tensor& grad_output, const at::Tensor& grad_h_n
 
   const auto opts = output.options();
   at::Tensor gx = grad_input ? cached_empty({T_, B, I}, opts) : at::empty({0}, opts);
-  at::Tensor gw_ih = at::empty({GH, I}, opts);
-  at::Tensor gw_hh = at::empty({GH, H}, opts);
+  at::Tensor gw_ih = cached_empty({GH, I}, opts);  // become .grad, freed by zero_grad: reused
+  at::Tensor gw_hh = cached_empty({GH, H}, opts);
   at::Tensor gb_ih = has_bias ? at::empty({GH}, opts) : at::empty({0}, opts);
   at::Tensor gb_hh = has_bias ? at::empty({GH}, opts) : at::empty({0}, opts);
   at::Tensor gsq = grad_sq_buffer(track, lstm, T_, B, opts);
