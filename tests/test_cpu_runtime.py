@@ -125,8 +125,10 @@ def test_rss_stops_growing_under_changing_shapes():
 
 # --------------------------------------------------------------------------------- instruction-set levels
 
-# Forward and backward of every cell through both layer ops, float32 and float64, with lengths,
-# tracking and clipping, at shapes that take the per-step GEMMs (B >= 8) and the one-GEMM projection.
+# Forward and backward of every cell through the layer ops, float32 and float64, with lengths, tracking
+# and clipping: 33 rows (T * B: below brgemm's minimum for the products of all rows, per-step GEMMs
+# excluded) and 176 rows (brgemm's row tiles, two full and a partial one; one partial weight-gradient
+# chunk).
 KERNELS_SCRIPT = """
 import json, sys, torch
 import vgkernels
@@ -135,7 +137,7 @@ torch.manual_seed(0)
 out = []
 for dtype in (torch.float32, torch.float64):
     for mode, G in (("lstm", 4), ("gru", 3), ("rnn_tanh", 1)):
-        T, H, I = 6, 37, 29
+        T, H, I = 11, 37, 29
         for B in (3, 16):
             x = torch.randn(T, B, I, dtype=dtype)
             h0 = torch.randn(B, H, dtype=dtype)

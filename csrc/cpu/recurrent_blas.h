@@ -245,6 +245,11 @@ class GemmChoices {
   std::map<Key, Choice> choices_;
 };
 
+// Fewest rows (positions x samples) of one call for which the products of all rows at once (TiledGemm,
+// weight_grad) go to brgemm: it needs copies of the weights or the operands, and with fewer rows (a
+// decoder's T = 1 calls) those cost more than brgemm saves.
+constexpr int64_t kTiledMinRows = 128;
+
 // brgemm's B operand for op(W): row-major [K, N] (W transposed where it is stored [N, K]), rows apart by
 // an unaliased leading dimension. Copied once per call of an op.
 inline at::Tensor brgemm_rhs(const at::Tensor& w, bool trans_w) {
@@ -266,15 +271,16 @@ inline int64_t parallel_chunk(int64_t n, int64_t grain) {
 // C[M, N] (+)= A[M, K] op(W) for a fixed W, on one thread's own rows inside a parallel region (the
 // BLAS runs single-threaded there). The path is brgemm or the library GEMM, forced by VGK_CPU_BLAS or
 // chosen for `rows` rows (the most any thread passes to run()) by GemmChoices; rows = 0 takes brgemm
-// wherever it is enabled, without a measurement.
+// wherever it is enabled, without a measurement. allow_brgemm = false keeps the library GEMM on W as it
+// is: for callers with too few rows to repay brgemm's copy of W.
 template <typename T>
 class RowsGemm {
  public:
   // op(W) = W^T (W stored [N, K]) when trans_w, else W (stored [K, N]); w contiguous, kept alive.
-  RowsGemm(const at::Tensor& w, bool trans_w, int64_t rows = 0)
+  RowsGemm(const at::Tensor& w, bool trans_w, bool allow_brgemm = true, int64_t rows = 0)
       : trans_w_(trans_w), N_(trans_w ? w.size(0) : w.size(1)), K_(trans_w ? w.size(1) : w.size(0)), w_(w) {
     path_ = library_gemm_path();
-    if (!brgemm_enabled<T>() || N_ == 0 || K_ == 0) return;
+    if (!allow_brgemm || !brgemm_enabled<T>() || N_ == 0 || K_ == 0) return;
     rhs_ = brgemm_rhs(w, trans_w);
     ldb_ = rhs_.size(1);
     path_ = GemmPath::kBrgemm;
@@ -323,20 +329,21 @@ class RowsGemm {
 
 // C[M, N] = A[M, K] op(W) (+ bias on every row, or + C), for all rows at once, outside parallel regions:
 // the input projection of every step in one GEMM. On brgemm the product is cut into tiles of kTileM rows
-// and kTileN columns over the threads, and the last, partial row tile goes through a zero-padded copy,
-// so that brgemm compiles kernels for a few shapes per W and not one per M (M = T * B takes a new value
-// at nearly every call of a training loop with changing lengths). The path is forced by VGK_CPU_BLAS or
-// chosen once per shape of W by GemmChoices.
+// and kTileN columns over the threads, and the last, partial row tile goes through a copy padded with
+// zero rows to a multiple of kTailStep, so that brgemm compiles kernels for a few shapes per W and not
+// one per M (M = T * B takes a new value at nearly every call of a training loop with changing
+// lengths). The path is forced by VGK_CPU_BLAS or chosen once per shape of W by GemmChoices;
+// allow_brgemm = false keeps the library GEMM (pass M >= kTiledMinRows).
 template <typename T>
 class TiledGemm {
  public:
-  static constexpr int64_t kTileM = 64, kTileN = 128;
+  static constexpr int64_t kTileM = 64, kTileN = 128, kTailStep = 8;
 
   // op(W) = W^T (W stored [N, K]) when trans_w, else W (stored [K, N]); w contiguous, kept alive.
-  TiledGemm(const at::Tensor& w, bool trans_w)
+  TiledGemm(const at::Tensor& w, bool trans_w, bool allow_brgemm = true)
       : trans_w_(trans_w), N_(trans_w ? w.size(0) : w.size(1)), K_(trans_w ? w.size(1) : w.size(0)), w_(w) {
     path_ = library_gemm_path();
-    if (!brgemm_enabled<T>() || N_ == 0 || K_ == 0) return;
+    if (!allow_brgemm || !brgemm_enabled<T>() || N_ == 0 || K_ == 0) return;
     rhs_ = brgemm_rhs(w, trans_w);
     path_ = GemmPath::kBrgemm;
     if (!forced_gemm_path().has_value()) {
@@ -382,19 +389,20 @@ class TiledGemm {
       const float* a = A + m0 * lda;
       float* c = C + m0 * ldc + n0;
       int64_t lc = ldc;
+      const int64_t rows = (mt + kTailStep - 1) / kTailStep * kTailStep;  // kTileM for full tiles
       if (mt < kTileM) {
-        a_tail.assign(kTileM * lda, 0.f);
+        a_tail.assign(rows * lda, 0.f);
         for (int64_t m = 0; m < mt; ++m) std::copy_n(a + m * lda, K_, a_tail.data() + m * lda);
-        c_tail.assign(kTileM * kTileN, 0.f);
+        c_tail.assign(rows * kTileN, 0.f);
         for (int64_t m = 0; m < mt && accumulate; ++m) std::copy_n(c + m * ldc, nt, c_tail.data() + m * kTileN);
         a = a_tail.data();
         c = c_tail.data();
         lc = kTileN;
       }
       if (bias != nullptr) {
-        for (int64_t m = 0; m < kTileM; ++m) std::copy_n(bias + n0, nt, c + m * lc);
+        for (int64_t m = 0; m < rows; ++m) std::copy_n(bias + n0, nt, c + m * lc);
       }
-      brgemm_f32(kTileM, nt, K_, a, lda, b + n0, ldb, accumulate || bias != nullptr, c, lc);
+      brgemm_f32(rows, nt, K_, a, lda, b + n0, ldb, accumulate || bias != nullptr, c, lc);
       if (mt < kTileM) {
         for (int64_t m = 0; m < mt; ++m) std::copy_n(c_tail.data() + m * kTileN, nt, C + (m0 + m) * ldc + n0);
       }
@@ -482,13 +490,14 @@ void transpose_into(const T* src, int64_t rows, int64_t cols, int64_t lds, T* ds
 // A weight gradient on brgemm: out^T [K, N] = X^T D, summed over the R rows of D [R, N] (contiguous)
 // and X [R, K], in chunks of kChunk rows. X^T comes packed per chunk ([chunks, K, kLdX], zeros past
 // row R), and each thread copies the chunk of D it multiplies into a buffer of kTileN columns (zeros
-// past row R). So every product has the same shape whatever R is: brgemm compiles a kernel per shape
+// past row R). So the products take a few shapes whatever R is (the last chunk's rows a multiple of
+// kTailStep): brgemm compiles a kernel per shape
 // and leading dimension and keeps it for the life of the process, and with R = T * B taking a new
 // value at every sequence length, unpacked operands made it compile (and keep) a new kernel at
 // nearly every call of a training loop, hundreds of MB after 1000 calls.
 class WeightGradTiles {
  public:
-  static constexpr int64_t kTileM = 256, kTileN = 128, kChunk = 256;
+  static constexpr int64_t kTileM = 256, kTileN = 128, kChunk = 256, kTailStep = 32;
   static constexpr int64_t kLdX = unaliased_ld<float>(kChunk), kLdD = unaliased_ld<float>(kTileN);
 
   // x_packed: [chunks(R), K, kLdX]; out_t: [K, N] row-major. With column_sums ([N], zeros), the sums
@@ -524,7 +533,9 @@ class WeightGradTiles {
   void run_tiles(int64_t t0, int64_t t1) const {
     std::vector<float> d_chunk(kChunk * kLdD);
     for (int64_t c = 0; c < chunks(R_); ++c) {
+      // The last chunk is zero-padded to a multiple of kTailStep rows, not to kChunk: little work wasted.
       const int64_t rows = std::min(kChunk, R_ - c * kChunk);
+      const int64_t padded = (rows + kTailStep - 1) / kTailStep * kTailStep;
       int64_t copied_n0 = -1;
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t m0 = (t % tiles_m()) * kTileM, n0 = (t / tiles_m()) * kTileN;
@@ -532,10 +543,10 @@ class WeightGradTiles {
         if (copied_n0 != n0) {
           const float* src = d_ + c * kChunk * N_ + n0;
           for (int64_t r = 0; r < rows; ++r) std::copy_n(src + r * N_, nt, d_chunk.data() + r * kLdD);
-          for (int64_t r = rows; r < kChunk; ++r) std::fill_n(d_chunk.data() + r * kLdD, nt, 0.f);
+          for (int64_t r = rows; r < padded; ++r) std::fill_n(d_chunk.data() + r * kLdD, nt, 0.f);
           copied_n0 = n0;
         }
-        brgemm_f32(mt, nt, kChunk, x_ + c * K_ * kLdX + m0 * kLdX, kLdX, d_chunk.data(), kLdD, c > 0,
+        brgemm_f32(mt, nt, padded, x_ + c * K_ * kLdX + m0 * kLdX, kLdX, d_chunk.data(), kLdD, c > 0,
                    out_ + m0 * N_ + n0, N_);
         if (sums_ != nullptr && m0 == 0) add_column_sums(d_chunk.data(), rows, nt, sums_ + n0);
       }
@@ -605,7 +616,7 @@ void weight_grad(const std::vector<at::Tensor>& blocks, const at::Tensor& D, at:
     return;
   }
   if constexpr (std::is_same_v<T, float>) {
-    if (weight_grad_on_brgemm<T>(N, K)) {
+    if (R >= kTiledMinRows && weight_grad_on_brgemm<T>(N, K)) {
       at::Tensor x_packed = cached_empty({WeightGradTiles::chunks(R), K, WeightGradTiles::kLdX}, D.options());
       int64_t r0 = 0;
       for (const at::Tensor& blk : blocks) {
