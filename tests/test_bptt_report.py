@@ -430,13 +430,18 @@ def cell_loop_norms(model, tokens, targets, last_only):
     return torch.tensor([[h.grad.norm().item() for h in layer] for layer in hidden], dtype=torch.float64)
 
 
-def test_per_step_losses_state_no_horizon_and_the_last_step_measurement_is_exact():
+def traced_lm():
+    """A TinyLM, its tokens and targets, and its trace after a backward of the mean of every step's loss."""
     torch.manual_seed(1)
     model = TinyLM()
     tokens, targets = torch.randint(0, V, (STEPS, BATCH)), torch.randint(0, V, (STEPS, BATCH))
     with vgkernels.track(model) as traces:
         step_losses(model, tokens, targets).mean().backward()
-    trace = traces["rnn"]
+    return model, tokens, targets, traces["rnn"]
+
+
+def test_per_step_losses_state_no_horizon_and_the_last_step_measurement_is_exact():
+    model, tokens, targets, trace = traced_lm()
     torch.testing.assert_close(  # the trace is the per-step-loss gradient itself
         trace.grad_norm.double(), cell_loop_norms(model, tokens, targets, last_only=False), rtol=1e-4, atol=0
     )
@@ -462,13 +467,9 @@ def test_per_step_losses_state_no_horizon_and_the_last_step_measurement_is_exact
 
 
 def test_per_step_losses_are_detected_with_spectral_norms():
-    torch.manual_seed(1)
-    model = TinyLM()
-    tokens, targets = torch.randint(0, V, (STEPS, BATCH)), torch.randint(0, V, (STEPS, BATCH))
-    with vgkernels.track(model) as traces:
-        step_losses(model, tokens, targets).mean().backward()
+    model, tokens, _, trace = traced_lm()
     spectral = vgkernels.diagnostics.spectral_norms(model.rnn, model.emb(tokens), layer=None)
-    report = trace_report(traces["rnn"], spectral=spectral)
+    report = trace_report(trace, spectral=spectral)
     assert report.rows[1].injected and not report.informative
     assert [r.horizon_text(report.assumed) for r in report.rows] == ["n/a", "n/a"]
 

@@ -178,13 +178,8 @@ TIME_ROWS: tuple[tuple[str, str], ...] = (
     ("relu", "irnn"),
     *((a, tasks.USUAL_INIT[a]) for a in tasks.ACTIVATIONS),
 )
-TIME_COLUMNS: dict[str, dict] = {
-    "plain": {},
-    "highway": {"highway": True},
-    "LayerNorm": {"layer_norm": True},
-    "BatchNorm (train)": {"batch_norm": "train"},
-    "BatchNorm (eval)": {"batch_norm": "eval"},
-}
+# Through time every remedy but the residual connection, which makes h_t = h_(t-1) + act(...) grow.
+TIME_COLUMNS: dict[str, dict] = {name: v for name, v in DEPTH_COLUMNS.items() if name != "residual"}
 _INIT_NAMES = {"standard": "standard init", "negative_mean": "negative mean", "default": "default init"}
 
 

@@ -1054,29 +1054,29 @@ def plot_trace(
         handles.append(Line2D([], [], linestyle="none", marker="v", color="0.3"))
         labels.append("exactly 0 (float32 underflow),\nshown in the shaded band")
     ax.legend(handles, labels, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    if jacobian and spectral:
-        labels = [label for label, _ in grads]
-        spec = _series(traces, "spectral", spectral)
-        solid = [chosen[labels.index(label)] for label, _ in spec]
-        draw_log_curves(axes[1], spec, solid)
-        frob = [{**chosen[k], "linestyle": ":", "alpha": 0.7} for k in range(len(grads))]
-        draw_log_curves(axes[1], _series(traces, "jac"), frob)
-        axes[1].set_ylabel("step Jacobian ‖∂s_t/∂s_prev‖\n(batch mean, log scale)")
-        axes[1].set_title(
-            "Step Jacobian: spectral norm (solid), the most one step can stretch a gradient, and its upper\n"
-            "bound the Frobenius norm (dotted). Spectral < 1 at every step guarantees vanishing.",
-            fontsize=9,
-        )
-    elif jacobian:
-        draw_log_curves(axes[1], _series(traces, "jac"), chosen)
-        axes[1].set_ylabel("step Jacobian ‖∂s_t/∂s_prev‖_F\n(batch mean, log scale)")
-        axes[1].set_title(
-            "Step Jacobian, Frobenius norm: an upper bound on the spectral norm,\n"
-            "so < 1 at every step guarantees vanishing (> 1 does not rule it out)",
-            fontsize=9,
-        )
     if jacobian:
+        frobenius = _series(traces, "jac")
+        if spectral:
+            labels = [label for label, _ in grads]
+            spec = _series(traces, "spectral", spectral)
+            draw_log_curves(axes[1], spec, [chosen[labels.index(label)] for label, _ in spec])
+            styles_f = [{**style, "linestyle": ":", "alpha": 0.7} for style in chosen]
+            ylabel = "‖∂s_t/∂s_prev‖"
+            title = (
+                "Step Jacobian: spectral norm (solid), the most one step can stretch a gradient, and its\n"
+                "upper bound the Frobenius norm (dotted). Spectral < 1 at every step guarantees vanishing."
+            )
+        else:
+            styles_f = chosen
+            ylabel = "‖∂s_t/∂s_prev‖_F"
+            title = (
+                "Step Jacobian, Frobenius norm: an upper bound on the spectral norm,\n"
+                "so < 1 at every step guarantees vanishing (> 1 does not rule it out)"
+            )
+        draw_log_curves(axes[1], frobenius, styles_f)
         axes[1].axhline(1.0, color="0.4", linewidth=0.8, linestyle=":")
+        axes[1].set_ylabel(f"step Jacobian {ylabel}\n(batch mean, log scale)")
+        axes[1].set_title(title, fontsize=9)
     axes[-1].set_xlabel("time step t (input position)")
     axes[-1].xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
