@@ -574,3 +574,23 @@ def test_plots_with_spectral_norms(tmp_path):
         plot_step_bounds(trace_report(traces["GRU"]), tmp_path / "bad.png")
     with pytest.raises(TypeError, match="reports: expected a TraceReport"):
         plot_step_bounds({"a": 1}, tmp_path / "bad.png")
+
+
+def test_packed_sequences_get_no_batch_bound():
+    """With sequences of different lengths the samples' losses sit at different steps: no bound."""
+    torch.manual_seed(2)
+    rnn = vgkernels.nn.GRU(2, 5, track=True)
+    padded = torch.rand(12, 3, 2)
+    lengths = torch.tensor([12, 9, 5])
+    packed = torch.nn.utils.rnn.pack_padded_sequence(padded, lengths, enforce_sorted=False)
+    out, h_n = rnn(packed)
+    h_n.sum().backward()  # every sequence's last state
+    spectral = vgkernels.diagnostics.spectral_norms(rnn, padded, layer=None)
+    report = trace_report(rnn.trace, loss_steps="last", spectral=spectral)
+    assert report.loss_steps == [4, 8, 11]  # every sequence's last step
+    (row,) = report.rows
+    assert row.anchor_t == 11 and row.loss_before_t == 8 and row.span_start_t == 9
+    assert row.bound_ratio is None and row.bound_curve is None and row.bound_horizon_text() == "-"
+    assert row.spec_mean is not None and row.horizon is not None
+    unknown = trace_report(rnn.trace, spectral=spectral)  # the full-length sample alone is checked
+    assert not unknown.rows[0].injected

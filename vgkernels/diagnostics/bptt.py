@@ -286,8 +286,9 @@ def jacobian_stats(trace: BPTTTrace) -> list[dict[str, float]]:
 # ---------------------------------------------------------------------------------------------
 
 
-def _loss_mask(loss_steps: LossSteps, T: int) -> torch.Tensor | None:
-    """bool [T] over input positions, or None when not given."""
+def _loss_mask(loss_steps: LossSteps, T: int, lengths: torch.Tensor | None) -> torch.Tensor | None:
+    """bool [T] over input positions, or None when not given. ``"last"`` is every sequence's last step
+    (``lengths``: of a packed batch)."""
     if loss_steps is None:
         return None
     mask = torch.zeros(T, dtype=torch.bool)
@@ -295,7 +296,7 @@ def _loss_mask(loss_steps: LossSteps, T: int) -> torch.Tensor | None:
         if loss_steps not in ("last", "all"):
             raise ValueError(f"loss_steps: expected 'last', 'all', steps or a mask, got {loss_steps!r}")
         if loss_steps == "last":
-            mask[T - 1] = True
+            mask[T - 1 if lengths is None else lengths.cpu().clamp_min(1) - 1] = True
         else:
             mask[:] = True
         return mask
@@ -674,8 +675,9 @@ def trace_report(
         trace: the module's ``.trace`` after a backward.
         threshold: horizon fraction (default 1e-3).
         loss_steps: the input positions whose outputs the loss reads, directly or through the rest of
-            the model: ``"last"`` (t = T-1, e.g. a classifier on the last output), ``"all"`` (e.g. a
-            language model), an int, a sequence of ints, or a bool mask [T]. None (not known): the
+            the model: ``"last"`` (t = T-1, e.g. a classifier on the last output; for a packed batch
+            every sequence's last step), ``"all"`` (e.g. a language model), an int, a sequence of ints,
+            or a bool mask [T]. None (not known): the
             anchor is the last step with gradient, the measures are marked as assuming no earlier
             loss, and the top layer's gradient is checked against the step-norm bound; gradient above
             it proves an earlier loss, and then no horizon is stated.
@@ -702,7 +704,7 @@ def trace_report(
         if not -T <= anchor < T:
             raise ValueError(f"anchor must be a time step in [0, {T}), got {anchor}")
         loss_steps = anchor
-    mask = _loss_mask(loss_steps, T)
+    mask = _loss_mask(loss_steps, T, trace.lengths)
     spec = _spectral_norms_of(spectral, trace)
     per_sample = trace.grad_norm_per_sample.detach().to("cpu", torch.float64)
     cell = trace.cell_grad_norm
