@@ -403,7 +403,7 @@ def _plot_mlp(grid: Grid, path: Path) -> Path:
     from matplotlib.ticker import MaxNLocator
 
     cols = 3
-    fig, axes = _figure(-(-len(grid.columns) // cols), cols, (12.5, 7.5))
+    fig, axes = _figure(-(-len(grid.columns) // cols), cols, (12, 7))
     styles = line_styles(len(grid.rows))
     for k, column in enumerate(grid.columns):
         ax = axes[k // cols, k % cols]
