@@ -18,6 +18,10 @@ tensor [K, T, B] that requires grad; the layer's backward returns the per-step s
 as the probe's gradient, so ``probe.grad`` holds them once backward has run. The probe and the norms
 are float64 (autograd casts a gradient to its input's dtype): in float32 the square of a gradient
 below ~1e-19 underflows to 0.
+
+Beyond first order (see :mod:`vgkernels.ops.autodiff`): a backward under ``create_graph=True`` recomputes
+the layer with the eager reference and returns differentiable gradients, and :func:`recurrent` runs the
+reference itself when a forward-mode tangent or a torch.func transform is active.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from vgkernels.backends import resolve_backend
+from vgkernels.ops.autodiff import differentiable_vjp, transforms_active
 from vgkernels.reference import recurrent as reference
 from vgkernels.trace import BPTTTrace
 
@@ -224,13 +229,59 @@ def _setup_context(ctx, inputs, output):
     (xproj, h0, c0, w_hh, b_hh, ln_hh_weight, ln_hh_bias, ln_cell_weight, ln_cell_bias, lengths, probe,
      mode, reverse, track, grad_clip, eps, backend) = inputs
     states, cell_states, workspace, _ = output
-    ctx.save_for_backward(states, cell_states, workspace, w_hh, lengths, ln_hh_weight, ln_cell_weight)
+    # The op's inputs too (xproj is the only one not kept anyway): a create_graph backward recomputes.
+    ctx.save_for_backward(states, cell_states, workspace, w_hh, lengths, ln_hh_weight, ln_cell_weight,
+                          xproj, h0, c0, b_hh, ln_hh_bias, ln_cell_bias)
     ctx.config = (mode, reverse, track and probe is not None, grad_clip, backend)
+    ctx.eps = eps
     ctx.has_c0, ctx.has_b_hh, ctx.has_probe = c0 is not None, b_hh is not None, probe is not None
 
 
+def _valid_mask(lengths: torch.Tensor | None, T: int, B: int, device: torch.device) -> torch.Tensor:
+    """float32 [T, B]: 1 where position t lies inside sample b's sequence."""
+    if lengths is None:
+        return torch.ones(T, B, device=device)
+    return (torch.arange(T, device=device)[:, None] < lengths.to(device)[None, :]).to(torch.float32)
+
+
+def _traced_grad_sq(mode, watched_grads, like, lengths) -> torch.Tensor:
+    """The probe's gradient from the recomputation's per-position state gradients (h_t, then c_t)."""
+    T = len(watched_grads) // (2 if mode == "lstm" else 1)
+    rows = [list(watched_grads[k * T: (k + 1) * T]) for k in range(len(watched_grads) // T)]
+    return reference.squared_norms(rows, like, _valid_mask(lengths, T, like.shape[0], like.device))
+
+
+def _reference_states(mode, reverse, grad_clip, eps, lengths, track):
+    """``forward`` for differentiable_vjp: the op's (states, cell_states) from its tensor inputs."""
+
+    def forward(xproj, h0, c0, w_hh, b_hh, ln_hh_weight, ln_hh_bias, ln_cell_weight, ln_cell_bias):
+        norm = None if ln_hh_weight is None else reference.CellNorm(
+            ln_hh_weight, ln_hh_bias, ln_cell_weight, ln_cell_bias, eps)
+        result = reference.layer_forward(xproj, h0, c0, w_hh, b_hh, lengths, mode, reverse, norm=norm,
+                                         grad_clip=grad_clip)
+        cells = result.cell_states if mode == "lstm" else None
+        return (result.states, cells), (result.watched() if track else [])
+
+    return forward
+
+
+def _backward_differentiable(ctx, grad_states, grad_cell_states):
+    """create_graph=True: the gradients of vgk::recurrent_layer through the reference, differentiable."""
+    (_, _, _, w_hh, lengths, ln_hh_weight, ln_cell_weight, xproj, h0, c0, b_hh, ln_hh_bias,
+     ln_cell_bias) = ctx.saved_tensors
+    mode, reverse, track, grad_clip, _ = ctx.config
+    forward = _reference_states(mode, reverse, grad_clip, ctx.eps, lengths, track and ctx.has_probe)
+    grads, watched = differentiable_vjp(
+        forward, (xproj, h0, c0, w_hh, b_hh, ln_hh_weight, ln_hh_bias, ln_cell_weight, ln_cell_bias),
+        (grad_states, grad_cell_states if mode == "lstm" else None))
+    grad_sq = _traced_grad_sq(mode, watched, h0, lengths) if (track and ctx.has_probe) else None
+    return (*grads, None, grad_sq, None, None, None, None, None, None)
+
+
 def _backward(ctx, grad_states, grad_cell_states, _grad_workspace, _grad_jac):
-    states, cell_states, workspace, w_hh, lengths, ln_hh_weight, ln_cell_weight = ctx.saved_tensors
+    if torch.is_grad_enabled():
+        return _backward_differentiable(ctx, grad_states, grad_cell_states)
+    states, cell_states, workspace, w_hh, lengths, ln_hh_weight, ln_cell_weight = ctx.saved_tensors[:7]
     mode, reverse, track, grad_clip, backend = ctx.config
     if grad_cell_states is None or grad_cell_states.shape != cell_states.shape:
         grad_cell_states = torch.zeros_like(cell_states)
@@ -269,15 +320,46 @@ recurrent_layer.register_autograd(_backward, setup_context=_setup_context)
 def _layer_setup_context(ctx, inputs, output):
     x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, probe, mode, reverse, track, grad_clip = inputs
     out, _, _, cell_states, workspace, _ = output
-    ctx.save_for_backward(x, h0, c0, out, cell_states, workspace, w_ih, w_hh, lengths)
+    # The biases only for a create_graph backward, which recomputes the layer (they cost no memory).
+    ctx.save_for_backward(x, h0, c0, out, cell_states, workspace, w_ih, w_hh, lengths, b_ih, b_hh)
     # Unused outputs get no zero-filled gradients: the backward reads None as zero.
     ctx.set_materialize_grads(False)
     ctx.config = (mode, reverse, track and probe is not None, grad_clip)
     ctx.has = (c0 is not None, b_ih is not None, b_hh is not None, probe is not None)
 
 
+def _reference_layer(mode, reverse, grad_clip, lengths, track):
+    """``forward`` for differentiable_vjp: vgk::rnn_layer_forward's (output, h_n, c_n) from its inputs."""
+
+    def forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh):
+        xproj = _input_projection("reference", x, w_ih, b_ih, b_hh, mode, None)
+        result = reference.layer_forward(xproj, h0, c0, w_hh, b_hh if mode == "gru" else None, lengths, mode,
+                                         reverse, grad_clip=grad_clip)
+        T = x.shape[0]
+        last = 0 if reverse else T
+        out = result.states[:T] if reverse else result.states[1:]
+        c_n = result.cell_states[last] if mode == "lstm" else None
+        return (out, result.states[last], c_n), (result.watched() if track else [])
+
+    return forward
+
+
+def _layer_backward_differentiable(ctx, grad_output, grad_h_n, grad_c_n):
+    """create_graph=True: the gradients of vgk::rnn_layer_forward through the reference, differentiable."""
+    x, h0, c0, _, _, _, w_ih, w_hh, lengths, b_ih, b_hh = ctx.saved_tensors
+    mode, reverse, track, grad_clip = ctx.config
+    traced = track and ctx.has[3]
+    forward = _reference_layer(mode, reverse, grad_clip, lengths, traced)
+    grads, watched = differentiable_vjp(forward, (x, h0, c0, w_ih, w_hh, b_ih, b_hh),
+                                        (grad_output, grad_h_n, grad_c_n))
+    grad_sq = _traced_grad_sq(mode, watched, h0, lengths) if traced else None
+    return (*grads, None, grad_sq, None, None, None, None)
+
+
 def _layer_backward(ctx, grad_output, grad_h_n, grad_c_n, _grad_cells, _grad_workspace, _grad_jac):
-    x, h0, c0, out, cell_states, workspace, w_ih, w_hh, lengths = ctx.saved_tensors
+    if torch.is_grad_enabled():
+        return _layer_backward_differentiable(ctx, grad_output, grad_h_n, grad_c_n)
+    x, h0, c0, out, cell_states, workspace, w_ih, w_hh, lengths = ctx.saved_tensors[:9]
     mode, reverse, track, grad_clip = ctx.config
     has_c0, has_b_ih, has_b_hh, has_probe = ctx.has
     grad_input = ctx.needs_input_grad[0]
@@ -335,6 +417,17 @@ def check_weights(
             raise ValueError(f"{name}: expected shape {shape}, got {tuple(tensor.shape)}")
 
 
+def _check_like_input(input: torch.Tensor, named: list[tuple[str, torch.Tensor | None]]) -> None:
+    """Every given tensor is on the input's device and of its dtype."""
+    for name, t in named:
+        if t is None:
+            continue
+        if t.device != input.device:
+            raise RuntimeError(f"{name}: expected a tensor on {input.device} like input, got {t.device}")
+        if t.dtype != input.dtype:
+            raise TypeError(f"{name}: expected dtype {input.dtype} like input, got {t.dtype}")
+
+
 def _check_inputs(input, h0, c0, weights, names, mode, lengths, backend, grad_clip):
     if not torch.is_floating_point(input):
         raise TypeError(f"input: expected a floating-point tensor, got dtype {input.dtype}")
@@ -350,13 +443,7 @@ def _check_inputs(input, h0, c0, weights, names, mode, lengths, backend, grad_cl
             f"input: backend {backend!r} supports dtypes {[str(d) for d in allowed]} on "
             f"{input.device.type}, got {input.dtype}"
         )
-    for name, t in [("h0", h0), ("c0", c0)] + list(zip(names, weights, strict=False)):
-        if t is None:
-            continue
-        if t.device != input.device:
-            raise RuntimeError(f"{name}: expected a tensor on {input.device} like input, got {t.device}")
-        if t.dtype != input.dtype:
-            raise TypeError(f"{name}: expected dtype {input.dtype} like input, got {t.dtype}")
+    _check_like_input(input, [("h0", h0), ("c0", c0)] + list(zip(names, weights, strict=False)))
     if lengths is not None:
         if lengths.dtype != torch.int64 or lengths.dim() != 1 or lengths.shape[0] != input.shape[1]:
             raise ValueError(
@@ -398,9 +485,8 @@ def _run_layer(backend, x, h0, c0, w_ih, w_hh, b_ih, b_hh, ln_ih, norm, lengths,
     if mode != "gru":
         b_hh = None  # folded into xproj
     if backend == "reference":
-        if grad_clip is not None:
-            raise ValueError("grad_clip: the reference backend does not clip; use backend 'cpp' or 'triton'")
-        result = reference.layer_forward(xproj, h0, c0, w_hh, b_hh, lengths, mode, reverse, track, norm)
+        result = reference.layer_forward(xproj, h0, c0, w_hh, b_hh, lengths, mode, reverse, track, norm,
+                                         grad_clip)
         states, cell_states, jac_sq, grad_source = (result.states, result.cell_states, result.jac_sq,
                                                     result.grad_sq)
     else:
@@ -480,6 +566,9 @@ def recurrent(
     Returns:
         output [T, B, num_directions*H] (zeros past each length), h_n [L, B, H], c_n [L, B, H] (LSTM;
         else None), and the trace (None unless ``track``).
+
+    Under forward-mode AD or a torch.func transform the reference backend runs; a backward with
+    ``create_graph=True`` returns differentiable gradients.
     """
     if mode not in GATES:
         raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
@@ -491,6 +580,9 @@ def recurrent(
         h0_all, c0_all = hx
     else:
         h0_all, c0_all = hx, None
+    ln_weights = layer_norm_weights or []
+    if backend != "reference" and transforms_active(input, h0_all, c0_all, *weights, *ln_weights):
+        backend = "reference"  # the kernels have no forward-mode or torch.func rules; the reference has all
     if mode == "lstm" and hx is not None and c0_all is None:
         raise ValueError("hx: the LSTM expects a tuple (h0, c0)")
     if mode != "lstm" and c0_all is not None:
