@@ -14,6 +14,9 @@ any order:
   :func:`transforms_active` before it dispatches, and runs the reference implementation when a tangent
   or a functorch transform would meet the kernel, which has no rule for either.
 
+An op with a clipped backward (``grad_clip``) refuses create_graph: see
+:mod:`vgkernels.reference.backward_clip` for why, and for what forward mode gives there.
+
 How an op uses it (a fused cell op does the same)::
 
     def setup_context(ctx, inputs, output):
@@ -35,8 +38,6 @@ from collections.abc import Callable, Sequence
 
 import torch
 import torch.autograd.forward_ad as forward_ad
-
-from vgkernels.reference.backward_clip import first_order_clip
 
 Tensors = Sequence[torch.Tensor | None]
 
@@ -90,11 +91,9 @@ def differentiable_vjp(
         and one per watched tensor (None when unused), in order. When grad mode is on (the backward
         runs under create_graph) the gradients are differentiable functions of the inputs and
         ``grad_outputs``, so autograd can take further derivatives; otherwise they are detached.
-        A gradient clip of the reference (:mod:`vgkernels.reference.backward_clip`) acts on this
-        first-order gradient only, so the derivatives of the clipped backward are exact.
     """
     create_graph = torch.is_grad_enabled()
-    with torch.enable_grad(), first_order_clip():
+    with torch.enable_grad():
         leaves = [_local_leaf(t, create_graph) for t in inputs]
         outputs, watched = forward(*leaves)
         pairs = [(o, g) for o, g in zip(outputs, grad_outputs, strict=True)

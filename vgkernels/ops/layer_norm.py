@@ -20,8 +20,9 @@ the result cast back. ``"triton"`` runs all four dtypes natively with float32 st
 ``"reference"`` is the eager oracle of :mod:`vgkernels.reference.layer_norm`.
 
 Higher order: the backward ops have registered autograd of their own (:func:`_register_double_backward`),
-so ``create_graph=True`` gives differentiable gradients through every backend; under forward-mode AD or a
-torch.func transform :func:`layer_norm` runs the reference (see :mod:`vgkernels.ops.autodiff`).
+so ``create_graph=True`` gives differentiable gradients through every backend (with ``grad_clip`` it
+raises: see :mod:`vgkernels.reference.backward_clip`); under forward-mode AD or a torch.func transform
+:func:`layer_norm` runs the reference (see :mod:`vgkernels.ops.autodiff`).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from vgkernels._library import cpp_available
 from vgkernels.backends import resolve_backend, triton_available
 from vgkernels.ops.autodiff import differentiable_vjp, transforms_active
 from vgkernels.reference import layer_norm as reference
+from vgkernels.reference.backward_clip import refuse_create_graph
 
 OP = "vgkernels.ops.layer_norm"
 _CPP_DTYPES = (torch.float32, torch.float64)
@@ -103,7 +105,7 @@ def _make_backward(backward_op):
     return backward
 
 
-def _first_order_gradients(rstd, normalized_ndim, grad_clip, weight_grad, bias_grad):
+def _first_order_gradients(rstd, normalized_ndim, weight_grad, bias_grad):
     """``forward`` for differentiable_vjp: the backward op's outputs from (grad_output, input, weight).
 
     The statistics are recomputed from the input so that their dependence on it is differentiated;
@@ -121,8 +123,6 @@ def _first_order_gradients(rstd, normalized_ndim, grad_clip, weight_grad, bias_g
         g = grad_output.to(x.dtype)
         (grad_input,) = torch.autograd.grad(normalized, input, g if weight is None else g * weight,
                                             create_graph=True)
-        if grad_clip is not None:
-            grad_input = reference.clip_rows(grad_input, normalized_ndim, grad_clip)
         grad_weight = (g * normalized).sum(lead).reshape(-1).to(weight.dtype) if weight_grad else None
         grad_bias = g.sum(lead).reshape(-1).to(input.dtype) if bias_grad else None
         return (grad_input.to(input.dtype), grad_weight, grad_bias), ()
@@ -132,13 +132,15 @@ def _first_order_gradients(rstd, normalized_ndim, grad_clip, weight_grad, bias_g
 
 def _double_backward_setup(ctx, inputs, output):
     grad_output, input, _mean, rstd, weight, normalized_ndim, grad_clip, weight_grad, bias_grad = inputs
+    if grad_clip is not None:  # runs in the create_graph backward, before it returns anything
+        refuse_create_graph(f"{OP}: grad_clip")
     ctx.save_for_backward(grad_output, input, rstd, weight)
-    ctx.config = (normalized_ndim, grad_clip, weight_grad, bias_grad)
+    ctx.config = (normalized_ndim, weight_grad, bias_grad)
 
 
 def _double_backward(ctx, grad_grad_input, grad_grad_weight, grad_grad_bias):
     grad_output, input, rstd, weight = ctx.saved_tensors
-    _, _, weight_grad, bias_grad = ctx.config
+    _, weight_grad, bias_grad = ctx.config
     (g_grad_output, g_input, g_weight), _ = differentiable_vjp(
         _first_order_gradients(rstd.detach(), *ctx.config), (grad_output, input, weight),
         (grad_grad_input, grad_grad_weight if weight_grad else None, grad_grad_bias if bias_grad else None))

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from vgkernels.backends import resolve_backend
 from vgkernels.ops.autodiff import differentiable_vjp, transforms_active
 from vgkernels.reference import recurrent as reference
+from vgkernels.reference.backward_clip import refuse_create_graph
 from vgkernels.trace import BPTTTrace
 
 GATES = reference.GATES
@@ -251,14 +252,13 @@ def _traced_grad_sq(mode, watched_grads, like, lengths) -> torch.Tensor:
     return reference.squared_norms(rows, like, _valid_mask(lengths, T, like.shape[0], like.device))
 
 
-def _reference_states(mode, reverse, grad_clip, eps, lengths, track):
+def _reference_states(mode, reverse, eps, lengths, track):
     """``forward`` for differentiable_vjp: the op's (states, cell_states) from its tensor inputs."""
 
     def forward(xproj, h0, c0, w_hh, b_hh, ln_hh_weight, ln_hh_bias, ln_cell_weight, ln_cell_bias):
         norm = None if ln_hh_weight is None else reference.CellNorm(
             ln_hh_weight, ln_hh_bias, ln_cell_weight, ln_cell_bias, eps)
-        result = reference.layer_forward(xproj, h0, c0, w_hh, b_hh, lengths, mode, reverse, norm=norm,
-                                         grad_clip=grad_clip)
+        result = reference.layer_forward(xproj, h0, c0, w_hh, b_hh, lengths, mode, reverse, norm=norm)
         cells = result.cell_states if mode == "lstm" else None
         return (result.states, cells), (result.watched() if track else [])
 
@@ -270,7 +270,9 @@ def _backward_differentiable(ctx, grad_states, grad_cell_states):
     (_, _, _, w_hh, lengths, ln_hh_weight, ln_cell_weight, xproj, h0, c0, b_hh, ln_hh_bias,
      ln_cell_bias) = ctx.saved_tensors
     mode, reverse, track, grad_clip, _ = ctx.config
-    forward = _reference_states(mode, reverse, grad_clip, ctx.eps, lengths, track and ctx.has_probe)
+    if grad_clip is not None:
+        refuse_create_graph("grad_clip")
+    forward = _reference_states(mode, reverse, ctx.eps, lengths, track and ctx.has_probe)
     grads, watched = differentiable_vjp(
         forward, (xproj, h0, c0, w_hh, b_hh, ln_hh_weight, ln_hh_bias, ln_cell_weight, ln_cell_bias),
         (grad_states, grad_cell_states if mode == "lstm" else None))
@@ -328,13 +330,13 @@ def _layer_setup_context(ctx, inputs, output):
     ctx.has = (c0 is not None, b_ih is not None, b_hh is not None, probe is not None)
 
 
-def _reference_layer(mode, reverse, grad_clip, lengths, track):
+def _reference_layer(mode, reverse, lengths, track):
     """``forward`` for differentiable_vjp: vgk::rnn_layer_forward's (output, h_n, c_n) from its inputs."""
 
     def forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh):
         xproj = _input_projection("reference", x, w_ih, b_ih, b_hh, mode, None)
         result = reference.layer_forward(xproj, h0, c0, w_hh, b_hh if mode == "gru" else None, lengths, mode,
-                                         reverse, grad_clip=grad_clip)
+                                         reverse)
         T = x.shape[0]
         last = 0 if reverse else T
         out = result.states[:T] if reverse else result.states[1:]
@@ -348,8 +350,10 @@ def _layer_backward_differentiable(ctx, grad_output, grad_h_n, grad_c_n):
     """create_graph=True: the gradients of vgk::rnn_layer_forward through the reference, differentiable."""
     x, h0, c0, _, _, _, w_ih, w_hh, lengths, b_ih, b_hh = ctx.saved_tensors
     mode, reverse, track, grad_clip = ctx.config
+    if grad_clip is not None:
+        refuse_create_graph("grad_clip")
     traced = track and ctx.has[3]
-    forward = _reference_layer(mode, reverse, grad_clip, lengths, traced)
+    forward = _reference_layer(mode, reverse, lengths, traced)
     grads, watched = differentiable_vjp(forward, (x, h0, c0, w_ih, w_hh, b_ih, b_hh),
                                         (grad_output, grad_h_n, grad_c_n))
     grad_sq = _traced_grad_sq(mode, watched, h0, lengths) if traced else None

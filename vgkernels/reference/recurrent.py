@@ -156,7 +156,8 @@ class LayerResult:
             backward is ∂loss/∂h_t, ∂loss/∂c_t when tracked.
     """
 
-    def __init__(self, states, cell_states, jac_sq, hidden, cell, valid):
+    def __init__(self, states, cell_states, jac_sq, hidden, cell, valid, retained=True):
+        self.retained = retained
         self.states = states
         self.cell_states = cell_states
         self.jac_sq = jac_sq
@@ -170,7 +171,7 @@ class LayerResult:
         float64 whatever the states' dtype: in float32 the square of a gradient below ~1e-19 underflows.
         """
         rows = [self.hidden] + ([self.cell] if self.cell is not None else [])
-        if all(s.grad is None for row in rows for s in row):
+        if not self.retained or all(s.grad is None for row in rows for s in row):
             return None
         return squared_norms([[s.grad for s in row] for row in rows], rows[0][0], self.valid)
 
@@ -217,7 +218,8 @@ def layer_forward(
         lengths: int64 [B] sequence lengths, or None. Past its length a sample's state is carried
             unchanged.
         reverse: process positions T-1 down to 0.
-        track: retain every state's gradient and compute the step Jacobian norms.
+        track: retain every state's gradient (not under torch.func transforms, which forbid it) and
+            compute the step Jacobian norms.
         norm: layer normalization inside the cell (LSTM, GRU), or None.
         grad_clip: clamp every gate pre-activation gradient to [-c, c] at every step, or None.
     """
@@ -231,6 +233,8 @@ def layer_forward(
     hidden: list[torch.Tensor | None] = [None] * T
     cell: list[torch.Tensor | None] = [None] * T
     jac: list[torch.Tensor | None] = [None] * T  # stacked at the end: no in-place write, so vmap works
+    # torch.func transforms forbid retain_grad: there the trace keeps its Jacobian norms only.
+    retain = track and not torch._C._are_functorch_transforms_active()
     for t in positions:
         if track:
             jac[t] = step_jacobian_sq(mode, xproj[t], h, c, w_hh, b_hh, norm) * valid[t]
@@ -239,12 +243,12 @@ def layer_forward(
             # h_t is computed from the retained c_t so that c_t's gradient includes the path through h_t
             c_new, o = lstm_cell_state(xproj[t], h, c, w_hh, norm, grad_clip)
             c = torch.where(keep, c_new, c)
-            if track and c.requires_grad:
+            if retain and c.requires_grad:
                 c.retain_grad()
             h = torch.where(keep, lstm_hidden(o, c, norm), h)
         else:
             h = torch.where(keep, cell_step(mode, xproj[t], h, c, w_hh, b_hh, norm, grad_clip)[0], h)
-        if track and h.requires_grad:
+        if retain and h.requires_grad:
             h.retain_grad()
         hidden[t], cell[t] = h, c
     ordered = [h0] + hidden if not reverse else hidden + [h0]
@@ -260,4 +264,5 @@ def layer_forward(
         hidden=hidden,
         cell=cell if c0 is not None else None,
         valid=valid.to(torch.float32),
+        retained=retain,
     )
