@@ -213,6 +213,24 @@ def test_first_order_backward_runs_the_kernels_not_the_reference(monkeypatch):
     assert not calls
 
 
+@pytest.mark.parametrize("backend,layer_norm_cells", [("triton", False), ("triton", True), ("cpp", True)])
+def test_layer_op_keeps_no_copy_of_the_input_projection(backend, layer_norm_cells):
+    """The create_graph recompute needs the layer op's input projection; the op saves the tensors it was
+    computed from, which autograd keeps anyway (x and W_ih; x W_ih^T before the LayerNorm), not itself."""
+    T, B, H = 5, 2, 4
+    model = vgk.nn.GRU(3, H, backend=backend, layer_norm=layer_norm_cells)
+    storages = set()
+
+    def pack(t):
+        if tuple(t.shape) == (T, B, 3 * H):
+            storages.add(t.untyped_storage().data_ptr())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(torch.randn(T, B, 3, requires_grad=True))
+    assert len(storages) == (1 if layer_norm_cells else 0)  # x W_ih^T, saved by the LayerNorm
+
+
 # ---------------------------------------------------------------------------------------------------
 # LayerNorm
 

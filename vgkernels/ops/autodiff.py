@@ -21,6 +21,7 @@ How an op uses it (a fused cell op does the same)::
 
     def setup_context(ctx, inputs, output):
         ctx.save_for_backward(*tensor_inputs)           # everything the reference forward needs
+                                                        # (a large input: see mark_recomputable)
 
     def backward(ctx, *grads):
         if torch.is_grad_enabled():                      # create_graph=True
@@ -55,6 +56,32 @@ def transforms_active(*tensors: torch.Tensor | None) -> bool:
     if forward_ad._current_level < 0:  # outside every dual_level no tensor has a tangent
         return False
     return any(t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors)
+
+
+_RECIPE = "_vgk_recompute"
+
+
+def mark_recomputable(t: torch.Tensor, fn: Callable[..., torch.Tensor], *inputs: torch.Tensor | None
+                      ) -> torch.Tensor:
+    """Record that ``t == fn(*inputs)``, so that an op saving ``t`` only for a create_graph backward can
+    save ``inputs`` instead (see :func:`recompute_recipe`). Worth it when ``t`` is large and nothing else
+    keeps it, while autograd keeps ``inputs`` anyway. ``fn`` must be eager and differentiable. Returns
+    ``t``. Nothing is recorded while torch.compile traces (its partitioner drops unused saved tensors).
+    """
+    if not torch.compiler.is_compiling():
+        setattr(t, _RECIPE, (fn, inputs))
+    return t
+
+
+def _identity(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+def recompute_recipe(t: torch.Tensor) -> tuple[Callable[..., torch.Tensor], tuple[torch.Tensor | None, ...]]:
+    """``(fn, inputs)`` with ``fn(*inputs) == t``: the recipe :func:`mark_recomputable` recorded, else
+    ``(identity, (t,))``. Save ``inputs`` with ``ctx.save_for_backward`` and call ``fn`` on the saved
+    tensors in the create_graph backward, under grad mode, to get ``t`` back attached to the graph."""
+    return getattr(t, _RECIPE, None) or (_identity, (t,))
 
 
 def _local_leaf(t: torch.Tensor | None, create_graph: bool) -> torch.Tensor | None:

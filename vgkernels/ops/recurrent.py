@@ -26,11 +26,13 @@ reference itself when a forward-mode tangent or a torch.func transform is active
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 
 from vgkernels.backends import resolve_backend
-from vgkernels.ops.autodiff import differentiable_vjp, transforms_active
+from vgkernels.ops.autodiff import differentiable_vjp, mark_recomputable, recompute_recipe, transforms_active
 from vgkernels.reference import recurrent as reference
 from vgkernels.reference.backward_clip import refuse_create_graph
 from vgkernels.trace import BPTTTrace
@@ -230,9 +232,12 @@ def _setup_context(ctx, inputs, output):
     (xproj, h0, c0, w_hh, b_hh, ln_hh_weight, ln_hh_bias, ln_cell_weight, ln_cell_bias, lengths, probe,
      mode, reverse, track, grad_clip, eps, backend) = inputs
     states, cell_states, workspace, _ = output
-    # The op's inputs too (xproj is the only one not kept anyway): a create_graph backward recomputes.
+    # The op's inputs too, for a create_graph backward, which recomputes; xproj through the tensors it
+    # was computed from, which autograd keeps anyway.
+    xproj_fn, xproj_inputs = recompute_recipe(xproj)
     ctx.save_for_backward(states, cell_states, workspace, w_hh, lengths, ln_hh_weight, ln_cell_weight,
-                          xproj, h0, c0, b_hh, ln_hh_bias, ln_cell_bias)
+                          h0, c0, b_hh, ln_hh_bias, ln_cell_bias, *xproj_inputs)
+    ctx.xproj_fn = xproj_fn
     ctx.config = (mode, reverse, track and probe is not None, grad_clip, backend)
     ctx.eps = eps
     ctx.has_c0, ctx.has_b_hh, ctx.has_probe = c0 is not None, b_hh is not None, probe is not None
@@ -267,11 +272,12 @@ def _reference_states(mode, reverse, eps, lengths, track):
 
 def _backward_differentiable(ctx, grad_states, grad_cell_states):
     """create_graph=True: the gradients of vgk::recurrent_layer through the reference, differentiable."""
-    (_, _, _, w_hh, lengths, ln_hh_weight, ln_cell_weight, xproj, h0, c0, b_hh, ln_hh_bias,
-     ln_cell_bias) = ctx.saved_tensors
+    (_, _, _, w_hh, lengths, ln_hh_weight, ln_cell_weight, h0, c0, b_hh, ln_hh_bias, ln_cell_bias,
+     *xproj_inputs) = ctx.saved_tensors
     mode, reverse, track, grad_clip, _ = ctx.config
     if grad_clip is not None:
         refuse_create_graph("grad_clip")
+    xproj = ctx.xproj_fn(*xproj_inputs)
     forward = _reference_states(mode, reverse, ctx.eps, lengths, track and ctx.has_probe)
     grads, watched = differentiable_vjp(
         forward, (xproj, h0, c0, w_hh, b_hh, ln_hh_weight, ln_hh_bias, ln_cell_weight, ln_cell_bias),
@@ -507,19 +513,30 @@ def _run_layer(backend, x, h0, c0, w_ih, w_hh, b_ih, b_hh, ln_ih, norm, lengths,
     return out, states[last], cell_states[last] if mode == "lstm" else None, jac_sq, grad_source
 
 
+def _layer_normalized(y, weight, bias, b, eps):
+    """LN(y) + b in eager PyTorch (b may be None)."""
+    out = F.layer_norm(y, y.shape[-1:], weight, bias, eps)
+    return out if b is None else out + b
+
+
 def _input_projection(backend, x, w_ih, b_ih, b_hh, mode, ln_ih):
-    """x W_ih^T plus biases (b_hh too, except for the GRU), with LN(x W_ih^T) when ln_ih is given."""
+    """x W_ih^T plus biases (b_hh too, except for the GRU), with LN(x W_ih^T) when ln_ih is given.
+
+    The fused backends' result is marked recomputable from tensors autograd keeps anyway (x and the
+    weights, or x W_ih^T, which the LayerNorm saves), so vgk::recurrent_layer need not keep it.
+    """
     b = b_ih if (mode == "gru" or b_ih is None) else b_ih + b_hh
     if ln_ih is None:
-        return F.linear(x, w_ih, b)
+        xproj = F.linear(x, w_ih, b)
+        return xproj if backend == "reference" else mark_recomputable(xproj, F.linear, x, w_ih, b)
     y = F.linear(x, w_ih)
     if backend == "reference":
-        y = F.layer_norm(y, y.shape[-1:], ln_ih[0], ln_ih[1], ln_ih[2])
-    else:
-        from vgkernels.ops.layer_norm import layer_norm
+        return _layer_normalized(y, *ln_ih[:2], b, ln_ih[2])
+    from vgkernels.ops.layer_norm import layer_norm
 
-        y = layer_norm(y, y.shape[-1:], ln_ih[0], ln_ih[1], ln_ih[2])
-    return y if b is None else y + b
+    normalized = layer_norm(y, y.shape[-1:], ln_ih[0], ln_ih[1], ln_ih[2])
+    xproj = normalized if b is None else normalized + b
+    return mark_recomputable(xproj, partial(_layer_normalized, eps=ln_ih[2]), y, ln_ih[0], ln_ih[1], b)
 
 
 def layer_norm_names(mode: str, num_layers: int, num_directions: int) -> list[str]:
