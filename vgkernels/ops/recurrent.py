@@ -21,12 +21,15 @@ below ~1e-19 underflows to 0.
 
 Beyond first order (see :mod:`vgkernels.ops.autodiff`): a backward under ``create_graph=True`` recomputes
 the layer with the eager reference and returns differentiable gradients, and :func:`recurrent` runs the
-reference itself when a forward-mode tangent or a torch.func transform is active.
+reference itself when a forward-mode tangent or a torch.func transform is active. bfloat16 and float16
+run on the float32 kernels of the cpp backend (upcast copies, results cast back), and under
+``torch.autocast`` the outputs get the dtypes torch.nn gives them there (:func:`_autocast_precision`).
 """
 
 from __future__ import annotations
 
 from functools import partial
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -39,10 +42,13 @@ from vgkernels.trace import BPTTTrace
 
 GATES = reference.GATES
 MODES = reference.MODES
+FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+_AUTOCAST_ELIGIBLE = (torch.float32, torch.bfloat16, torch.float16)  # autocast leaves float64 alone
+# The dtypes each backend computes in natively; the others run on float32 copies.
 KERNEL_DTYPES = {
     "cpp": (torch.float32, torch.float64),
-    "triton": (torch.float32, torch.float64, torch.bfloat16, torch.float16),
-    "reference": (torch.float32, torch.float64, torch.bfloat16, torch.float16),
+    "triton": FLOAT_DTYPES,
+    "reference": FLOAT_DTYPES,
 }
 
 
@@ -539,6 +545,94 @@ def _input_projection(backend, x, w_ih, b_ih, b_hh, mode, ln_ih):
     return mark_recomputable(xproj, partial(_layer_normalized, eps=ln_ih[2]), y, ln_ih[0], ln_ih[1], b)
 
 
+class _Precision(NamedTuple):
+    """How :func:`recurrent` runs a dtype its backend has no kernel for, or a torch.autocast region.
+
+    compute: the dtype the layers run in. rounded: the dtype the input, weights and biases are rounded
+    to first (autocast's GEMM operands), or None. states_rounded: round h0 and c0 too. output: the dtype
+    of output, h_n and c_n.
+    """
+
+    compute: torch.dtype
+    rounded: torch.dtype | None
+    states_rounded: bool
+    output: torch.dtype
+
+
+@torch.compiler.assume_constant_result
+def _onednn_support() -> tuple[bool, bool, bool]:
+    """(oneDNN enabled, its bfloat16 kernels usable here, its float16 kernels usable here)."""
+    enabled = torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
+    return (enabled, enabled and torch.ops.mkldnn._is_mkldnn_bf16_supported(),
+            enabled and torch.ops.mkldnn._is_mkldnn_fp16_supported())
+
+
+def _torch_lstm_uses_onednn(input: torch.Tensor) -> bool:
+    """Whether torch.nn.LSTM runs this padded CPU input through oneDNN (``aten::mkldnn_rnn_layer``).
+
+    That op is on autocast's lower-precision list, so there every tensor is cast to the autocast dtype,
+    while torch's native cells (GRU, RNN, packed input, float16 input with grad) keep their states in
+    the dtype of h0/c0. The conditions are those of ``use_mkldnn`` in ATen's RNN.cpp.
+    """
+    enabled, bf16, fp16 = _onednn_support()
+    return enabled and (input.dtype == torch.float32 or (input.dtype == torch.bfloat16 and bf16)
+                        or (input.dtype == torch.float16 and fp16 and not torch.is_grad_enabled()))
+
+
+def _autocast_precision(input, h0, c0, mode, packed) -> _Precision | None:
+    """The outcome of torch.nn's RNNs under an active torch.autocast, or None outside one.
+
+    On CUDA (cuDNN) and for the oneDNN LSTM on the CPU, input, states and weights are cast to the
+    autocast dtype A and every output is in A. torch's native CPU cells run their GEMMs in A and their
+    state updates in the states' dtype D (the input's dtype when hx is None): the Elman RNN returns A
+    (its state is the activation of an A sum), the GRU and LSTM promote(D, A). float64 inputs are not
+    autocast (torch then fails on the float64/A GEMM, and so does the dtype check here).
+    """
+    device_type = input.device.type
+    if not torch.is_autocast_enabled(device_type) or input.dtype not in _AUTOCAST_ELIGIBLE:
+        return None
+    low = torch.get_autocast_dtype(device_type)
+    if device_type != "cpu" or (mode == "lstm" and not packed and _torch_lstm_uses_onednn(input)):
+        return _Precision(low, low, True, low)
+    if mode.startswith("rnn"):
+        output = low
+    else:
+        state = h0 if mode == "gru" else c0
+        output = torch.promote_types(input.dtype if state is None else state.dtype, low)
+    return _Precision(torch.float32, low, False, output)
+
+
+def _precision(input, h0, c0, mode, packed, backend) -> _Precision | None:
+    """None when ``backend`` runs ``input`` as it is; else how to run it (see :class:`_Precision`)."""
+    plan = _autocast_precision(input, h0, c0, mode, packed)
+    if plan is not None:
+        native = plan.compute in KERNEL_DTYPES[backend]
+        return plan if native else plan._replace(compute=torch.float32)
+    if input.dtype in FLOAT_DTYPES and input.dtype not in KERNEL_DTYPES[backend]:
+        return _Precision(torch.float32, None, False, input.dtype)  # half types on the float32 kernels
+    return None
+
+
+def _recurrent_in(plan: _Precision, input, h0_all, c0_all, weights, layer_norm_weights, **kwargs):
+    """:func:`recurrent` in ``plan.compute`` with autocast off, its outputs cast to ``plan.output``."""
+
+    def cast(t, rounded):
+        if t is None or not t.is_floating_point() or t.dtype == torch.float64:
+            return t  # float64 is never autocast; a mismatch is reported by the dtype checks
+        if rounded and plan.rounded is not None:
+            t = t.to(plan.rounded)
+        return t.to(plan.compute)
+
+    hx = None if h0_all is None else cast(h0_all, plan.states_rounded)
+    if c0_all is not None:
+        hx = (hx, cast(c0_all, plan.states_rounded))
+    ln = None if layer_norm_weights is None else [cast(t, False) for t in layer_norm_weights]
+    with torch.autocast(input.device.type, enabled=False):
+        output, h_n, c_n, trace = recurrent(cast(input, True), hx, [cast(w, True) for w in weights],
+                                            layer_norm_weights=ln, **kwargs)
+    return output.to(plan.output), h_n.to(plan.output), None if c_n is None else c_n.to(plan.output), trace
+
+
 def layer_norm_names(mode: str, num_layers: int, num_directions: int) -> list[str]:
     """Names of a layer-normalized cell's extra parameters, per layer and direction, in order."""
     kinds = ["ih_weight", "ih_bias", "hh_weight", "hh_bias"] + (["cell_weight", "cell_bias"] if mode == "lstm"
@@ -588,8 +682,11 @@ def recurrent(
         output [T, B, num_directions*H] (zeros past each length), h_n [L, B, H], c_n [L, B, H] (LSTM;
         else None), and the trace (None unless ``track``).
 
-    Under forward-mode AD or a torch.func transform the reference backend runs; a backward with
-    ``create_graph=True`` returns differentiable gradients.
+    Dtypes: the input, hx and all weights share one dtype: float32, float64, bfloat16 or float16 (the
+    cpp backend runs the half types on float32 copies; outputs come back in the input's dtype). Under
+    ``torch.autocast`` the outputs have the dtypes torch.nn's modules return there (see
+    :func:`_autocast_precision`). Under forward-mode AD or a torch.func transform the reference backend
+    runs; a backward with ``create_graph=True`` returns differentiable gradients.
     """
     if mode not in GATES:
         raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
@@ -604,6 +701,16 @@ def recurrent(
     ln_weights = layer_norm_weights or []
     if backend != "reference" and transforms_active(input, h0_all, c0_all, *weights, *ln_weights):
         backend = "reference"  # the kernels have no forward-mode or torch.func rules; the reference has all
+    plan = _precision(input, h0_all, c0_all, mode, lengths is not None, backend)
+    if plan is not None:
+        if plan.rounded is None:  # no autocast: the dtypes must agree before they are converted
+            names = (["h0", "c0"] + weight_names(num_layers, num_directions, bias)
+                     + layer_norm_names(mode, num_layers, num_directions))
+            _check_like_input(input, list(zip(names, [h0_all, c0_all, *weights, *ln_weights], strict=False)))
+        return _recurrent_in(plan, input, h0_all, c0_all, weights, layer_norm_weights, mode=mode,
+                             hidden_size=hidden_size, num_layers=num_layers, bias=bias, dropout=dropout,
+                             training=training, bidirectional=bidirectional, lengths=lengths, track=track,
+                             grad_clip=grad_clip, eps=eps, backend=backend)
     if mode == "lstm" and hx is not None and c0_all is None:
         raise ValueError("hx: the LSTM expects a tuple (h0, c0)")
     if mode != "lstm" and c0_all is not None:
