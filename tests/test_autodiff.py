@@ -425,6 +425,18 @@ def test_func_transforms_match_torch_nn(mode):
         torch.testing.assert_close(got[name], w, **EXACT)
 
 
+def test_torch_compile_around_the_transforms():
+    ours, theirs = module_pair("gru", "cpp")
+    x, v = torch.randn(5, 2, 3, dtype=D), torch.randn(5, 2, 3, dtype=D)
+    torch._dynamo.reset()
+    tangent = torch.compile(lambda x, v: jvp(lambda x: ours(x)[0], (x,), (v,))[1], backend="aot_eager",
+                            fullgraph=True)(x, v)
+    torch.testing.assert_close(tangent, jvp(lambda x: theirs(x)[0], (x,), (v,))[1], **EXACT)
+    torch._dynamo.reset()
+    gradient = torch.compile(lambda x: grad(lambda x: ours(x)[0].sin().sum())(x), backend="aot_eager")(x)
+    torch.testing.assert_close(gradient, grad(lambda x: theirs(x)[0].sin().sum())(x), **EXACT)
+
+
 @pytest.mark.parametrize("mode", ["lstm", "gru"])
 def test_grad_clip_under_torch_func(mode):
     """Tangents are the exact derivative (the clip changes the reverse pass only); torch.func.grad clips

@@ -46,14 +46,13 @@ Tensors = Sequence[torch.Tensor | None]
 def transforms_active(*tensors: torch.Tensor | None) -> bool:
     """True when a torch.func transform is active, or one of ``tensors`` carries a forward-mode tangent.
 
-    Cheap on the plain path (two flag reads). Returns False while torch.compile traces: Dynamo keeps the
-    op in the graph, and compiled forward-mode AD through these ops is not supported.
+    Cheap on the plain path (two flag reads). Dynamo traces the functorch check, so torch.compile around
+    a torch.func transform runs the reference too. Tangents are not looked for while torch.compile
+    traces: a compiled function called on dual tensors raises in torch (no jvp for the compiled graph).
     """
-    if torch.compiler.is_compiling():
-        return False
     if torch._C._are_functorch_transforms_active():
         return True
-    if forward_ad._current_level < 0:  # outside every dual_level no tensor has a tangent
+    if torch.compiler.is_compiling() or forward_ad._current_level < 0:  # outside a dual_level: no tangent
         return False
     return any(t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors)
 
