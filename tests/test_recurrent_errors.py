@@ -66,10 +66,13 @@ def test_empty_sequence(lstm):
         lstm(torch.randn(4, 0, 3))
 
 
-def test_bf16_on_cpu_with_cpp():
-    m = vgk.nn.GRU(3, 4, backend="cpp", dtype=torch.bfloat16)
-    with pytest.raises(TypeError, match="input: backend 'cpp' supports dtypes .* got torch.bfloat16"):
+def test_half_input_with_float32_weights_is_refused_as_torch_refuses_it():
+    m = vgk.nn.GRU(3, 4, backend="cpp")
+    expected = "weight_ih_l0: expected dtype torch.bfloat16 like input, got torch.float32"
+    with pytest.raises(TypeError, match=expected):
         m(torch.randn(2, 1, 3, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="does not match weight dtype"):
+        torch.nn.GRU(3, 4)(torch.randn(2, 1, 3, dtype=torch.bfloat16))
 
 
 def test_bad_constructor_arguments():

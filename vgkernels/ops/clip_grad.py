@@ -19,6 +19,11 @@ or tensor parallelism) are handed to ``torch.nn.utils`` itself, which reduces ac
 
 The ``backend`` keyword (``"cpp"``, ``"triton"``, ``"reference"`` or None) overrides the choice per
 device, e.g. ``backend="triton"`` on CPU tensors under ``TRITON_INTERPRET=1``.
+
+Autodiff: as in torch, the functions run under ``torch.no_grad()``, so their results carry no
+gradient. Forward-mode AD is not stopped by no_grad: when a tensor carries a tangent, or a torch.func
+transform (jvp, jacfwd, vmap, ...) is active, the reference (torch's own operations) runs, and the total
+norm and the scaled gradients carry the tangents the fused kernels would drop.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from torch.utils._foreach_utils import _device_has_foreach_support
 
 from vgkernels._library import cpp_available
 from vgkernels.backends import resolve_backend
+from vgkernels.ops.autodiff import transforms_active
 from vgkernels.reference import clip_grad as reference
 
 FUSED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -163,6 +169,8 @@ def get_total_norm(
         return torch.tensor(0.0)
     if not _is_plain(tensors):
         return nn_utils.get_total_norm(tensors, norm_type, error_if_nonfinite, foreach)
+    if transforms_active(*tensors):
+        backend = "reference"  # torch's operations carry the tangents the fused kernels would drop
     with torch.no_grad():
         op = "vgkernels.get_total_norm"
         return _total_norm(tensors, _groups(tensors), norm_type, error_if_nonfinite, foreach, backend, op)
@@ -199,6 +207,8 @@ def clip_grads_with_norm_(
     if not _is_plain(grads) or type(total_norm) not in _PLAIN_TYPES:
         nn_utils.clip_grads_with_norm_(parameters, max_norm, total_norm, foreach)
         return
+    if transforms_active(*grads, total_norm):
+        backend = "reference"
     with torch.no_grad():
         op = "vgkernels.clip_grads_with_norm_"
         _scale_groups_(_groups(grads), max_norm, total_norm, foreach, backend, op)
@@ -235,6 +245,8 @@ def clip_grad_norm_(
     if not grads:
         return torch.tensor(0.0)
     op = "vgkernels.clip_grad_norm_"
+    if transforms_active(*grads):
+        backend = "reference"
     with torch.no_grad():
         groups = _groups(grads)  # once for both passes
         total = _total_norm(grads, groups, norm_type, error_if_nonfinite, foreach, backend, op)

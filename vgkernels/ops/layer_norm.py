@@ -19,8 +19,10 @@ Backends: ``"cpp"`` runs float32 and float64; float16 and bfloat16 inputs are co
 the result cast back. ``"triton"`` runs all four dtypes natively with float32 statistics.
 ``"reference"`` is the eager oracle of :mod:`vgkernels.reference.layer_norm`.
 
-The fused backends give first-order gradients; a double backward through them raises (the reference
-backend supports it).
+Higher order: the backward ops have registered autograd of their own (:func:`_register_double_backward`),
+so ``create_graph=True`` gives differentiable gradients through every backend (with ``grad_clip`` it
+raises: see :mod:`vgkernels.reference.backward_clip`); under forward-mode AD or a torch.func transform
+:func:`layer_norm` runs the reference (see :mod:`vgkernels.ops.autodiff`).
 """
 
 from __future__ import annotations
@@ -33,7 +35,9 @@ import torch
 
 from vgkernels._library import cpp_available
 from vgkernels.backends import resolve_backend, triton_available
+from vgkernels.ops.autodiff import differentiable_vjp, transforms_active
 from vgkernels.reference import layer_norm as reference
+from vgkernels.reference.backward_clip import refuse_create_graph
 
 OP = "vgkernels.ops.layer_norm"
 _CPP_DTYPES = (torch.float32, torch.float64)
@@ -101,33 +105,71 @@ def _make_backward(backward_op):
     return backward
 
 
-def _no_double_backward(ctx, *grads):
-    raise RuntimeError(
-        f"{OP}: double backward (create_graph=True through the LayerNorm gradient) is not supported; "
-        "use backend='reference' for higher-order gradients"
-    )
+def _first_order_gradients(rstd, normalized_ndim, weight_grad, bias_grad):
+    """``forward`` for differentiable_vjp: the backward op's outputs from (grad_output, input, weight).
+
+    The statistics are recomputed from the input so that their dependence on it is differentiated;
+    eps is not an argument of the backward op, so the saved rstd fixes it: 1/rstd² = var + eps.
+    """
+
+    def forward(grad_output, input, weight):
+        dims = tuple(range(input.dim() - normalized_ndim, input.dim()))
+        lead = tuple(range(input.dim() - normalized_ndim))
+        x = input.to(_stat_dtype(input.dtype))
+        centered = x - x.mean(dims, keepdim=True)
+        var = centered.square().mean(dims, keepdim=True)
+        eps = (rstd.reshape(var.shape).to(var.dtype).pow(-2) - var).detach()
+        normalized = centered * torch.rsqrt(var + eps)
+        g = grad_output.to(x.dtype)
+        (grad_input,) = torch.autograd.grad(normalized, input, g if weight is None else g * weight,
+                                            create_graph=True)
+        grad_weight = (g * normalized).sum(lead).reshape(-1).to(weight.dtype) if weight_grad else None
+        grad_bias = g.sum(lead).reshape(-1).to(input.dtype) if bias_grad else None
+        return (grad_input.to(input.dtype), grad_weight, grad_bias), ()
+
+    return forward
 
 
-def _refuse_double_backward(backward: str) -> None:
-    """Say so on double backward through ``vgk::<backward>`` instead of returning zeros."""
+def _double_backward_setup(ctx, inputs, output):
+    grad_output, input, _mean, rstd, weight, normalized_ndim, grad_clip, weight_grad, bias_grad = inputs
+    if grad_clip is not None:  # runs in the create_graph backward, before it returns anything
+        refuse_create_graph(f"{OP}: grad_clip")
+    ctx.save_for_backward(grad_output, input, rstd, weight)
+    ctx.config = (normalized_ndim, weight_grad, bias_grad)
+
+
+def _double_backward(ctx, grad_grad_input, grad_grad_weight, grad_grad_bias):
+    grad_output, input, rstd, weight = ctx.saved_tensors
+    _, weight_grad, bias_grad = ctx.config
+    (g_grad_output, g_input, g_weight), _ = differentiable_vjp(
+        _first_order_gradients(rstd.detach(), *ctx.config), (grad_output, input, weight),
+        (grad_grad_input, grad_grad_weight if weight_grad else None, grad_grad_bias if bias_grad else None))
+    # mean and rstd are non-differentiable outputs of the forward: their dependence on the input is
+    # inside g_input.
+    return g_grad_output, g_input, None, None, g_weight, None, None, None, None
+
+
+def _register_double_backward(backward: str) -> None:
+    """Autograd of the backward op ``vgk::<backward>`` itself (create_graph=True), through the reference."""
     torch.library.register_autograd(
-        f"vgk::{backward}", _no_double_backward, setup_context=lambda ctx, inputs, output: None
+        f"vgk::{backward}", _double_backward, setup_context=_double_backward_setup
     )
 
 
 def _register_autograd(forward: str, backward: str) -> None:
-    """Autograd of ``vgk::<forward>`` through ``vgk::<backward>``, which is itself not differentiable."""
+    """Autograd of ``vgk::<forward>`` through ``vgk::<backward>``, and of that one for double backward."""
     torch.library.register_autograd(
         f"vgk::{forward}", _make_backward(getattr(torch.ops.vgk, backward)), setup_context=_setup_context
     )
-    _refuse_double_backward(backward)
+    _register_double_backward(backward)
 
 
 if cpp_available():  # without the build only the other backends work (and say why cpp does not)
     torch.library.register_fake("vgk::layer_norm_forward")(_forward_fake)
     torch.library.register_fake("vgk::layer_norm_backward")(_backward_fake)
-    # The forward's autograd is C++ (csrc/cpu/layer_norm.cpp): a Python one cost ~90 us per call.
-    _refuse_double_backward("layer_norm_backward")
+    # The forward's autograd is C++ (csrc/cpu/layer_norm.cpp): a Python one cost ~90 us per call. Its
+    # backward calls the backward op with autograd on only under create_graph.
+    _register_double_backward("layer_norm_backward")
 
 _triton_forward = None
 
@@ -222,6 +264,8 @@ def layer_norm(
     shape = _normalized_shape(normalized_shape)
     _check_args(input, shape, weight, bias, eps, grad_clip)
     backend = resolve_backend(backend, input.device, OP)
+    if backend != "reference" and transforms_active(input, weight, bias):
+        backend = "reference"  # the kernels have no forward-mode or torch.func rules
     eps = float(eps)
     grad_clip = None if grad_clip is None else float(grad_clip)
     if backend == "reference":

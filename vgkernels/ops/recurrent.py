@@ -18,23 +18,37 @@ tensor [K, T, B] that requires grad; the layer's backward returns the per-step s
 as the probe's gradient, so ``probe.grad`` holds them once backward has run. The probe and the norms
 are float64 (autograd casts a gradient to its input's dtype): in float32 the square of a gradient
 below ~1e-19 underflows to 0.
+
+Beyond first order (see :mod:`vgkernels.ops.autodiff`): a backward under ``create_graph=True`` recomputes
+the layer with the eager reference and returns differentiable gradients, and :func:`recurrent` runs the
+reference itself when a forward-mode tangent or a torch.func transform is active. bfloat16 and float16
+run on the float32 kernels of the cpp backend (upcast copies, results cast back), and under
+``torch.autocast`` the outputs get the dtypes torch.nn gives them there (:func:`_autocast_precision`).
 """
 
 from __future__ import annotations
+
+from functools import partial
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 from vgkernels.backends import resolve_backend
+from vgkernels.ops.autodiff import differentiable_vjp, mark_recomputable, recompute_recipe, transforms_active
 from vgkernels.reference import recurrent as reference
+from vgkernels.reference.backward_clip import refuse_create_graph
 from vgkernels.trace import BPTTTrace
 
 GATES = reference.GATES
 MODES = reference.MODES
+FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+_AUTOCAST_ELIGIBLE = (torch.float32, torch.bfloat16, torch.float16)  # autocast leaves float64 alone
+# The dtypes each backend computes in natively; the others run on float32 copies.
 KERNEL_DTYPES = {
     "cpp": (torch.float32, torch.float64),
-    "triton": (torch.float32, torch.float64, torch.bfloat16, torch.float16),
-    "reference": (torch.float32, torch.float64, torch.bfloat16, torch.float16),
+    "triton": FLOAT_DTYPES,
+    "reference": FLOAT_DTYPES,
 }
 
 
@@ -224,13 +238,64 @@ def _setup_context(ctx, inputs, output):
     (xproj, h0, c0, w_hh, b_hh, ln_hh_weight, ln_hh_bias, ln_cell_weight, ln_cell_bias, lengths, probe,
      mode, reverse, track, grad_clip, eps, backend) = inputs
     states, cell_states, workspace, _ = output
-    ctx.save_for_backward(states, cell_states, workspace, w_hh, lengths, ln_hh_weight, ln_cell_weight)
+    # The op's inputs too, for a create_graph backward, which recomputes; xproj through the tensors it
+    # was computed from, which autograd keeps anyway.
+    xproj_fn, xproj_inputs = recompute_recipe(xproj)
+    ctx.save_for_backward(states, cell_states, workspace, w_hh, lengths, ln_hh_weight, ln_cell_weight,
+                          h0, c0, b_hh, ln_hh_bias, ln_cell_bias, *xproj_inputs)
+    ctx.xproj_fn = xproj_fn
     ctx.config = (mode, reverse, track and probe is not None, grad_clip, backend)
+    ctx.eps = eps
     ctx.has_c0, ctx.has_b_hh, ctx.has_probe = c0 is not None, b_hh is not None, probe is not None
 
 
+def _valid_mask(lengths: torch.Tensor | None, T: int, B: int, device: torch.device) -> torch.Tensor:
+    """float32 [T, B]: 1 where position t lies inside sample b's sequence."""
+    if lengths is None:
+        return torch.ones(T, B, device=device)
+    return (torch.arange(T, device=device)[:, None] < lengths.to(device)[None, :]).to(torch.float32)
+
+
+def _traced_grad_sq(mode, watched_grads, like, lengths) -> torch.Tensor:
+    """The probe's gradient from the recomputation's per-position state gradients (h_t, then c_t)."""
+    T = len(watched_grads) // (2 if mode == "lstm" else 1)
+    rows = [list(watched_grads[k * T: (k + 1) * T]) for k in range(len(watched_grads) // T)]
+    return reference.squared_norms(rows, like, _valid_mask(lengths, T, like.shape[0], like.device))
+
+
+def _reference_states(mode, reverse, eps, lengths, track):
+    """``forward`` for differentiable_vjp: the op's (states, cell_states) from its tensor inputs."""
+
+    def forward(xproj, h0, c0, w_hh, b_hh, ln_hh_weight, ln_hh_bias, ln_cell_weight, ln_cell_bias):
+        norm = None if ln_hh_weight is None else reference.CellNorm(
+            ln_hh_weight, ln_hh_bias, ln_cell_weight, ln_cell_bias, eps)
+        result = reference.layer_forward(xproj, h0, c0, w_hh, b_hh, lengths, mode, reverse, norm=norm)
+        cells = result.cell_states if mode == "lstm" else None
+        return (result.states, cells), (result.watched() if track else [])
+
+    return forward
+
+
+def _backward_differentiable(ctx, grad_states, grad_cell_states):
+    """create_graph=True: the gradients of vgk::recurrent_layer through the reference, differentiable."""
+    (_, _, _, w_hh, lengths, ln_hh_weight, ln_cell_weight, h0, c0, b_hh, ln_hh_bias, ln_cell_bias,
+     *xproj_inputs) = ctx.saved_tensors
+    mode, reverse, track, grad_clip, _ = ctx.config
+    if grad_clip is not None:
+        refuse_create_graph("grad_clip")
+    xproj = ctx.xproj_fn(*xproj_inputs)
+    forward = _reference_states(mode, reverse, ctx.eps, lengths, track and ctx.has_probe)
+    grads, watched = differentiable_vjp(
+        forward, (xproj, h0, c0, w_hh, b_hh, ln_hh_weight, ln_hh_bias, ln_cell_weight, ln_cell_bias),
+        (grad_states, grad_cell_states if mode == "lstm" else None))
+    grad_sq = _traced_grad_sq(mode, watched, h0, lengths) if (track and ctx.has_probe) else None
+    return (*grads, None, grad_sq, None, None, None, None, None, None)
+
+
 def _backward(ctx, grad_states, grad_cell_states, _grad_workspace, _grad_jac):
-    states, cell_states, workspace, w_hh, lengths, ln_hh_weight, ln_cell_weight = ctx.saved_tensors
+    if torch.is_grad_enabled():
+        return _backward_differentiable(ctx, grad_states, grad_cell_states)
+    states, cell_states, workspace, w_hh, lengths, ln_hh_weight, ln_cell_weight = ctx.saved_tensors[:7]
     mode, reverse, track, grad_clip, backend = ctx.config
     if grad_cell_states is None or grad_cell_states.shape != cell_states.shape:
         grad_cell_states = torch.zeros_like(cell_states)
@@ -269,15 +334,48 @@ recurrent_layer.register_autograd(_backward, setup_context=_setup_context)
 def _layer_setup_context(ctx, inputs, output):
     x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, probe, mode, reverse, track, grad_clip = inputs
     out, _, _, cell_states, workspace, _ = output
-    ctx.save_for_backward(x, h0, c0, out, cell_states, workspace, w_ih, w_hh, lengths)
+    # The biases only for a create_graph backward, which recomputes the layer (they cost no memory).
+    ctx.save_for_backward(x, h0, c0, out, cell_states, workspace, w_ih, w_hh, lengths, b_ih, b_hh)
     # Unused outputs get no zero-filled gradients: the backward reads None as zero.
     ctx.set_materialize_grads(False)
     ctx.config = (mode, reverse, track and probe is not None, grad_clip)
     ctx.has = (c0 is not None, b_ih is not None, b_hh is not None, probe is not None)
 
 
+def _reference_layer(mode, reverse, lengths, track):
+    """``forward`` for differentiable_vjp: vgk::rnn_layer_forward's (output, h_n, c_n) from its inputs."""
+
+    def forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh):
+        xproj = _input_projection("reference", x, w_ih, b_ih, b_hh, mode, None)
+        result = reference.layer_forward(xproj, h0, c0, w_hh, b_hh if mode == "gru" else None, lengths, mode,
+                                         reverse)
+        T = x.shape[0]
+        last = 0 if reverse else T
+        out = result.states[:T] if reverse else result.states[1:]
+        c_n = result.cell_states[last] if mode == "lstm" else None
+        return (out, result.states[last], c_n), (result.watched() if track else [])
+
+    return forward
+
+
+def _layer_backward_differentiable(ctx, grad_output, grad_h_n, grad_c_n):
+    """create_graph=True: the gradients of vgk::rnn_layer_forward through the reference, differentiable."""
+    x, h0, c0, _, _, _, w_ih, w_hh, lengths, b_ih, b_hh = ctx.saved_tensors
+    mode, reverse, track, grad_clip = ctx.config
+    if grad_clip is not None:
+        refuse_create_graph("grad_clip")
+    traced = track and ctx.has[3]
+    forward = _reference_layer(mode, reverse, lengths, traced)
+    grads, watched = differentiable_vjp(forward, (x, h0, c0, w_ih, w_hh, b_ih, b_hh),
+                                        (grad_output, grad_h_n, grad_c_n))
+    grad_sq = _traced_grad_sq(mode, watched, h0, lengths) if traced else None
+    return (*grads, None, grad_sq, None, None, None, None)
+
+
 def _layer_backward(ctx, grad_output, grad_h_n, grad_c_n, _grad_cells, _grad_workspace, _grad_jac):
-    x, h0, c0, out, cell_states, workspace, w_ih, w_hh, lengths = ctx.saved_tensors
+    if torch.is_grad_enabled():
+        return _layer_backward_differentiable(ctx, grad_output, grad_h_n, grad_c_n)
+    x, h0, c0, out, cell_states, workspace, w_ih, w_hh, lengths = ctx.saved_tensors[:9]
     mode, reverse, track, grad_clip = ctx.config
     has_c0, has_b_ih, has_b_hh, has_probe = ctx.has
     grad_input = ctx.needs_input_grad[0]
@@ -335,6 +433,17 @@ def check_weights(
             raise ValueError(f"{name}: expected shape {shape}, got {tuple(tensor.shape)}")
 
 
+def _check_like_input(input: torch.Tensor, named: list[tuple[str, torch.Tensor | None]]) -> None:
+    """Every given tensor is on the input's device and of its dtype."""
+    for name, t in named:
+        if t is None:
+            continue
+        if t.device != input.device:
+            raise RuntimeError(f"{name}: expected a tensor on {input.device} like input, got {t.device}")
+        if t.dtype != input.dtype:
+            raise TypeError(f"{name}: expected dtype {input.dtype} like input, got {t.dtype}")
+
+
 def _check_inputs(input, h0, c0, weights, names, mode, lengths, backend, grad_clip):
     if not torch.is_floating_point(input):
         raise TypeError(f"input: expected a floating-point tensor, got dtype {input.dtype}")
@@ -350,13 +459,7 @@ def _check_inputs(input, h0, c0, weights, names, mode, lengths, backend, grad_cl
             f"input: backend {backend!r} supports dtypes {[str(d) for d in allowed]} on "
             f"{input.device.type}, got {input.dtype}"
         )
-    for name, t in [("h0", h0), ("c0", c0)] + list(zip(names, weights, strict=False)):
-        if t is None:
-            continue
-        if t.device != input.device:
-            raise RuntimeError(f"{name}: expected a tensor on {input.device} like input, got {t.device}")
-        if t.dtype != input.dtype:
-            raise TypeError(f"{name}: expected dtype {input.dtype} like input, got {t.dtype}")
+    _check_like_input(input, [("h0", h0), ("c0", c0)] + list(zip(names, weights, strict=False)))
     if lengths is not None:
         if lengths.dtype != torch.int64 or lengths.dim() != 1 or lengths.shape[0] != input.shape[1]:
             raise ValueError(
@@ -398,9 +501,8 @@ def _run_layer(backend, x, h0, c0, w_ih, w_hh, b_ih, b_hh, ln_ih, norm, lengths,
     if mode != "gru":
         b_hh = None  # folded into xproj
     if backend == "reference":
-        if grad_clip is not None:
-            raise ValueError("grad_clip: the reference backend does not clip; use backend 'cpp' or 'triton'")
-        result = reference.layer_forward(xproj, h0, c0, w_hh, b_hh, lengths, mode, reverse, track, norm)
+        result = reference.layer_forward(xproj, h0, c0, w_hh, b_hh, lengths, mode, reverse, track, norm,
+                                         grad_clip)
         states, cell_states, jac_sq, grad_source = (result.states, result.cell_states, result.jac_sq,
                                                     result.grad_sq)
     else:
@@ -417,19 +519,118 @@ def _run_layer(backend, x, h0, c0, w_ih, w_hh, b_ih, b_hh, ln_ih, norm, lengths,
     return out, states[last], cell_states[last] if mode == "lstm" else None, jac_sq, grad_source
 
 
+def _layer_normalized(y, weight, bias, b, eps):
+    """LN(y) + b in eager PyTorch (b may be None)."""
+    out = F.layer_norm(y, y.shape[-1:], weight, bias, eps)
+    return out if b is None else out + b
+
+
 def _input_projection(backend, x, w_ih, b_ih, b_hh, mode, ln_ih):
-    """x W_ih^T plus biases (b_hh too, except for the GRU), with LN(x W_ih^T) when ln_ih is given."""
+    """x W_ih^T plus biases (b_hh too, except for the GRU), with LN(x W_ih^T) when ln_ih is given.
+
+    The fused backends' result is marked recomputable from tensors autograd keeps anyway (x and the
+    weights, or x W_ih^T, which the LayerNorm saves), so vgk::recurrent_layer need not keep it.
+    """
     b = b_ih if (mode == "gru" or b_ih is None) else b_ih + b_hh
     if ln_ih is None:
-        return F.linear(x, w_ih, b)
+        xproj = F.linear(x, w_ih, b)
+        return xproj if backend == "reference" else mark_recomputable(xproj, F.linear, x, w_ih, b)
     y = F.linear(x, w_ih)
     if backend == "reference":
-        y = F.layer_norm(y, y.shape[-1:], ln_ih[0], ln_ih[1], ln_ih[2])
-    else:
-        from vgkernels.ops.layer_norm import layer_norm
+        return _layer_normalized(y, *ln_ih[:2], b, ln_ih[2])
+    from vgkernels.ops.layer_norm import layer_norm
 
-        y = layer_norm(y, y.shape[-1:], ln_ih[0], ln_ih[1], ln_ih[2])
-    return y if b is None else y + b
+    normalized = layer_norm(y, y.shape[-1:], ln_ih[0], ln_ih[1], ln_ih[2])
+    xproj = normalized if b is None else normalized + b
+    return mark_recomputable(xproj, partial(_layer_normalized, eps=ln_ih[2]), y, ln_ih[0], ln_ih[1], b)
+
+
+class _Precision(NamedTuple):
+    """How :func:`recurrent` runs a dtype its backend has no kernel for, or a torch.autocast region.
+
+    compute: the dtype the layers run in. rounded: the dtype the input, weights and biases are rounded
+    to first (autocast's GEMM operands), or None. states_rounded: round h0 and c0 too. output: the dtype
+    of output, h_n and c_n.
+    """
+
+    compute: torch.dtype
+    rounded: torch.dtype | None
+    states_rounded: bool
+    output: torch.dtype
+
+
+@torch.compiler.assume_constant_result
+def _onednn_support() -> tuple[bool, bool, bool]:
+    """(oneDNN enabled, its bfloat16 kernels usable here, its float16 kernels usable here)."""
+    enabled = torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
+    return (enabled, enabled and torch.ops.mkldnn._is_mkldnn_bf16_supported(),
+            enabled and torch.ops.mkldnn._is_mkldnn_fp16_supported())
+
+
+def _torch_lstm_uses_onednn(input: torch.Tensor) -> bool:
+    """Whether torch.nn.LSTM runs this padded CPU input through oneDNN (``aten::mkldnn_rnn_layer``).
+
+    That op is on autocast's lower-precision list, so there every tensor is cast to the autocast dtype,
+    while torch's native cells (GRU, RNN, packed input, float16 input with grad) keep their states in
+    the dtype of h0/c0. The conditions are those of ``use_mkldnn`` in ATen's RNN.cpp.
+    """
+    enabled, bf16, fp16 = _onednn_support()
+    return enabled and (input.dtype == torch.float32 or (input.dtype == torch.bfloat16 and bf16)
+                        or (input.dtype == torch.float16 and fp16 and not torch.is_grad_enabled()))
+
+
+def _autocast_precision(input, h0, c0, mode, packed) -> _Precision | None:
+    """The outcome of torch.nn's RNNs under an active torch.autocast, or None outside one.
+
+    On CUDA (cuDNN) and for the oneDNN LSTM on the CPU, input, states and weights are cast to the
+    autocast dtype A and every output is in A. torch's native CPU cells run their GEMMs in A and their
+    state updates in the states' dtype D (the input's dtype when hx is None): the Elman RNN returns A
+    (its state is the activation of an A sum), the GRU and LSTM promote(D, A). float64 inputs are not
+    autocast (torch then fails on the float64/A GEMM, and so does the dtype check here).
+    """
+    device_type = input.device.type
+    if not torch.is_autocast_enabled(device_type) or input.dtype not in _AUTOCAST_ELIGIBLE:
+        return None
+    low = torch.get_autocast_dtype(device_type)
+    if device_type != "cpu" or (mode == "lstm" and not packed and _torch_lstm_uses_onednn(input)):
+        return _Precision(low, low, True, low)
+    if mode.startswith("rnn"):
+        output = low
+    else:
+        state = h0 if mode == "gru" else c0
+        output = torch.promote_types(input.dtype if state is None else state.dtype, low)
+    return _Precision(torch.float32, low, False, output)
+
+
+def _precision(input, h0, c0, mode, packed, backend) -> _Precision | None:
+    """None when ``backend`` runs ``input`` as it is; else how to run it (see :class:`_Precision`)."""
+    plan = _autocast_precision(input, h0, c0, mode, packed)
+    if plan is not None:
+        native = plan.compute in KERNEL_DTYPES[backend]
+        return plan if native else plan._replace(compute=torch.float32)
+    if input.dtype in FLOAT_DTYPES and input.dtype not in KERNEL_DTYPES[backend]:
+        return _Precision(torch.float32, None, False, input.dtype)  # half types on the float32 kernels
+    return None
+
+
+def _recurrent_in(plan: _Precision, input, h0_all, c0_all, weights, layer_norm_weights, **kwargs):
+    """:func:`recurrent` in ``plan.compute`` with autocast off, its outputs cast to ``plan.output``."""
+
+    def cast(t, rounded):
+        if t is None or not t.is_floating_point() or t.dtype == torch.float64:
+            return t  # float64 is never autocast; a mismatch is reported by the dtype checks
+        if rounded and plan.rounded is not None:
+            t = t.to(plan.rounded)
+        return t.to(plan.compute)
+
+    hx = None if h0_all is None else cast(h0_all, plan.states_rounded)
+    if c0_all is not None:
+        hx = (hx, cast(c0_all, plan.states_rounded))
+    ln = None if layer_norm_weights is None else [cast(t, False) for t in layer_norm_weights]
+    with torch.autocast(input.device.type, enabled=False):
+        output, h_n, c_n, trace = recurrent(cast(input, True), hx, [cast(w, True) for w in weights],
+                                            layer_norm_weights=ln, **kwargs)
+    return output.to(plan.output), h_n.to(plan.output), None if c_n is None else c_n.to(plan.output), trace
 
 
 def layer_norm_names(mode: str, num_layers: int, num_directions: int) -> list[str]:
@@ -480,6 +681,12 @@ def recurrent(
     Returns:
         output [T, B, num_directions*H] (zeros past each length), h_n [L, B, H], c_n [L, B, H] (LSTM;
         else None), and the trace (None unless ``track``).
+
+    Dtypes: the input, hx and all weights share one dtype: float32, float64, bfloat16 or float16 (the
+    cpp backend runs the half types on float32 copies; outputs come back in the input's dtype). Under
+    ``torch.autocast`` the outputs have the dtypes torch.nn's modules return there (see
+    :func:`_autocast_precision`). Under forward-mode AD or a torch.func transform the reference backend
+    runs; a backward with ``create_graph=True`` returns differentiable gradients.
     """
     if mode not in GATES:
         raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
@@ -491,6 +698,19 @@ def recurrent(
         h0_all, c0_all = hx
     else:
         h0_all, c0_all = hx, None
+    ln_weights = layer_norm_weights or []
+    if backend != "reference" and transforms_active(input, h0_all, c0_all, *weights, *ln_weights):
+        backend = "reference"  # the kernels have no forward-mode or torch.func rules; the reference has all
+    plan = _precision(input, h0_all, c0_all, mode, lengths is not None, backend)
+    if plan is not None:
+        if plan.rounded is None:  # no autocast: the dtypes must agree before they are converted
+            names = (["h0", "c0"] + weight_names(num_layers, num_directions, bias)
+                     + layer_norm_names(mode, num_layers, num_directions))
+            _check_like_input(input, list(zip(names, [h0_all, c0_all, *weights, *ln_weights], strict=False)))
+        return _recurrent_in(plan, input, h0_all, c0_all, weights, layer_norm_weights, mode=mode,
+                             hidden_size=hidden_size, num_layers=num_layers, bias=bias, dropout=dropout,
+                             training=training, bidirectional=bidirectional, lengths=lengths, track=track,
+                             grad_clip=grad_clip, eps=eps, backend=backend)
     if mode == "lstm" and hx is not None and c0_all is None:
         raise ValueError("hx: the LSTM expects a tuple (h0, c0)")
     if mode != "lstm" and c0_all is not None:

@@ -6,6 +6,8 @@ from collections.abc import Sequence
 
 import torch
 
+from vgkernels.reference.backward_clip import clipped
+
 
 def clip_rows(grad: torch.Tensor, normalized_ndim: int, max_norm: float) -> torch.Tensor:
     """Return ``grad`` with each row (its last ``normalized_ndim`` dims) rescaled to L2 norm <= max_norm.
@@ -15,22 +17,10 @@ def clip_rows(grad: torch.Tensor, normalized_ndim: int, max_norm: float) -> torc
     """
     rows = grad.reshape(*grad.shape[: grad.dim() - normalized_ndim], -1)
     norm = torch.linalg.vector_norm(rows, dim=-1, keepdim=True)
-    scale = torch.where(norm > max_norm, max_norm / norm, torch.ones_like(norm))
+    # max_norm / max_norm is exactly 1; dividing by the norm only where it is larger keeps the double
+    # backward of zero rows free of 0 * inf.
+    scale = max_norm / torch.where(norm > max_norm, norm, torch.full_like(norm, max_norm))
     return (rows * scale).reshape(grad.shape)
-
-
-class _ClipRowGrad(torch.autograd.Function):
-    """Identity forward; the backward clips each row of the incoming gradient."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, normalized_ndim: int, max_norm: float) -> torch.Tensor:
-        ctx.normalized_ndim = normalized_ndim
-        ctx.max_norm = max_norm
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        return clip_rows(grad, ctx.normalized_ndim, ctx.max_norm), None, None
 
 
 def layer_norm(
@@ -50,7 +40,11 @@ def layer_norm(
     Returns a tensor of ``input``'s shape and dtype.
     """
     k = len(normalized_shape)
-    x = input if grad_clip is None else _ClipRowGrad.apply(input, k, float(grad_clip))
+    if grad_clip is None:
+        x = input
+    else:
+        clip = float(grad_clip)
+        x = clipped(input, lambda grad: clip_rows(grad, k, clip), "grad_clip")
     dims = tuple(range(x.dim() - k, x.dim()))
     xf = x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
     mean = xf.mean(dim=dims, keepdim=True)

@@ -4,7 +4,11 @@ This is the oracle for the fused kernels. It follows torch.nn's equations and ga
 LSTM (i, f, g, o), GRU (r, z, n) with n = tanh(x_n + r * (W_hn h + b_hn)), Elman RNN with tanh, relu
 or sigmoid. The per-step gradient norms come from ``retain_grad`` on every state, and the step
 Jacobians from ``torch.func.jacrev`` of one step, so nothing here relies on the closed forms the
-kernels use.
+kernels use. ``grad_clip`` clamps the gradient of every gate pre-activation in the backward
+(:func:`clip_gradient`), as the kernels do.
+
+Everything here is differentiable to any order and under every torch.func transform, so the fused ops
+fall back to it for double backward and forward-mode AD (see :mod:`vgkernels.ops.autodiff`).
 """
 
 from __future__ import annotations
@@ -14,8 +18,21 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from vgkernels.reference.backward_clip import clipped
+
 GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1, "rnn_sigmoid": 1}
 MODES = tuple(GATES)
+
+
+def clip_gradient(x: torch.Tensor, clip: float | None) -> torch.Tensor:
+    """``x`` itself, whose gradient is clamped elementwise to [-clip, clip] in the backward (None: off).
+
+    Clamping keeps NaN, as the kernels do. See :mod:`vgkernels.reference.backward_clip` for its higher
+    derivatives.
+    """
+    if clip is None:
+        return x
+    return clipped(x, lambda grad: grad.clamp(-clip, clip), "grad_clip")
 
 
 class CellNorm(NamedTuple):
@@ -40,6 +57,7 @@ def cell_step(
     w_hh: torch.Tensor,
     b_hh: torch.Tensor | None,
     norm: CellNorm | None = None,
+    grad_clip: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One step of the cell.
 
@@ -49,11 +67,12 @@ def cell_step(
         h, c: [B, H] previous hidden and (LSTM) cell state.
         w_hh: [G*H, H]. b_hh: [G*H] or None, used by the GRU only.
         norm: layer normalization of W_hh h (and of c for the LSTM), or None.
+        grad_clip: clamp the gradient of every gate pre-activation to [-c, c] in the backward, or None.
     Returns:
         (h_t, c_t), c_t None except for the LSTM.
     """
     if mode == "lstm":
-        c_new, o = lstm_cell_state(xproj_t, h, c, w_hh, norm)
+        c_new, o = lstm_cell_state(xproj_t, h, c, w_hh, norm, grad_clip)
         return lstm_hidden(o, c_new, norm), c_new
     gh = h @ w_hh.t()
     if norm is not None:
@@ -63,11 +82,11 @@ def cell_step(
             gh = gh + b_hh
         xr, xz, xn = xproj_t.chunk(3, dim=-1)
         hr, hz, hn = gh.chunk(3, dim=-1)
-        r = torch.sigmoid(xr + hr)
-        z = torch.sigmoid(xz + hz)
-        n = torch.tanh(xn + r * hn)
+        r = torch.sigmoid(clip_gradient(xr + hr, grad_clip))
+        z = torch.sigmoid(clip_gradient(xz + hz, grad_clip))
+        n = torch.tanh(clip_gradient(xn + r * hn, grad_clip))
         return (1 - z) * n + z * h, None
-    pre = xproj_t + gh
+    pre = clip_gradient(xproj_t + gh, grad_clip)
     if mode == "rnn_tanh":
         return torch.tanh(pre), None
     if mode == "rnn_relu":
@@ -78,13 +97,14 @@ def cell_step(
 
 
 def lstm_cell_state(
-    xproj_t: torch.Tensor, h: torch.Tensor, c: torch.Tensor, w_hh: torch.Tensor, norm: CellNorm | None
+    xproj_t: torch.Tensor, h: torch.Tensor, c: torch.Tensor, w_hh: torch.Tensor, norm: CellNorm | None,
+    grad_clip: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The LSTM's new cell state c_t [B, H] and its output gate pre-activation o [B, H]."""
     gh = h @ w_hh.t()
     if norm is not None:
         gh = F.layer_norm(gh, gh.shape[-1:], norm.hh_weight, norm.hh_bias, norm.eps)
-    i, f, g, o = (xproj_t + gh).chunk(4, dim=-1)
+    i, f, g, o = clip_gradient(xproj_t + gh, grad_clip).chunk(4, dim=-1)
     return torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g), o
 
 
@@ -136,7 +156,8 @@ class LayerResult:
             backward is ∂loss/∂h_t, ∂loss/∂c_t when tracked.
     """
 
-    def __init__(self, states, cell_states, jac_sq, hidden, cell, valid):
+    def __init__(self, states, cell_states, jac_sq, hidden, cell, valid, retained=True):
+        self.retained = retained
         self.states = states
         self.cell_states = cell_states
         self.jac_sq = jac_sq
@@ -150,17 +171,29 @@ class LayerResult:
         float64 whatever the states' dtype: in float32 the square of a gradient below ~1e-19 underflows.
         """
         rows = [self.hidden] + ([self.cell] if self.cell is not None else [])
-        if all(s.grad is None for row in rows for s in row):
+        if not self.retained or all(s.grad is None for row in rows for s in row):
             return None
-        out = []
-        for row in rows:
-            sq = [
-                s.grad.double().pow(2).sum(-1) if s.grad is not None
-                else torch.zeros_like(s[:, 0], dtype=torch.float64)
-                for s in row
-            ]
-            out.append(torch.stack(sq) * self.valid)
-        return torch.stack(out)
+        return squared_norms([[s.grad for s in row] for row in rows], rows[0][0], self.valid)
+
+    def watched(self) -> list[torch.Tensor]:
+        """The per-position states h_t (then c_t for the LSTM) in position order, for autograd.grad."""
+        return list(self.hidden) + (list(self.cell) if self.cell is not None else [])
+
+
+def squared_norms(
+    grads: list[list[torch.Tensor | None]], like: torch.Tensor, valid: torch.Tensor
+) -> torch.Tensor:
+    """float64 [K, T, B]: per-sample squared norms of per-position gradients (rows: h, then c).
+
+    ``grads[k][t]`` is ∂loss/∂h_t (k = 0) or ∂loss/∂c_t (k = 1) of shape [B, H], None for zero;
+    ``like`` is a [B, H] tensor for the shape and device of a zero; ``valid`` float [T, B] zeroes the
+    positions past a sequence's end.
+    """
+    zero = torch.zeros(like.shape[0], dtype=torch.float64, device=like.device)
+    return torch.stack([
+        torch.stack([zero if g is None else g.detach().double().pow(2).sum(-1) for g in row]) * valid
+        for row in grads
+    ])
 
 
 def layer_forward(
@@ -174,6 +207,7 @@ def layer_forward(
     reverse: bool,
     track: bool = False,
     norm: CellNorm | None = None,
+    grad_clip: float | None = None,
 ) -> LayerResult:
     """One direction of one layer over the whole sequence (the semantics of ``vgk::rnn_forward``).
 
@@ -184,8 +218,10 @@ def layer_forward(
         lengths: int64 [B] sequence lengths, or None. Past its length a sample's state is carried
             unchanged.
         reverse: process positions T-1 down to 0.
-        track: retain every state's gradient and compute the step Jacobian norms.
+        track: retain every state's gradient (not under torch.func transforms, which forbid it) and
+            compute the step Jacobian norms.
         norm: layer normalization inside the cell (LSTM, GRU), or None.
+        grad_clip: clamp every gate pre-activation gradient to [-c, c] at every step, or None.
     """
     T, B = xproj.shape[0], xproj.shape[1]
     positions = range(T - 1, -1, -1) if reverse else range(T)
@@ -196,21 +232,23 @@ def layer_forward(
     h, c = h0, c0
     hidden: list[torch.Tensor | None] = [None] * T
     cell: list[torch.Tensor | None] = [None] * T
-    jac = torch.zeros(T, B, dtype=torch.float32, device=xproj.device)
+    jac: list[torch.Tensor | None] = [None] * T  # stacked at the end: no in-place write, so vmap works
+    # torch.func transforms forbid retain_grad: there the trace keeps its Jacobian norms only.
+    retain = track and not torch._C._are_functorch_transforms_active()
     for t in positions:
         if track:
             jac[t] = step_jacobian_sq(mode, xproj[t], h, c, w_hh, b_hh, norm) * valid[t]
         keep = valid[t][:, None]
         if mode == "lstm":
             # h_t is computed from the retained c_t so that c_t's gradient includes the path through h_t
-            c_new, o = lstm_cell_state(xproj[t], h, c, w_hh, norm)
+            c_new, o = lstm_cell_state(xproj[t], h, c, w_hh, norm, grad_clip)
             c = torch.where(keep, c_new, c)
-            if track and c.requires_grad:
+            if retain and c.requires_grad:
                 c.retain_grad()
             h = torch.where(keep, lstm_hidden(o, c, norm), h)
         else:
-            h = torch.where(keep, cell_step(mode, xproj[t], h, c, w_hh, b_hh, norm)[0], h)
-        if track and h.requires_grad:
+            h = torch.where(keep, cell_step(mode, xproj[t], h, c, w_hh, b_hh, norm, grad_clip)[0], h)
+        if retain and h.requires_grad:
             h.retain_grad()
         hidden[t], cell[t] = h, c
     ordered = [h0] + hidden if not reverse else hidden + [h0]
@@ -222,8 +260,9 @@ def layer_forward(
     return LayerResult(
         states=states,
         cell_states=cell_states,
-        jac_sq=jac if track else xproj.new_empty(0, dtype=torch.float32),
+        jac_sq=torch.stack(jac) if track else xproj.new_empty(0, dtype=torch.float32),
         hidden=hidden,
         cell=cell if c0 is not None else None,
         valid=valid.to(torch.float32),
+        retained=retain,
     )
