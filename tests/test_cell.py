@@ -1,6 +1,7 @@
 """The fused cells vgk.nn.LSTMCell / GRUCell / RNNCell and the op vgkernels.ops.cell on the cpp backend.
 
-Oracles: torch.nn's cells (values and every gradient, second derivatives included), the eager
+Oracles: torch.nn's cells (values and every gradient, second derivatives and forward-mode tangents
+included), the eager
 reference backend (vgkernels.reference.cell; the sigmoid RNN, which torch.nn lacks, and the traces),
 torch.autograd.functional.jacobian of one step for the Jacobian norms, and autograd's own gradients of
 the states for the gradient norms.
@@ -19,6 +20,7 @@ import pickle
 
 import pytest
 import torch
+import torch.autograd.forward_ad as fwAD
 from torch.autograd.gradcheck import gradcheck, gradgradcheck
 
 import vgkernels as vgk
@@ -230,6 +232,35 @@ def test_second_derivatives_match_torch_nn(mode):
     for a, b in zip(*results, strict=True):
         torch.testing.assert_close(a, b, **F64)
         assert b.abs().sum() > 0
+
+
+@pytest.mark.parametrize("mode", KINDS)
+@pytest.mark.parametrize("track", [False, True])
+def test_forward_mode_ad_matches_torch_nn(mode, track):
+    # Tangents of the input, the state and the parameters (torch.func.jvp), and dual tensors
+    # (torch.autograd.forward_ad): never silently zero.
+    ours, theirs = pair(mode, 3, 4, dtype=torch.float64, track=track)
+    x = torch.randn(2, 3, dtype=torch.float64)
+    hx = state(mode, 2, 4, torch.float64, requires_grad=False)
+    params = dict(ours.named_parameters())
+    tangents = (torch.randn_like(x), tuple(torch.randn_like(t) for t in leaves(None, hx)[1:]),
+                {k: torch.randn_like(v) for k, v in params.items()})
+    results = []
+    for m in (ours, theirs):
+        def f(x, states, p, m=m):
+            return torch.func.functional_call(m, p, (x, states if mode == "lstm" else states[0]))
+
+        primals = (x, tuple(leaves(None, hx)[1:]), {k: v.detach() for k, v in params.items()})
+        results.append(outputs(torch.func.jvp(f, primals, tangents)[1]))
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, **F64)
+        assert b.abs().sum() > 0
+    with fwAD.dual_level():
+        dual = fwAD.make_dual(x, tangents[0])
+        a = [fwAD.unpack_dual(t).tangent for t in outputs(ours(dual, hx))]
+        b = [fwAD.unpack_dual(t).tangent for t in outputs(theirs(dual, hx))]
+    for u, v in zip(a, b, strict=True):
+        torch.testing.assert_close(u, v, **F64)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -120,6 +120,18 @@ def test_second_derivatives(mode):
     assert gradgradcheck(f, tuple(args.values()))
 
 
+def test_forward_mode_ad_is_not_silently_zero():
+    cell = vgk.nn.LSTMCell(3, 4, backend="triton", dtype=torch.float64)
+    theirs = torch.nn.LSTMCell(3, 4, dtype=torch.float64)
+    theirs.load_state_dict(cell.state_dict())
+    x, tangent = torch.randn(2, 3, dtype=torch.float64), torch.randn(2, 3, dtype=torch.float64)
+    a = torch.func.jvp(cell, (x,), (tangent,))[1]
+    b = torch.func.jvp(theirs, (x,), (tangent,))[1]
+    for u, v in zip(a, b, strict=True):
+        torch.testing.assert_close(u, v, **F64)
+        assert v.abs().sum() > 0
+
+
 @pytest.mark.parametrize("mode", ["lstm", "gru", "rnn_relu"])
 def test_modules_on_triton_equal_cpp(mode):
     ours = {"lstm": vgk.nn.LSTMCell, "gru": vgk.nn.GRUCell}.get(mode, vgk.nn.RNNCell)

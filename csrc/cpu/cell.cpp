@@ -9,8 +9,9 @@
 //
 // The autograd of cell_forward is C++ (a Python autograd wrapper costs tens of microseconds per call,
 // more than the whole step at batch 1). A backward with create_graph=True goes through
-// vgk::cell_backward_differentiable instead, which vgkernels/ops/cell.py implements with differentiable
-// torch operations, so that second derivatives are right.
+// vgk::cell_backward_differentiable instead, and forward-mode AD (inputs with tangents) through
+// vgk::cell_forward_differentiable: vgkernels/ops/cell.py implements both with differentiable torch
+// operations, so that second derivatives and tangents are right rather than silently zero.
 //
 // Workspace (private to this backend, input dtype): LSTM the activated gates i, f, g, o [B, 4H];
 // GRU r, z, n and hn = W_hn h + b_hn [B, 4H]; Elman: [0], the derivative follows from h.
@@ -19,6 +20,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/autograd.h>
+#include <torch/csrc/autograd/variable.h>
 #include <torch/library.h>
 
 #include <cstdint>
@@ -428,6 +430,28 @@ std::vector<at::Tensor> differentiable_backward_op(const at::Tensor& grad_h, con
   return op.call(grad_h, grad_c, input, hx, cx, w_ih, w_hh, b_ih, b_hh, mode);
 }
 
+// (h', c') of (input, hx, cx, w_ih, w_hh, b_ih, b_hh) through differentiable torch operations
+// (vgkernels/ops/cell.py); c' is empty but for the LSTM.
+std::vector<at::Tensor> differentiable_forward_op(const at::Tensor& input, const std::optional<at::Tensor>& hx,
+                                                  const std::optional<at::Tensor>& cx, const at::Tensor& w_ih,
+                                                  const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
+                                                  const std::optional<at::Tensor>& b_hh, c10::string_view mode) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("vgk::cell_forward_differentiable", "")
+                             .typed<std::vector<at::Tensor>(
+                                 const at::Tensor&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+                                 const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                                 const std::optional<at::Tensor>&, c10::string_view)>();
+  return op.call(input, hx, cx, w_ih, w_hh, b_ih, b_hh, mode);
+}
+
+// Whether a tensor carries a forward-mode gradient (a tangent) at any level.
+bool has_tangent(const at::Tensor& t) {
+  if (!t.defined()) return false;
+  const torch::autograd::AutogradMeta* meta = torch::autograd::impl::get_autograd_meta(t);
+  return meta != nullptr && meta->fw_grad_ != nullptr && !meta->fw_grad_->empty();
+}
+
 std::optional<at::Tensor> opt(const at::Tensor& t) {
   return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
 }
@@ -503,6 +527,17 @@ Four cell_forward_autograd(const at::Tensor& input, const std::optional<at::Tens
                            const std::optional<at::Tensor>& cx, const at::Tensor& w_ih, const at::Tensor& w_hh,
                            const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh,
                            const std::optional<at::Tensor>& probe, c10::string_view mode, bool track) {
+  const auto tangent = [](const std::optional<at::Tensor>& t) { return present(t) && has_tangent(*t); };
+  if (has_tangent(input) || has_tangent(w_ih) || has_tangent(w_hh) || tangent(hx) || tangent(cx) || tangent(b_ih) ||
+      tangent(b_hh)) {
+    // Forward-mode AD: h' and c' through torch's own operations, which carry the tangents (and record a
+    // graph for a backward, without the trace's gradient norms); the workspace and the Jacobian norms
+    // from the fused step.
+    const auto hc = differentiable_forward_op(input, hx, cx, w_ih, w_hh, b_ih, b_hh, mode);
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    auto fused = forward_op(input, hx, cx, w_ih, w_hh, b_ih, b_hh, probe, mode, track);
+    return {hc[0], hc[1], std::get<2>(fused), std::get<3>(fused)};
+  }
   const auto wants = [](const std::optional<at::Tensor>& t) { return present(t) && t->requires_grad(); };
   const bool any = input.requires_grad() || w_ih.requires_grad() || w_hh.requires_grad() || wants(hx) ||
                    wants(cx) || wants(b_ih) || wants(b_hh) || wants(probe);
@@ -529,7 +564,11 @@ void define_cell_ops(torch::Library& m) {
       "cell_backward(Tensor grad_h, Tensor grad_c, Tensor input, Tensor? hx, Tensor? cx, Tensor w_ih, Tensor w_hh, "
       "Tensor h, Tensor c, Tensor workspace, str mode, bool track, bool has_bias, bool input_grad, "
       "bool hidden_grad, bool weight_grad) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
-  // Implemented in Python (CompositeImplicitAutograd): the backward under create_graph=True.
+  // Implemented in Python (CompositeImplicitAutograd): the forward under forward-mode AD and the backward
+  // under create_graph=True.
+  m.def(
+      "cell_forward_differentiable(Tensor input, Tensor? hx, Tensor? cx, Tensor w_ih, Tensor w_hh, Tensor? b_ih, "
+      "Tensor? b_hh, str mode) -> Tensor[]");
   m.def(
       "cell_backward_differentiable(Tensor grad_h, Tensor grad_c, Tensor input, Tensor? hx, Tensor? cx, "
       "Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, str mode) -> Tensor[]");

@@ -15,8 +15,10 @@ Ops (each with a fake implementation and registered autograd):
   total gradient, through h' included).
 - ``vgk::cell_forward_triton`` / ``vgk::cell_backward_triton``: the same on CUDA tensors
   (:mod:`vgkernels.triton.cell`).
-- ``vgk::cell_backward_differentiable``: the backward through differentiable torch operations, which
-  the fused ops call under ``create_graph=True``, so second derivatives are exact.
+- ``vgk::cell_backward_differentiable`` and ``vgk::cell_forward_differentiable``: the backward and the
+  step through differentiable torch operations, which the fused ops call under ``create_graph=True``
+  and for inputs with tangents (forward-mode AD: ``torch.func.jvp``, ``torch.autograd.forward_ad``),
+  so second derivatives and tangents are exact.
 
 The C++ op's autograd is C++ (csrc/cpu/cell.cpp): at batch 1 a Python autograd wrapper would cost
 more than the step. ``"reference"`` runs :mod:`vgkernels.reference.cell`.
@@ -29,6 +31,7 @@ of the op, and the op's backward returns the squared gradient norms as its gradi
 from __future__ import annotations
 
 import torch
+import torch.autograd.forward_ad as fwAD
 
 from vgkernels._library import cpp_available
 from vgkernels.backends import resolve_backend
@@ -182,6 +185,17 @@ def fake_backward(grad_h, grad_c, input, hx, cx, w_ih, w_hh, h, c, workspace, mo
     )
 
 
+def differentiable_forward(input, hx, cx, w_ih, w_hh, b_ih, b_hh, mode):
+    """[h', c'] of the reference step (c' empty but for the LSTM): tangents and graphs follow it."""
+    h, c = reference.cell_forward(mode, input, hx, cx, w_ih, w_hh, b_ih, b_hh)
+    return [h, input.new_empty(0) if c is None else c]
+
+
+def has_tangent(*tensors: torch.Tensor | None) -> bool:
+    """Whether any of the tensors carries a forward-mode gradient (a dual or a torch.func.jvp input)."""
+    return any(t is not None and fwAD.unpack_dual(t).tangent is not None for t in tensors)
+
+
 def differentiable_backward(grad_h, grad_c, input, hx, cx, w_ih, w_hh, b_ih, b_hh, mode):
     """The gradients of (input, hx, cx, w_ih, w_hh, b_ih, b_hh) by differentiating the reference step,
     with create_graph: themselves differentiable. An input that does not require grad gets [0]."""
@@ -205,6 +219,7 @@ if cpp_available():  # without the build only the other backends work (and say w
     torch.library.register_fake("vgk::cell_forward")(fake_forward)
     torch.library.register_fake("vgk::cell_backward")(fake_backward)
     _LIB.impl("cell_backward_differentiable", differentiable_backward, "CompositeImplicitAutograd")
+    _LIB.impl("cell_forward_differentiable", differentiable_forward, "CompositeImplicitAutograd")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -297,6 +312,8 @@ def step(
               for t in (input, hx, cx, w_ih, w_hh, b_ih, b_hh)]
         h, c, trace = step(backend, mode, *up, track)
         return h.to(dtype), None if c is None else c.to(dtype), trace
+    if backend == "triton" and has_tangent(input, hx, cx, w_ih, w_hh, b_ih, b_hh):
+        backend = "reference"  # forward-mode AD: torch's own operations carry the tangents
     probe = make_probe(mode, input.shape[0], input.device) if track else None
     if backend == "cpp":
         h, c, _, jac = torch.ops.vgk.cell_forward.default(input, hx, cx, w_ih, w_hh, b_ih, b_hh, probe, mode,

@@ -90,12 +90,20 @@ def jacobian_sq(
 
 class _Tap(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, state: torch.Tensor, probe: torch.Tensor) -> torch.Tensor:
+    def forward(state: torch.Tensor, probe: torch.Tensor) -> torch.Tensor:
         return state.clone()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:  # nothing to save; the form torch.func needs
+        pass
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         return grad, grad.double().pow(2).sum(-1)
+
+    @staticmethod
+    def jvp(ctx, state_tangent: torch.Tensor, probe_tangent: torch.Tensor | None) -> torch.Tensor:
+        return state_tangent
 
 
 def tap(state: torch.Tensor, probe: torch.Tensor | None) -> torch.Tensor:
