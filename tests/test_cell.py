@@ -263,6 +263,37 @@ def test_forward_mode_ad_matches_torch_nn(mode, track):
         torch.testing.assert_close(u, v, **F64)
 
 
+@pytest.mark.parametrize("mode", KINDS)
+@pytest.mark.parametrize("track", [False, True])
+def test_torch_func_transforms_match_torch_nn(mode, track):
+    # grad, vjp and jacrev as torch.nn's cells; vmap (which torch.nn's LSTMCell lacks) and per-sample
+    # gradients (vmap of grad) against a loop over the samples.
+    ours, theirs = pair(mode, 3, 4, dtype=torch.float64, track=track)
+    x = torch.randn(2, 3, dtype=torch.float64)
+
+    def first(out):
+        return out[0] if isinstance(out, tuple) else out
+
+    transforms = [
+        lambda m: torch.func.grad(lambda x: first(m(x)).square().sum())(x),
+        lambda m: torch.func.vjp(lambda x: first(m(x)), x)[1](torch.ones(2, 4, dtype=torch.float64))[0],
+        lambda m: torch.func.jacrev(lambda x: outputs(m(x))[-1])(x),
+    ]
+    for transform in transforms:
+        torch.testing.assert_close(transform(ours), transform(theirs), **F64)
+    batched = torch.func.vmap(lambda x: first(ours(x)))(x[None].expand(3, 2, 3))
+    torch.testing.assert_close(batched, first(theirs(x))[None].expand(3, 2, 4), **F64)
+
+    def loss(params, sample):
+        return first(torch.func.functional_call(ours, params, (sample[None],))).square().sum()
+
+    per_sample = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0))(dict(ours.named_parameters()), x)
+    for b in range(2):
+        expected = torch.autograd.grad(first(theirs(x[b: b + 1])).square().sum(), list(theirs.parameters()))
+        for name, e in zip(dict(ours.named_parameters()), expected, strict=True):
+            torch.testing.assert_close(per_sample[name][b], e, **F64)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Half precision and autocast on the CPU
 

@@ -21,7 +21,8 @@ Ops (each with a fake implementation and registered autograd):
   so second derivatives and tangents are exact.
 
 The C++ op's autograd is C++ (csrc/cpu/cell.cpp): at batch 1 a Python autograd wrapper would cost
-more than the step. ``"reference"`` runs :mod:`vgkernels.reference.cell`.
+more than the step. ``"reference"`` runs :mod:`vgkernels.reference.cell`; the torch.func transforms
+and forward-mode AD take it too, as torch's own operations support them.
 
 Tracking goes through autograd itself: a zero probe float64 [2, K, B] that requires grad is an input
 of the op, and the op's backward returns the squared gradient norms as its gradient, so
@@ -191,6 +192,11 @@ def differentiable_forward(input, hx, cx, w_ih, w_hh, b_ih, b_hh, mode):
     return [h, input.new_empty(0) if c is None else c]
 
 
+def functorch_active() -> bool:
+    """Whether a torch.func transform (grad, vjp, vmap, jvp, ...) is running (outside torch.compile)."""
+    return not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack() is not None
+
+
 def has_tangent(*tensors: torch.Tensor | None) -> bool:
     """Whether any of the tensors carries a forward-mode gradient (a dual or a torch.func.jvp input)."""
     return any(t is not None and fwAD.unpack_dual(t).tangent is not None for t in tensors)
@@ -312,8 +318,10 @@ def step(
               for t in (input, hx, cx, w_ih, w_hh, b_ih, b_hh)]
         h, c, trace = step(backend, mode, *up, track)
         return h.to(dtype), None if c is None else c.to(dtype), trace
-    if backend == "triton" and has_tangent(input, hx, cx, w_ih, w_hh, b_ih, b_hh):
-        backend = "reference"  # forward-mode AD: torch's own operations carry the tangents
+    if backend != "reference" and (functorch_active() or has_tangent(input, hx, cx, w_ih, w_hh, b_ih, b_hh)):
+        # torch.func transforms (grad, vjp, vmap, jvp) and forward-mode AD: torch's own operations
+        # support them all (the C++ op routes tangents itself; this also spares it the check).
+        backend = "reference"
     probe = make_probe(mode, input.shape[0], input.device) if track else None
     if backend == "cpp":
         h, c, _, jac = torch.ops.vgk.cell_forward.default(input, hx, cx, w_ih, w_hh, b_ih, b_hh, probe, mode,

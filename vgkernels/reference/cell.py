@@ -89,6 +89,8 @@ def jacobian_sq(
 
 
 class _Tap(torch.autograd.Function):
+    generate_vmap_rule = True
+
     @staticmethod
     def forward(state: torch.Tensor, probe: torch.Tensor) -> torch.Tensor:
         return state.clone()
