@@ -41,62 +41,51 @@ def _one_call(module, x, state, phase: str, calls: int):
     return run
 
 
-def _cell_candidates(kind: str, B: int, H: int, phase: str) -> dict:
-    name, _ = KINDS[kind]
+def _candidates(kind: str, B: int, H: int, phase: str, layer: bool) -> dict:
+    """vgkernels (and, for the cells, vgkernels tracked) and torch.nn with the same weights, on one
+    input [B, H] (a layer: [1, B, H]) and state."""
+    name = KINDS[kind][1 if layer else 0]
     ours = getattr(vgk.nn, name)(H, H, backend="cpp")
-    tracked = getattr(vgk.nn, name)(H, H, backend="cpp", track=True)
-    theirs = getattr(torch.nn, name)(H, H)
-    tracked.load_state_dict(ours.state_dict())
-    theirs.load_state_dict(ours.state_dict())
+    models = {"vgkernels": ours}
+    if not layer:
+        models["vgkernels tracked"] = getattr(vgk.nn, name)(H, H, backend="cpp", track=True)
+    models[f"torch.nn.{name}"] = getattr(torch.nn, name)(H, H)
+    for model in models.values():
+        model.load_state_dict(ours.state_dict())
     grad = phase != "no_grad forward"
-    x = torch.randn(B, H, requires_grad=grad)
-    h = torch.randn(B, H, requires_grad=grad)
-    state = (h, torch.randn(B, H, requires_grad=grad)) if kind == "lstm" else h
-    calls = CALLS[H]
-    return {
-        "vgkernels": _one_call(ours, x, state, phase, calls),
-        "vgkernels tracked": _one_call(tracked, x, state, phase, calls),
-        f"torch.nn.{name}": _one_call(theirs, x, state, phase, calls),
-    }
+    shape = (1, B, H) if layer else (B, H)
+    x, h, c = (torch.randn(shape, requires_grad=grad) for _ in range(3))
+    state = (h, c) if kind == "lstm" else h
+    return {label: _one_call(model, x, state, phase, CALLS[H]) for label, model in models.items()}
+
+
+def _compare(case: str, candidates: dict, baseline: str, H: int, compare_record):
+    comparison = compare_record(interleaved(case, candidates, baseline=baseline, rounds=ROUNDS))
+    comparison.extra["vgkernels us per call"] = round(comparison.median("vgkernels") / CALLS[H] * 1e6, 1)
+    return comparison
 
 
 @pytest.mark.parametrize("phase", PHASES)
 @pytest.mark.parametrize("B, H", SHAPES)
 @pytest.mark.parametrize("kind", list(KINDS))
 def test_cell_call_vs_torch(kind, B, H, phase, benchmark, compare_record):
-    name, _ = KINDS[kind]
-    candidates = _cell_candidates(kind, B, H, phase)
-    case = f"{name} {phase} B={B} I=H={H} fp32, {CALLS[H]} calls per round"
-    comparison = compare_record(interleaved(case, candidates, baseline=f"torch.nn.{name}", rounds=ROUNDS))
-    comparison.extra["vgkernels us per call"] = round(comparison.median("vgkernels") / CALLS[H] * 1e6, 1)
+    name = KINDS[kind][0]
+    candidates = _candidates(kind, B, H, phase, layer=False)
+    comparison = _compare(f"{name} {phase} B={B} I=H={H} fp32, {CALLS[H]} calls per round", candidates,
+                          f"torch.nn.{name}", H, compare_record)
     comparison.extra["target vgkernels / torch.nn"] = f"<= {TARGET}"
     comparison.extra["met"] = comparison.ratio("vgkernels") <= TARGET
     benchmark.extra_info.update(comparison.summary())
     benchmark.pedantic(candidates["vgkernels"], rounds=3, iterations=1)
 
 
-def _layer_candidates(kind: str, B: int, H: int, phase: str) -> dict:
-    _, name = KINDS[kind]
-    ours = getattr(vgk.nn, name)(H, H, backend="cpp")
-    theirs = getattr(torch.nn, name)(H, H)
-    theirs.load_state_dict(ours.state_dict())
-    grad = phase != "no_grad forward"
-    x = torch.randn(1, B, H, requires_grad=grad)
-    h = torch.randn(1, B, H, requires_grad=grad)
-    state = (h, torch.randn(1, B, H, requires_grad=grad)) if kind == "lstm" else h
-    calls = CALLS[H]
-    return {"vgkernels": _one_call(ours, x, state, phase, calls),
-            f"torch.nn.{name}": _one_call(theirs, x, state, phase, calls)}
-
-
 @pytest.mark.parametrize("phase", PHASES)
 @pytest.mark.parametrize("B, H", SHAPES)
 @pytest.mark.parametrize("kind", list(KINDS))
 def test_layer_t1_call_vs_torch(kind, B, H, phase, benchmark, compare_record):
-    _, name = KINDS[kind]
-    candidates = _layer_candidates(kind, B, H, phase)
-    case = f"{name} T=1 {phase} B={B} I=H={H} fp32, {CALLS[H]} calls per round"
-    comparison = compare_record(interleaved(case, candidates, baseline=f"torch.nn.{name}", rounds=ROUNDS))
-    comparison.extra["vgkernels us per call"] = round(comparison.median("vgkernels") / CALLS[H] * 1e6, 1)
+    name = KINDS[kind][1]
+    candidates = _candidates(kind, B, H, phase, layer=True)
+    comparison = _compare(f"{name} T=1 {phase} B={B} I=H={H} fp32, {CALLS[H]} calls per round", candidates,
+                          f"torch.nn.{name}", H, compare_record)
     benchmark.extra_info.update(comparison.summary())
     benchmark.pedantic(candidates["vgkernels"], rounds=3, iterations=1)

@@ -318,10 +318,10 @@ def step(
               for t in (input, hx, cx, w_ih, w_hh, b_ih, b_hh)]
         h, c, trace = step(backend, mode, *up, track)
         return h.to(dtype), None if c is None else c.to(dtype), trace
-    if backend != "reference" and (functorch_active() or has_tangent(input, hx, cx, w_ih, w_hh, b_ih, b_hh)):
-        # torch.func transforms (grad, vjp, vmap, jvp) and forward-mode AD: torch's own operations
-        # support them all (the C++ op routes tangents itself; this also spares it the check).
-        backend = "reference"
+    if backend != "reference" and functorch_active():
+        backend = "reference"  # torch.func transforms (grad, vjp, vmap, jvp): torch's own operations
+    elif backend == "triton" and has_tangent(input, hx, cx, w_ih, w_hh, b_ih, b_hh):
+        backend = "reference"  # forward-mode AD (the C++ op routes tangents itself)
     probe = make_probe(mode, input.shape[0], input.device) if track else None
     if backend == "cpp":
         h, c, _, jac = torch.ops.vgk.cell_forward.default(input, hx, cx, w_ih, w_hh, b_ih, b_hh, probe, mode,
