@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from vgkernels.backends import resolve_backend
 from vgkernels.reference import recurrent as reference
@@ -58,16 +59,17 @@ def _kernel_ops(backend: str, layer_norm: bool):
     return ops.rnn_forward_triton, ops.rnn_backward_triton
 
 
-def workspace_width(mode: str, hidden_size: int, layer_norm: bool) -> int:
+def workspace_width(mode: str, hidden_size: int, layer_norm: bool, proj_size: int = 0) -> int:
     """Per position and sample, the number of values the forward saves for the backward.
 
-    Plain cells: LSTM the 4 activated gates; GRU r, z, n and W_hn h + b_hn; RNN nothing (the activation
-    derivative follows from h). Layer-normalized cells add the normalized W_hh h (G*H values) and its
-    1/std, and for the LSTM the normalized c, tanh(LN(c)) and the 1/std of c.
+    Plain cells: LSTM the 4 activated gates (and o * tanh(c) with a projection); GRU r, z, n and
+    W_hn h + b_hn; RNN nothing (the activation derivative follows from h). Layer-normalized cells add the
+    normalized W_hh h (G*H values) and its 1/std, and for the LSTM the normalized c, tanh(LN(c)) and the
+    1/std of c.
     """
     H = hidden_size
     if not layer_norm:
-        return {"lstm": 4 * H, "gru": 4 * H}.get(mode, 0)
+        return {"lstm": 5 * H if proj_size else 4 * H, "gru": 4 * H}.get(mode, 0)
     return {"lstm": 10 * H + 2, "gru": 7 * H + 1}[mode]
 
 
@@ -120,26 +122,35 @@ def _(grad_states, grad_cell_states, states, cell_states, workspace, w_hh, lengt
 
 
 @torch.library.register_fake("vgk::rnn_layer_forward")
-def _(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, probe, mode, reverse, track, grad_clip):
-    T, B, _ = x.shape
-    H = w_hh.shape[1]
+def _(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, batch_sizes, probe, mode, reverse, track, grad_clip):
+    B, P = h0.shape
+    H = P if w_hr is None else w_hr.shape[1]
+    # Packed input [rows, I] keeps its rows; padded [T, B, I].
+    T = x.shape[0] if batch_sizes is None else batch_sizes.shape[0]
+    rows = x.shape[:-1]
     lstm = mode == "lstm"
-    output, h_n = x.new_empty(T, B, H), x.new_empty(B, H)
-    c_n, cell_states = (x.new_empty(B, H), x.new_empty(T, B, H)) if lstm else (_empty(x), _empty(x))
-    return output, h_n, c_n, cell_states, *_fake_saved(x, T, B, H, mode, track, layer_norm=False)
+    width = workspace_width(mode, H, layer_norm=False, proj_size=0 if w_hr is None else P)
+    output, h_n = x.new_empty(*rows, P), x.new_empty(B, P)
+    c_n, cell_states = (x.new_empty(B, H), x.new_empty(*rows, H)) if lstm else (_empty(x), _empty(x))
+    workspace = x.new_empty(*rows, width) if width else _empty(x)
+    jac_sq = x.new_empty(T, B, dtype=torch.float32) if track else _empty(x, torch.float32)
+    return output, h_n, c_n, cell_states, workspace, jac_sq
 
 
 @torch.library.register_fake("vgk::rnn_layer_backward")
-def _(grad_output, grad_h_n, grad_c_n, x, h0, c0, output, cell_states, workspace, w_ih, w_hh, lengths, mode,
-      reverse, grad_clip, track, has_bias, grad_input):
-    T, B, H = output.shape
+def _(grad_output, grad_h_n, grad_c_n, x, h0, c0, output, cell_states, workspace, w_ih, w_hh, w_hr, lengths,
+      batch_sizes, mode, reverse, grad_clip, track, has_bias, grad_input):
+    B, P = h0.shape
+    H = P if w_hr is None else w_hr.shape[1]
+    T = x.shape[0] if batch_sizes is None else batch_sizes.shape[0]
     GH = w_hh.shape[0]
     grad_x = x.new_empty(x.shape) if grad_input else _empty(x)
     grad_c0 = h0.new_empty(B, H) if mode == "lstm" else _empty(h0)
     # Two distinct bias gradients: the kernels' outputs never alias each other.
     grad_b = tuple(w_hh.new_empty(GH) if has_bias else _empty(w_hh) for _ in range(2))
-    return (grad_x, h0.new_empty(B, H), grad_c0, w_ih.new_empty(w_ih.shape), w_hh.new_empty(w_hh.shape),
-            *grad_b, _fake_grad_sq(x, T, B, mode, track))
+    grad_w_hr = _empty(w_hh) if w_hr is None else w_hr.new_empty(w_hr.shape)
+    return (grad_x, h0.new_empty(B, P), grad_c0, w_ih.new_empty(w_ih.shape), w_hh.new_empty(w_hh.shape),
+            *grad_b, grad_w_hr, _fake_grad_sq(x, T, B, mode, track))
 
 
 @torch.library.register_fake("vgk::rnn_ln_forward")
@@ -267,9 +278,10 @@ recurrent_layer.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _layer_setup_context(ctx, inputs, output):
-    x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, probe, mode, reverse, track, grad_clip = inputs
+    (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, batch_sizes, probe, mode, reverse, track,
+     grad_clip) = inputs
     out, _, _, cell_states, workspace, _ = output
-    ctx.save_for_backward(x, h0, c0, out, cell_states, workspace, w_ih, w_hh, lengths)
+    ctx.save_for_backward(x, h0, c0, out, cell_states, workspace, w_ih, w_hh, w_hr, lengths, batch_sizes)
     # Unused outputs get no zero-filled gradients: the backward reads None as zero.
     ctx.set_materialize_grads(False)
     ctx.config = (mode, reverse, track and probe is not None, grad_clip)
@@ -277,16 +289,16 @@ def _layer_setup_context(ctx, inputs, output):
 
 
 def _layer_backward(ctx, grad_output, grad_h_n, grad_c_n, _grad_cells, _grad_workspace, _grad_jac):
-    x, h0, c0, out, cell_states, workspace, w_ih, w_hh, lengths = ctx.saved_tensors
+    x, h0, c0, out, cell_states, workspace, w_ih, w_hh, w_hr, lengths, batch_sizes = ctx.saved_tensors
     mode, reverse, track, grad_clip = ctx.config
     has_c0, has_b_ih, has_b_hh, has_probe = ctx.has
     grad_input = ctx.needs_input_grad[0]
     empty = _empty(out)
-    grad_x, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh, grad_sq = (
+    grad_x, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh, grad_w_hr, grad_sq = (
         torch.ops.vgk.rnn_layer_backward(
             empty if grad_output is None else grad_output, empty if grad_h_n is None else grad_h_n,
-            empty if grad_c_n is None else grad_c_n, x, h0, c0, out, cell_states, workspace, w_ih, w_hh,
-            lengths, mode, reverse, grad_clip, track, has_b_ih or has_b_hh, grad_input,
+            empty if grad_c_n is None else grad_c_n, x, h0, c0, out, cell_states, workspace, w_ih, w_hh, w_hr,
+            lengths, batch_sizes, mode, reverse, grad_clip, track, has_b_ih or has_b_hh, grad_input,
         )
     )
     return (
@@ -297,6 +309,8 @@ def _layer_backward(ctx, grad_output, grad_h_n, grad_c_n, _grad_cells, _grad_wor
         grad_w_hh,
         grad_b_ih if has_b_ih else None,
         grad_b_hh if has_b_hh else None,
+        None if w_hr is None else grad_w_hr,
+        None,
         None,
         grad_sq if (has_probe and track) else None,
         None, None, None, None,
@@ -310,40 +324,64 @@ torch.library.register_autograd("vgk::rnn_layer_forward", _layer_backward, setup
 # Stacking layers and directions.
 
 
-def weight_names(num_layers: int, num_directions: int, bias: bool) -> list[str]:
-    """torch.nn's parameter names in order: per layer and direction weight_ih, weight_hh, bias_ih, bias_hh."""
-    kinds = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")[: 4 if bias else 2]
-    return [f"{kind}_l{layer}{suffix}" for layer in range(num_layers)
-            for suffix in ("", "_reverse")[:num_directions] for kind in kinds]
+def weight_names(num_layers: int, num_directions: int, bias: bool, proj_size: int = 0) -> list[str]:
+    """torch.nn's parameter names in order (its ``_flat_weights_names``): per layer and direction
+    weight_ih, weight_hh, bias_ih, bias_hh (with ``bias``), weight_hr (with ``proj_size`` > 0)."""
+    return list(_weight_layout("lstm", 1, 1, num_layers, num_directions, bias, proj_size)[0])
+
+
+_LAYOUTS: dict[tuple, tuple[tuple[str, ...], tuple[tuple[int, ...], ...]]] = {}
+
+
+def _weight_layout(mode: str, input_size: int, hidden_size: int, num_layers: int, num_directions: int,
+                   bias: bool, proj_size: int) -> tuple[tuple[str, ...], tuple[tuple[int, ...], ...]]:
+    """torch.nn's flat weight names and their shapes, remembered: the module path checks them every call.
+    (A dict rather than functools.lru_cache, which Dynamo warns about.)"""
+    key = (mode, input_size, hidden_size, num_layers, num_directions, bias, proj_size)
+    layout = _LAYOUTS.get(key)
+    if layout is None:
+        layout = _LAYOUTS[key] = _build_weight_layout(*key)
+    return layout
+
+
+def _build_weight_layout(mode, input_size, hidden_size, num_layers, num_directions, bias, proj_size):
+    G, H = GATES[mode], hidden_size
+    P = proj_size or H
+    names, shapes = [], []
+    for layer in range(num_layers):
+        layer_input = input_size if layer == 0 else P * num_directions
+        for suffix in ("", "_reverse")[:num_directions]:
+            kinds = [("weight_ih", (G * H, layer_input)), ("weight_hh", (G * H, P))]
+            if bias:
+                kinds += [("bias_ih", (G * H,)), ("bias_hh", (G * H,))]
+            if proj_size:
+                kinds.append(("weight_hr", (P, H)))
+            names += [f"{kind}_l{layer}{suffix}" for kind, _ in kinds]
+            shapes += [shape for _, shape in kinds]
+    return tuple(names), tuple(shapes)
 
 
 def check_weights(
     weights: list[torch.Tensor], mode: str, input_size: int, hidden_size: int, num_layers: int,
-    num_directions: int, bias: bool,
+    num_directions: int, bias: bool, proj_size: int = 0,
 ) -> None:
-    """Check the flat weight list: per layer-direction (w_ih, w_hh[, b_ih, b_hh]) in torch.nn order."""
-    names = weight_names(num_layers, num_directions, bias)
+    """Check the flat weight list: per layer-direction (w_ih, w_hh[, b_ih, b_hh][, w_hr]) in torch.nn's
+    order, with w_hh [G*H, P] and w_hr [P, H] for an LSTM with proj_size P (P = H without)."""
+    names, shapes = _weight_layout(mode, input_size, hidden_size, num_layers, num_directions, bool(bias),
+                                   proj_size)
     if len(weights) != len(names):
         raise ValueError(f"weights: expected {len(names)} tensors ({', '.join(names)}), got {len(weights)}")
-    G = GATES[mode]
-    for name, tensor in zip(names, weights, strict=True):
-        layer = int(name.split("_l")[1].split("_")[0])
-        in_size = input_size if layer == 0 else hidden_size * num_directions
-        shape = {"weight_ih": (G * hidden_size, in_size), "weight_hh": (G * hidden_size, hidden_size)}.get(
-            name[:9], (G * hidden_size,))
-        if tuple(tensor.shape) != shape:
+    for name, shape, tensor in zip(names, shapes, weights, strict=True):
+        if tensor.shape != shape:
             raise ValueError(f"{name}: expected shape {shape}, got {tuple(tensor.shape)}")
 
 
 def _check_inputs(input, h0, c0, weights, names, mode, lengths, backend, grad_clip):
     if not torch.is_floating_point(input):
         raise TypeError(f"input: expected a floating-point tensor, got dtype {input.dtype}")
-    if input.dim() != 3:
-        raise ValueError(f"input: expected a 3-D tensor [T, B, input_size], got shape {tuple(input.shape)}")
     if input.shape[0] == 0:
-        raise ValueError("input: the sequence is empty (T = 0); expected at least one time step")
-    if input.shape[1] == 0:
-        raise ValueError("input: the batch is empty (B = 0); expected at least one sequence")
+        # torch.nn raises a RuntimeError here too
+        raise RuntimeError("input: the sequence is empty (T = 0); expected at least one time step")
     allowed = KERNEL_DTYPES[backend]
     if input.dtype not in allowed:
         raise TypeError(
@@ -358,9 +396,10 @@ def _check_inputs(input, h0, c0, weights, names, mode, lengths, backend, grad_cl
         if t.dtype != input.dtype:
             raise TypeError(f"{name}: expected dtype {input.dtype} like input, got {t.dtype}")
     if lengths is not None:
-        if lengths.dtype != torch.int64 or lengths.dim() != 1 or lengths.shape[0] != input.shape[1]:
+        B = input.shape[1]
+        if lengths.dtype != torch.int64 or lengths.dim() != 1 or lengths.shape[0] != B:
             raise ValueError(
-                f"lengths: expected an int64 tensor of shape [{input.shape[1]}], got dtype {lengths.dtype} "
+                f"lengths: expected an int64 tensor of shape [{B}], got dtype {lengths.dtype} "
                 f"and shape {tuple(lengths.shape)}"
             )
     if grad_clip is not None and not grad_clip > 0:
@@ -381,40 +420,52 @@ def _probe(mode: str, T: int, B: int, device: torch.device) -> torch.Tensor | No
     return torch.zeros(K, T, B, dtype=torch.float64, device=device, requires_grad=True)
 
 
-def _run_layer(backend, x, h0, c0, w_ih, w_hh, b_ih, b_hh, ln_ih, norm, lengths, mode, reverse, track,
-               grad_clip):
-    """One direction of one layer: (output [T, B, H], h_n, c_n (LSTM, else None), jac_sq, grad source)."""
-    T, B = x.shape[0], x.shape[1]
-    kernel_lengths = None if lengths is None else lengths.to(x.device)
-    grad_source = (lambda: None)
+def _unpack(data: torch.Tensor, batch_sizes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Packed rows [rows, *] to padded [T, B, *] (zeros past each length) and the lengths, in the sorted
+    order of the packing."""
+    return pad_packed_sequence(PackedSequence(data, batch_sizes))
+
+
+def _run_layer(backend, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, ln_ih, norm, lengths, batch_sizes, mode,
+               reverse, track, grad_clip):
+    """One direction of one layer: (output, h_n, c_n (LSTM, else None), jac_sq [T, B], probe or None).
+
+    x and the output are padded [T, B, *] or, with ``batch_sizes``, packed rows [rows, *].
+    """
     if backend == "cpp" and norm is None:
+        T, B = (x.shape[0], x.shape[1]) if batch_sizes is None else (batch_sizes.shape[0], h0.shape[0])
         probe = _probe(mode, T, B, x.device) if track else None
         out, h_n, c_n, _, _, jac_sq = torch.ops.vgk.rnn_layer_forward(
-            x, h0, c0, w_ih, w_hh, b_ih, b_hh, kernel_lengths, probe, mode, reverse, track, grad_clip)
-        if probe is not None:
-            grad_source = (lambda: probe.grad)
-        return out, h_n, c_n if mode == "lstm" else None, jac_sq, grad_source
+            x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, None if lengths is None else lengths.to(x.device),
+            batch_sizes, probe, mode, reverse, track, grad_clip)
+        return out, h_n, c_n if mode == "lstm" else None, jac_sq, probe
+    if batch_sizes is not None:
+        # The other backends take padded input with lengths: unpack around the layer.
+        padded, lengths = _unpack(x, batch_sizes)
+        out, h_n, c_n, jac_sq, probe = _run_layer(backend, padded, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr,
+                                                  ln_ih, norm, lengths, None, mode, reverse, track, grad_clip)
+        return pack_padded_sequence(out, lengths).data, h_n, c_n, jac_sq, probe
+    T, B = x.shape[0], x.shape[1]
     xproj = _input_projection(backend, x, w_ih, b_ih, b_hh, mode, ln_ih)
     if mode != "gru":
         b_hh = None  # folded into xproj
     if backend == "reference":
         if grad_clip is not None:
             raise ValueError("grad_clip: the reference backend does not clip; use backend 'cpp' or 'triton'")
-        result = reference.layer_forward(xproj, h0, c0, w_hh, b_hh, lengths, mode, reverse, track, norm)
-        states, cell_states, jac_sq, grad_source = (result.states, result.cell_states, result.jac_sq,
-                                                    result.grad_sq)
+        result = reference.layer_forward(xproj, h0, c0, w_hh, b_hh, lengths, mode, reverse, track, norm,
+                                         w_hr)
+        states, cell_states, jac_sq, probe = result.states, result.cell_states, result.jac_sq, result.probe
     else:
         probe = _probe(mode, T, B, x.device) if track else None
         ln = (None, None, None, None, 1e-5) if norm is None else norm
         states, cell_states, _, jac_sq = recurrent_layer(
             xproj.contiguous(), h0.contiguous(), None if c0 is None else c0.contiguous(), w_hh.contiguous(),
-            b_hh, *ln[:4], kernel_lengths, probe, mode, reverse, track, grad_clip, ln[4], backend,
+            b_hh, *ln[:4], None if lengths is None else lengths.to(x.device), probe, mode, reverse, track,
+            grad_clip, ln[4], backend,
         )
-        if probe is not None:
-            grad_source = (lambda: probe.grad)
     last = 0 if reverse else T
     out = states[:T] if reverse else states[1:]
-    return out, states[last], cell_states[last] if mode == "lstm" else None, jac_sq, grad_source
+    return out, states[last], cell_states[last] if mode == "lstm" else None, jac_sq, probe
 
 
 def _input_projection(backend, x, w_ih, b_ih, b_hh, mode, ln_ih):
@@ -440,6 +491,25 @@ def layer_norm_names(mode: str, num_layers: int, num_directions: int) -> list[st
             for suffix in ("", "_reverse")[:num_directions] for kind in kinds]
 
 
+def _empty_batch(input, h0_all, c0_all, weights, layer_norm_weights, L, T, out_width, hidden_size, mode,
+                 track, num_layers, num_directions):
+    """The outputs for an empty batch (B = 0), as torch.nn gives them: empty tensors, and zero gradients
+    for the input, the states and every weight; no kernel runs."""
+    P = out_width // num_directions
+    probes = [_probe(mode, T, 0, input.device) if track else None for _ in range(L)]
+    # A zero that depends on every input, so that backward reaches them (all outputs are empty).
+    leaves = [input, h0_all, c0_all, *weights, *(layer_norm_weights or []), *probes]
+    anchor = sum(t.sum() for t in leaves if t is not None) * 0
+    output = input.new_zeros(T, 0, out_width) + anchor.to(input.dtype)
+    h_n = input.new_zeros(L, 0, P) + anchor.to(input.dtype)
+    c_n = input.new_zeros(L, 0, hidden_size) + anchor.to(input.dtype) if mode == "lstm" else None
+    trace = None
+    if track:
+        trace = BPTTTrace(mode, num_layers, num_directions, input.new_zeros(L, T, 0, dtype=torch.float32),
+                          probes)
+    return output, h_n, c_n, trace
+
+
 def recurrent(
     input: torch.Tensor,
     hx: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None,
@@ -458,16 +528,23 @@ def recurrent(
     layer_norm_weights: list[torch.Tensor] | None = None,
     eps: float = 1e-5,
     backend: str | None = None,
+    proj_size: int = 0,
+    batch_sizes: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, BPTTTrace | None]:
-    """A multi-layer, optionally bidirectional recurrent network over a padded, time-major sequence.
+    """A multi-layer, optionally bidirectional recurrent network over a time-major sequence.
 
     Args:
-        input: [T, B, input_size], floating point.
-        hx: None (zeros), h0 [L, B, H], or (h0, c0) for the LSTM; L = num_layers * num_directions.
-        weights: per layer and direction, in torch.nn's order, (weight_ih, weight_hh, bias_ih, bias_hh)
-            ([G*H, in], [G*H, H], [G*H], [G*H]), without the biases when ``bias`` is False.
+        input: [T, B, input_size] floating point; or, with ``batch_sizes``, the rows of a packed
+            sequence [rows, input_size] (a ``PackedSequence``'s ``data``: the samples sorted by
+            decreasing length, step t holding the first batch_sizes[t] of them).
+        hx: None (zeros), h0 [L, B, P], or (h0, c0) for the LSTM with c0 [L, B, H]; L = num_layers *
+            num_directions, P = proj_size or H. With packed input, in the sorted order.
+        weights: per layer and direction, in torch.nn's order (its ``_flat_weights``), (weight_ih,
+            weight_hh, bias_ih, bias_hh, weight_hr): [G*H, in], [G*H, P], [G*H], [G*H], [P, H]; the
+            biases only with ``bias``, weight_hr only with ``proj_size``.
         mode: "lstm", "gru", "rnn_tanh", "rnn_relu" or "rnn_sigmoid".
-        dropout, training: dropout on the outputs of every layer but the last, in training only.
+        dropout, training: dropout on the outputs of every layer but the last, in training only; on
+            packed input it is drawn over the packed rows, as torch.nn does.
         lengths: int64 [B] (CPU) lengths for padded variable-length input, or None.
         track: compute a :class:`~vgkernels.trace.BPTTTrace`.
         grad_clip: elementwise clamp of the gate pre-activation gradients at every step, or None.
@@ -477,16 +554,43 @@ def recurrent(
             plain cells.
         eps: the layer normalization's epsilon.
         backend: "cpp", "triton", "reference" or None (automatic; ``VGK_BACKEND``).
+        proj_size: the LSTM's projection P (torch.nn's proj_size): h_t = W_hr (o_t * tanh(c_t)), of
+            size P, is the output and the recurrent state. 0: none. Not with layer_norm_weights, and
+            not on the triton backend.
+        batch_sizes: int64 [T] (CPU) of a packed input, or None.
     Returns:
-        output [T, B, num_directions*H] (zeros past each length), h_n [L, B, H], c_n [L, B, H] (LSTM;
-        else None), and the trace (None unless ``track``).
+        output [T, B, num_directions*P] (zeros past each length; packed: [rows, num_directions*P]),
+        h_n [L, B, P], c_n [L, B, H] (LSTM; else None), and the trace (None unless ``track``; with packed
+        input its samples are in the sorted order).
     """
     if mode not in GATES:
         raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
     backend = resolve_backend(backend, input.device, op=f"vgkernels {mode}")
     num_directions = 2 if bidirectional else 1
     L = num_layers * num_directions
-    T, B = input.shape[0], (input.shape[1] if input.dim() == 3 else 0)
+    packed = batch_sizes is not None
+    if packed:
+        if lengths is not None:
+            raise ValueError("lengths: padded lengths and packed batch_sizes exclude each other, got both")
+        if input.dim() != 2:
+            raise ValueError(f"input: expected packed rows [rows, input_size] with batch_sizes, got shape "
+                             f"{tuple(input.shape)}")
+        T, B = batch_sizes.shape[0], int(batch_sizes[0])
+    else:
+        if input.dim() != 3:
+            raise ValueError(
+                f"input: expected a 3-D tensor [T, B, input_size], got shape {tuple(input.shape)}")
+        T, B = input.shape[0], input.shape[1]
+    if proj_size:
+        if mode != "lstm":
+            raise ValueError(f"proj_size: projections are for the LSTM only, got mode {mode!r}")
+        if layer_norm_weights is not None:
+            raise ValueError("proj_size: the layer-normalized cells have no projection; use proj_size=0")
+        if backend == "triton":
+            raise NotImplementedError(
+                "proj_size: the triton backend has no projection yet; use backend 'cpp' (CPU tensors) or "
+                "'reference'")
+    P = proj_size or hidden_size
     if isinstance(hx, tuple):
         h0_all, c0_all = hx
     else:
@@ -495,38 +599,30 @@ def recurrent(
         raise ValueError("hx: the LSTM expects a tuple (h0, c0)")
     if mode != "lstm" and c0_all is not None:
         raise ValueError(f"hx: mode {mode!r} expects one tensor h0, got a tuple")
-    for name, t in (("h0", h0_all), ("c0", c0_all)):
-        if t is not None and tuple(t.shape) != (L, B, hidden_size):
-            raise ValueError(f"hx: expected {name} of shape {(L, B, hidden_size)}, got {tuple(t.shape)}")
-    names = weight_names(num_layers, num_directions, bias)
+    for name, t, size in (("h0", h0_all, P), ("c0", c0_all, hidden_size)):
+        if t is not None and t.shape != (L, B, size):
+            raise ValueError(f"hx: expected {name} of shape {(L, B, size)}, got {tuple(t.shape)}")
+    names, _ = _weight_layout(mode, input.shape[-1], hidden_size, num_layers, num_directions, bool(bias),
+                              proj_size)
     _check_inputs(input, h0_all, c0_all, weights, names, mode, lengths, backend, grad_clip)
-    check_weights(weights, mode, input.shape[-1], hidden_size, num_layers, num_directions, bias)
+    check_weights(weights, mode, input.shape[-1], hidden_size, num_layers, num_directions, bias, proj_size)
+    if layer_norm_weights is not None:
+        _check_layer_norm_weights(layer_norm_weights, input, mode, hidden_size, num_layers, num_directions)
+    if B == 0:
+        return _empty_batch(input, h0_all, c0_all, weights, layer_norm_weights, L, T, num_directions * P,
+                            hidden_size, mode, track, num_layers, num_directions)
     if lengths is not None and (int(lengths.min()) < 1 or int(lengths.max()) > T):
         raise ValueError(f"lengths: expected values in [1, {T}], got min {int(lengths.min())}, "
                          f"max {int(lengths.max())}")
     if h0_all is None:
-        h0_all = input.new_zeros(L, B, hidden_size)
+        h0_all = input.new_zeros(L, B, P)
     if mode == "lstm" and c0_all is None:
         c0_all = input.new_zeros(L, B, hidden_size)
 
-    per = 4 if bias else 2
+    per = len(names) // L
     ln_per = 6 if mode == "lstm" else 4
-    if layer_norm_weights is not None:
-        if mode not in ("lstm", "gru"):
-            raise ValueError(
-                f"layer_norm_weights: layer normalization is for 'lstm' and 'gru', got mode {mode!r}")
-        ln_names = layer_norm_names(mode, num_layers, num_directions)
-        if len(layer_norm_weights) != len(ln_names):
-            raise ValueError(
-                f"layer_norm_weights: expected {len(ln_names)} tensors, got {len(layer_norm_weights)}")
-        G = GATES[mode]
-        for name, t in zip(ln_names, layer_norm_weights, strict=True):
-            size = hidden_size if "cell" in name else G * hidden_size
-            if tuple(t.shape) != (size,) or t.dtype != input.dtype or t.device != input.device:
-                raise ValueError(f"{name}: expected shape ({size},), dtype {input.dtype} on {input.device}; "
-                                 f"got shape {tuple(t.shape)}, dtype {t.dtype} on {t.device}")
     layer_input = input
-    h_n, c_n, jac, sources = [], [], [], []
+    h_n, c_n, jac, probes = [], [], [], []
     for layer in range(num_layers):
         outputs = []
         for d in range(num_directions):
@@ -534,23 +630,25 @@ def recurrent(
             w = weights[idx * per: (idx + 1) * per]
             w_ih, w_hh = w[0], w[1]
             b_ih, b_hh = (w[2], w[3]) if bias else (None, None)
+            w_hr = w[-1] if proj_size else None
             ln_ih = norm = None
             if layer_norm_weights is not None:
                 ln = layer_norm_weights[idx * ln_per: (idx + 1) * ln_per]
                 ln_ih = (ln[0], ln[1], eps)
                 norm = reference.CellNorm(ln[2], ln[3], *(ln[4:6] if mode == "lstm" else (None, None)), eps)
-            out, h_last, c_last, jac_sq, source = _run_layer(
+            out, h_last, c_last, jac_sq, probe = _run_layer(
                 backend, layer_input, h0_all[idx], None if c0_all is None else c0_all[idx], w_ih, w_hh, b_ih,
-                b_hh, ln_ih, norm, lengths, mode, bool(d), track, grad_clip,
+                b_hh, w_hr, ln_ih, norm, lengths, batch_sizes, mode, bool(d), track, grad_clip,
             )
             h_n.append(h_last)
             if mode == "lstm":
                 c_n.append(c_last)
             outputs.append(out)
             jac.append(jac_sq)
-            sources.append(source)
-        layer_output = outputs[0] if num_directions == 1 else torch.cat(outputs, dim=2)
+            probes.append(probe)
+        layer_output = outputs[0] if num_directions == 1 else torch.cat(outputs, dim=-1)
         if dropout > 0 and training and layer < num_layers - 1:
+            # On packed rows as torch.nn draws it, so that masks match under the same seed.
             layer_output = F.dropout(layer_output, p=dropout, training=True)
         layer_input = layer_output
     output = layer_input
@@ -559,12 +657,30 @@ def recurrent(
         output = output * valid[:, :, None].to(output.dtype)
     trace = None
     if track:
+        if packed:
+            lengths = (batch_sizes[None, :] > torch.arange(B)[:, None]).sum(1)
         trace = BPTTTrace(
             mode=mode,
             num_layers=num_layers,
             num_directions=num_directions,
             jacobian_norm_per_sample=torch.stack(jac).detach().clamp_min(0).sqrt(),
-            grad_sources=sources,
+            grad_sources=probes,
             lengths=None if lengths is None else lengths.cpu(),
         )
     return output, torch.stack(h_n), torch.stack(c_n) if mode == "lstm" else None, trace
+
+
+def _check_layer_norm_weights(layer_norm_weights, input, mode, hidden_size, num_layers, num_directions):
+    if mode not in ("lstm", "gru"):
+        raise ValueError(
+            f"layer_norm_weights: layer normalization is for 'lstm' and 'gru', got mode {mode!r}")
+    ln_names = layer_norm_names(mode, num_layers, num_directions)
+    if len(layer_norm_weights) != len(ln_names):
+        raise ValueError(
+            f"layer_norm_weights: expected {len(ln_names)} tensors, got {len(layer_norm_weights)}")
+    G = GATES[mode]
+    for name, t in zip(ln_names, layer_norm_weights, strict=True):
+        size = hidden_size if "cell" in name else G * hidden_size
+        if tuple(t.shape) != (size,) or t.dtype != input.dtype or t.device != input.device:
+            raise ValueError(f"{name}: expected shape ({size},), dtype {input.dtype} on {input.device}; "
+                             f"got shape {tuple(t.shape)}, dtype {t.dtype} on {t.device}")

@@ -40,21 +40,23 @@ def cell_step(
     w_hh: torch.Tensor,
     b_hh: torch.Tensor | None,
     norm: CellNorm | None = None,
+    w_hr: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One step of the cell.
 
     Args:
         xproj_t: [B, G*H] input projection x_t W_ih^T + b_ih (plus b_hh except for the GRU); with
             ``norm``, LN(x_t W_ih^T) + biases.
-        h, c: [B, H] previous hidden and (LSTM) cell state.
-        w_hh: [G*H, H]. b_hh: [G*H] or None, used by the GRU only.
+        h, c: [B, P] previous hidden and [B, H] (LSTM) cell state; P = H without a projection.
+        w_hh: [G*H, P]. b_hh: [G*H] or None, used by the GRU only.
         norm: layer normalization of W_hh h (and of c for the LSTM), or None.
+        w_hr: [P, H] the LSTM's projection (proj_size P): h_t = (o * tanh(c_t)) W_hr^T; or None.
     Returns:
         (h_t, c_t), c_t None except for the LSTM.
     """
     if mode == "lstm":
         c_new, o = lstm_cell_state(xproj_t, h, c, w_hh, norm)
-        return lstm_hidden(o, c_new, norm), c_new
+        return lstm_hidden(o, c_new, norm, w_hr), c_new
     gh = h @ w_hh.t()
     if norm is not None:
         gh = F.layer_norm(gh, gh.shape[-1:], norm.hh_weight, norm.hh_bias, norm.eps)
@@ -88,11 +90,13 @@ def lstm_cell_state(
     return torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g), o
 
 
-def lstm_hidden(o: torch.Tensor, c: torch.Tensor, norm: CellNorm | None) -> torch.Tensor:
-    """h_t = sigmoid(o) * tanh(c_t), with LN(c_t) in the layer-normalized cell."""
+def lstm_hidden(o: torch.Tensor, c: torch.Tensor, norm: CellNorm | None,
+                w_hr: torch.Tensor | None = None) -> torch.Tensor:
+    """h_t = sigmoid(o) * tanh(c_t), with LN(c_t) in the layer-normalized cell, projected by W_hr if given."""
     if norm is not None:
         c = F.layer_norm(c, c.shape[-1:], norm.cell_weight, norm.cell_bias, norm.eps)
-    return torch.sigmoid(o) * torch.tanh(c)
+    h = torch.sigmoid(o) * torch.tanh(c)
+    return h if w_hr is None else h @ w_hr.t()
 
 
 def step_jacobian_sq(
@@ -103,17 +107,19 @@ def step_jacobian_sq(
     w_hh: torch.Tensor,
     b_hh: torch.Tensor | None,
     norm: CellNorm | None = None,
+    w_hr: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Squared Frobenius norm of ∂s_t/∂s_prev per sample, float32 [B].
 
-    s is h for the RNN and GRU, concat(h, c) for the LSTM. Computed from the full [S, S] Jacobian of
-    one step per sample.
+    s is h for the RNN and GRU, concat(h, c) for the LSTM (with a projection, h is the projected state
+    of size P, so s has P + H entries). Computed from the full [S, S] Jacobian of one step per sample.
     """
+    P = h.shape[-1]
 
     def step(x1: torch.Tensor, s1: torch.Tensor) -> torch.Tensor:
         if mode == "lstm":
-            h1, c1 = s1.chunk(2)
-            h_new, c_new = cell_step(mode, x1[None], h1[None], c1[None], w_hh, b_hh, norm)
+            h1, c1 = s1[:P], s1[P:]
+            h_new, c_new = cell_step(mode, x1[None], h1[None], c1[None], w_hh, b_hh, norm, w_hr)
             return torch.cat([h_new[0], c_new[0]])
         return cell_step(mode, x1[None], s1[None], None, w_hh, b_hh, norm)[0][0]
 
@@ -123,44 +129,51 @@ def step_jacobian_sq(
     return jac.detach().pow(2).sum((-2, -1)).to(torch.float32)
 
 
+class _GradNormProbe(torch.autograd.Function):
+    """Identity on a state h_t [B, S] whose backward writes the squared norm of the gradient passing
+    through, per sample and in float64, into row (k, t) of the probe's gradient (0 where ``valid`` is 0)."""
+
+    @staticmethod
+    def forward(ctx, state, probe, k, t, valid):
+        ctx.index, ctx.shape = (k, t), probe.shape
+        ctx.save_for_backward(valid)
+        return state.view_as(state)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (valid,) = ctx.saved_tensors
+        grad_probe = grad.new_zeros(ctx.shape, dtype=torch.float64)
+        grad_probe[ctx.index] = grad.double().pow(2).sum(-1) * valid
+        return grad, grad_probe, None, None, None
+
+
 class LayerResult:
     """Outputs of :func:`layer_forward`.
 
     Attributes:
-        states: [T+1, B, H]; forward: states[0] = h0, states[t+1] = h after position t; reverse:
+        states: [T+1, B, P]; forward: states[0] = h0, states[t+1] = h after position t; reverse:
             states[T] = h0, states[t] = h after position t.
         cell_states: the same layout for c (LSTM), else an empty tensor.
         jac_sq: float32 [T, B] squared step-Jacobian Frobenius norms (0 past a sequence's end), or an
             empty tensor when not tracked.
-        hidden, cell: the per-position states h_t, c_t (index = position), whose ``.grad`` after
-            backward is ∂loss/∂h_t, ∂loss/∂c_t when tracked.
+        probe: when tracked with gradients, float64 [K, T, B] zeros that require grad (K = 2 for the
+            LSTM: h then c; else 1): after backward its gradient is the per-sample squared norm of
+            ∂loss/∂h_t (and ∂loss/∂c_t), 0 past a sequence's end; else None.
     """
 
-    def __init__(self, states, cell_states, jac_sq, hidden, cell, valid):
+    def __init__(self, states, cell_states, jac_sq, probe):
         self.states = states
         self.cell_states = cell_states
         self.jac_sq = jac_sq
-        self.hidden = hidden
-        self.cell = cell
-        self.valid = valid
+        self.probe = probe
 
     def grad_sq(self) -> torch.Tensor | None:
-        """float64 [K, T, B] of per-sample ‖∂loss/∂h_t‖² (and ‖∂loss/∂c_t‖² for the LSTM), or None.
+        """float64 [K, T, B] of per-sample ‖∂loss/∂h_t‖² (and ‖∂loss/∂c_t‖² for the LSTM), or None
+        before backward.
 
         float64 whatever the states' dtype: in float32 the square of a gradient below ~1e-19 underflows.
         """
-        rows = [self.hidden] + ([self.cell] if self.cell is not None else [])
-        if all(s.grad is None for row in rows for s in row):
-            return None
-        out = []
-        for row in rows:
-            sq = [
-                s.grad.double().pow(2).sum(-1) if s.grad is not None
-                else torch.zeros_like(s[:, 0], dtype=torch.float64)
-                for s in row
-            ]
-            out.append(torch.stack(sq) * self.valid)
-        return torch.stack(out)
+        return None if self.probe is None else self.probe.grad
 
 
 def layer_forward(
@@ -174,18 +187,21 @@ def layer_forward(
     reverse: bool,
     track: bool = False,
     norm: CellNorm | None = None,
+    w_hr: torch.Tensor | None = None,
 ) -> LayerResult:
     """One direction of one layer over the whole sequence (the semantics of ``vgk::rnn_forward``).
 
     Args:
         xproj: [T, B, G*H] input projection (b_hh folded in except for the GRU).
-        h0, c0: [B, H] initial states (c0 for the LSTM only).
-        w_hh: [G*H, H]; b_hh: [G*H] for the GRU, or None.
+        h0, c0: [B, P] and [B, H] initial states (c0 for the LSTM only); P = H without a projection.
+        w_hh: [G*H, P]; b_hh: [G*H] for the GRU, or None.
         lengths: int64 [B] sequence lengths, or None. Past its length a sample's state is carried
             unchanged.
         reverse: process positions T-1 down to 0.
-        track: retain every state's gradient and compute the step Jacobian norms.
+        track: record every state's gradient norm (with gradients enabled) and compute the step
+            Jacobian norms.
         norm: layer normalization inside the cell (LSTM, GRU), or None.
+        w_hr: [P, H] the LSTM's projection, or None.
     """
     T, B = xproj.shape[0], xproj.shape[1]
     positions = range(T - 1, -1, -1) if reverse else range(T)
@@ -193,25 +209,30 @@ def layer_forward(
         valid = torch.ones(T, B, dtype=torch.bool, device=xproj.device)
     else:
         valid = torch.arange(T, device=xproj.device)[:, None] < lengths.to(xproj.device)[None, :]
+    probe = None
+    if track and torch.is_grad_enabled():
+        K = 2 if mode == "lstm" else 1
+        probe = torch.zeros(K, T, B, dtype=torch.float64, device=xproj.device, requires_grad=True)
+    valid_f64 = valid.to(torch.float64)
     h, c = h0, c0
     hidden: list[torch.Tensor | None] = [None] * T
     cell: list[torch.Tensor | None] = [None] * T
     jac = torch.zeros(T, B, dtype=torch.float32, device=xproj.device)
     for t in positions:
         if track:
-            jac[t] = step_jacobian_sq(mode, xproj[t], h, c, w_hh, b_hh, norm) * valid[t]
+            jac[t] = step_jacobian_sq(mode, xproj[t], h, c, w_hh, b_hh, norm, w_hr) * valid[t]
         keep = valid[t][:, None]
         if mode == "lstm":
-            # h_t is computed from the retained c_t so that c_t's gradient includes the path through h_t
+            # h_t is computed from the probed c_t so that c_t's gradient includes the path through h_t
             c_new, o = lstm_cell_state(xproj[t], h, c, w_hh, norm)
             c = torch.where(keep, c_new, c)
-            if track and c.requires_grad:
-                c.retain_grad()
-            h = torch.where(keep, lstm_hidden(o, c, norm), h)
+            if probe is not None:
+                c = _GradNormProbe.apply(c, probe, 1, t, valid_f64[t])
+            h = torch.where(keep, lstm_hidden(o, c, norm, w_hr), h)
         else:
             h = torch.where(keep, cell_step(mode, xproj[t], h, c, w_hh, b_hh, norm)[0], h)
-        if track and h.requires_grad:
-            h.retain_grad()
+        if probe is not None:
+            h = _GradNormProbe.apply(h, probe, 0, t, valid_f64[t])
         hidden[t], cell[t] = h, c
     ordered = [h0] + hidden if not reverse else hidden + [h0]
     states = torch.stack(ordered)
@@ -223,7 +244,5 @@ def layer_forward(
         states=states,
         cell_states=cell_states,
         jac_sq=jac if track else xproj.new_empty(0, dtype=torch.float32),
-        hidden=hidden,
-        cell=cell if c0 is not None else None,
-        valid=valid.to(torch.float32),
+        probe=probe,
     )
