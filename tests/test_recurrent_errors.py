@@ -69,7 +69,7 @@ def test_device_mismatch(lstm):
 
 def test_empty_sequence(lstm):
     # torch.nn raises a RuntimeError for T = 0 (and returns empty outputs for B = 0: test_torch_nn_port)
-    with pytest.raises(RuntimeError, match=r"input: the sequence is empty \(T = 0\)"):
+    with pytest.raises(RuntimeError, match="input: Expected sequence length to be larger than 0 in RNN"):
         lstm(torch.randn(0, 2, 3))
 
 
@@ -85,7 +85,7 @@ def test_bad_constructor_arguments():
         vgk.nn.LSTM(3, 0)
     with pytest.raises(ValueError, match=r"dropout should be a number in range \[0, 1\]"):
         vgk.nn.LSTM(3, 4, dropout=1.5)
-    with pytest.raises(ValueError, match="nonlinearity: expected 'tanh', 'relu' or 'sigmoid', got 'gelu'"):
+    with pytest.raises(ValueError, match="nonlinearity: Unknown nonlinearity 'gelu'; expected 'tanh'"):
         vgk.nn.RNN(3, 4, nonlinearity="gelu")
     with pytest.raises(ValueError, match="grad_clip: expected a positive number or None, got -1"):
         vgk.nn.GRU(3, 4, grad_clip=-1)

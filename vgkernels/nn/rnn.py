@@ -261,7 +261,8 @@ class RNN(RecurrentBase, nn.RNN):
                  dtype: torch.dtype | None = None, *, track: bool = False, grad_clip: float | None = None,
                  layer_norm: bool = False, backend: str | None = None, **kwargs) -> None:
         if nonlinearity not in ("tanh", "relu", "sigmoid"):
-            raise ValueError(f"nonlinearity: expected 'tanh', 'relu' or 'sigmoid', got {nonlinearity!r}")
+            raise ValueError(f"nonlinearity: Unknown nonlinearity {nonlinearity!r}; expected 'tanh', 'relu' "
+                             "or 'sigmoid'")
         # torch.nn builds the sigmoid RNN's parameters as for tanh (same shapes and initialization).
         sigmoid = nonlinearity == "sigmoid"
         nn.RNN.__init__(self, input_size, hidden_size, num_layers, "tanh" if sigmoid else nonlinearity, bias,

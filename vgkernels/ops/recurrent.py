@@ -380,8 +380,8 @@ def _check_inputs(input, h0, c0, weights, names, mode, lengths, backend, grad_cl
     if not torch.is_floating_point(input):
         raise TypeError(f"input: expected a floating-point tensor, got dtype {input.dtype}")
     if input.shape[0] == 0:
-        # torch.nn raises a RuntimeError here too
-        raise RuntimeError("input: the sequence is empty (T = 0); expected at least one time step")
+        # torch.nn's error type and words
+        raise RuntimeError("input: Expected sequence length to be larger than 0 in RNN, got T = 0")
     allowed = KERNEL_DTYPES[backend]
     if input.dtype not in allowed:
         raise TypeError(
