@@ -431,10 +431,10 @@ torch.manual_seed(0)
 torch.set_num_threads(int(sys.argv[1]))
 out = []
 for mode, G in (("lstm", 4), ("gru", 3), ("rnn_tanh", 1)):
-    T, B, H = 5, 7, 37
+    T, B, H = 5, 26, 37  # T * B >= 128 rows: brgemm where enabled (kBrgemmMinRows in recurrent.cpp)
     x = torch.randn(T, B, G * H); h0 = torch.randn(B, H); c0 = torch.randn(B, H) if mode == "lstm" else None
     w = torch.randn(G * H, H) * H ** -0.5; b = torch.randn(G * H) if mode == "gru" else None
-    lens = torch.tensor([5, 3, 5, 1, 4, 5, 2])
+    lens = torch.tensor([5, 3, 5, 1, 4, 5, 2] * 3 + [5, 1, 2, 3, 5])
     for reverse in (False, True):
         st, cs, ws, jac = torch.ops.vgk.rnn_forward(x, h0, c0, w, b, lens, None, mode, reverse, True)
         gs = torch.randn(T + 1, B, H); gc = torch.randn_like(cs)
@@ -472,7 +472,8 @@ def test_gemm_paths_and_threads_agree(tmp_path, env, threads):
         results.append(torch.load(out))
     assert len(results[0]) == len(results[1]) == 60 + 180  # 12 layer calls of 6 + 9 tensors
     for a, b in zip(*results, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        # the weight gradients sum over T * B = 130 rows, in another order on each path
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
 # ------------------------------------------------------------------------------------------ bad input

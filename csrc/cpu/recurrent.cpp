@@ -132,6 +132,11 @@ at::Tensor checked_lengths(const char* op, const std::optional<at::Tensor>& leng
 
 // Fewest batch rows per thread: the per-step GEMM loses efficiency on fewer rows.
 constexpr int64_t kRowGrain = 4;
+// Fewest rows (positions x samples) per call for oneDNN's brgemm: it reads the weights transposed, which
+// costs a copy of the whole matrix per call (RowsGemm with trans_w) or transposed copies of the operands
+// and the result (weight_grad). With fewer rows (short calls: T = 1 steps of a decoder) the copies cost
+// more than brgemm saves, and the BLAS runs on the weights as they are.
+constexpr int64_t kBrgemmMinRows = 128;
 // Fewest batch rows for which the input projection runs per step inside the time loop (GEMMs of the
 // threads' rows); below, the rows per thread are too few and one GEMM over all T*B rows is faster.
 constexpr int64_t kStepProjectionRows = 2 * kRowGrain;
@@ -328,7 +333,7 @@ void forward_loop(Cell cell, int64_t G, const Steps& steps, int64_t H, const Inp
   // The GRU adds a bias to its input side too: b_ih with x, zeros with xproj (which holds it).
   at::Tensor xbias = gru && !fused ? at::zeros({GH}, opts) : at::Tensor();
   at::Tensor gram = track ? gram_entries<T>(w, G, H, /*diagonals=*/gru) : at::Tensor();
-  const RowsGemm<T> step_gemm(w, /*trans_w=*/true);  // h_prev W_hh^T
+  const RowsGemm<T> step_gemm(w, /*trans_w=*/true, steps.total() >= kBrgemmMinRows);  // h_prev W_hh^T
   // With a projection the pointwise pass leaves the Jacobian to projected_lstm_jacobian_terms.
   const ForwardRows<T> rows = pick_forward<T>(cell, track && proj == nullptr);
   const int64_t* lp = len.defined() ? len.const_data_ptr<int64_t>() : nullptr;
@@ -587,7 +592,7 @@ void weight_grad(const std::vector<at::Tensor>& blocks, const at::Tensor& D, at:
     out.zero_();
     return;
   }
-  if (brgemm_enabled<T>()) {
+  if (brgemm_enabled<T>() && R >= kBrgemmMinRows) {
     at::Tensor a_t = cached_empty({K, R}, D.options());
     int64_t r0 = 0;
     for (const at::Tensor& blk : blocks) {
@@ -900,7 +905,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     if (per_step) {
       in.x = xc.const_data_ptr<T>();
       in.I = I;
-      in.w_ih = &proj_in.emplace(wih, /*trans_w=*/true);
+      in.w_ih = &proj_in.emplace(wih, /*trans_w=*/true, R >= kBrgemmMinRows);
       in.bias = bias.const_data_ptr<T>();
     } else {
       xproj = cached_empty({R, GH}, opts);  // a fresh tensor: expand().contiguous() may alias the bias
@@ -918,7 +923,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     if (s.proj) {
       const at::Tensor whr = w_hr->contiguous();
       pj.P = P;
-      pj.gemm = &proj_out.emplace(whr, /*trans_w=*/true);
+      pj.gemm = &proj_out.emplace(whr, /*trans_w=*/true, R >= kBrgemmMinRows);
       hf_init = at::zeros({B, H}, opts);
       pj.full = {ws.data_ptr<T>() + R * 4 * H, hf_init.const_data_ptr<T>(), H, &s.steps, reverse};
       if (track) {
@@ -985,8 +990,8 @@ rnn_layer_backward_cpu(const at::Tensor& grad_output, const at::Tensor& grad_h_n
 
   const auto opts = output.options();
   at::Tensor gx = grad_input ? cached_empty(x.sizes(), opts) : at::empty({0}, opts);
-  at::Tensor gw_ih = at::empty({GH, I}, opts);
-  at::Tensor gw_hh = at::empty({GH, P}, opts);
+  at::Tensor gw_ih = cached_empty({GH, I}, opts);
+  at::Tensor gw_hh = cached_empty({GH, P}, opts);
   at::Tensor gb_ih = has_bias ? at::empty({GH}, opts) : at::empty({0}, opts);
   at::Tensor gb_hh = has_bias ? at::empty({GH}, opts) : at::empty({0}, opts);
   at::Tensor gw_hr = s.proj ? at::empty({P, H}, opts) : at::empty({0}, opts);

@@ -130,7 +130,7 @@ class RecurrentBase(nn.RNNBase):
         lstm = self.mode == "LSTM"
         num_directions = 2 if self.bidirectional else 1
         real_hidden_size = self.proj_size if self.proj_size > 0 else self.hidden_size
-        if hx is not None and lstm != isinstance(hx, tuple | list):
+        if hx is not None and lstm != isinstance(hx, (tuple, list)):  # noqa: UP038  (faster than a union)
             expected = "a tuple (h_0, c_0)" if lstm else "one tensor h_0"
             raise TypeError(f"hx: {type(self).__name__} expects {expected}, got {type(hx).__name__}")
         if isinstance(input, PackedSequence):

@@ -667,7 +667,12 @@ def recurrent(
             grad_sources=probes,
             lengths=None if lengths is None else lengths.cpu(),
         )
-    return output, torch.stack(h_n), torch.stack(c_n) if mode == "lstm" else None, trace
+    return output, _stack(h_n), _stack(c_n) if mode == "lstm" else None, trace
+
+
+def _stack(tensors: list[torch.Tensor]) -> torch.Tensor:
+    # One layer-direction (the common case, and every T = 1 decoder step): a view, no copy.
+    return tensors[0].unsqueeze(0) if len(tensors) == 1 else torch.stack(tensors)
 
 
 def _check_layer_norm_weights(layer_norm_weights, input, mode, hidden_size, num_layers, num_directions):
