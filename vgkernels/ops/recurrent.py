@@ -2,8 +2,10 @@
 
 Structure:
 - ``vgk::rnn_layer_forward`` (C++, CPU) runs one direction of one plain layer over the whole sequence,
-  input projection included; its backward ``vgk::rnn_layer_backward`` returns the gradients of the
-  input, the initial states, both weights and both biases. The autograd registration below is on the
+  input projection included, on padded input (with optional lengths) or on the rows of a packed sequence
+  (``batch_sizes``), with the LSTM's projection ``w_hr`` when given; its backward
+  ``vgk::rnn_layer_backward`` returns the gradients of the input, the initial states, both weights, both
+  biases and ``w_hr``. The autograd registration below is on the
   C++ op itself. It returns the output sequence, h_n and c_n as separate tensors, so no view of a
   [T+1, B, H] state tensor has to be assembled into a gradient.
 - ``vgk::recurrent_layer`` is the autograd-aware op for the Triton backend and the layer-normalized
