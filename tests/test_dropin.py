@@ -371,3 +371,30 @@ def test_compile_does_not_change_torch_nn_lstm_handling():
     assert torch._dynamo.config.allow_rnn is False
     explanation = torch._dynamo.explain(nn.Sequential(vgk.nn.LSTM(3, 4, backend="cpp")))(torch.randn(2, 1, 3))
     assert explanation.graph_break_count == 0
+
+
+def test_layer_norm_parameters_live_beside_torchs_machinery():
+    m = vgk.nn.LSTM(3, 4, num_layers=2, bidirectional=True, layer_norm=True)
+    ln_names = [n for n, _ in m.named_parameters() if n.startswith("layer_norm_")]
+    assert len(ln_names) == 2 * 2 * 6 and len(m._flat_weights) == 2 * 2 * 4
+    assert m._flat_weights_names == nn.LSTM(3, 4, num_layers=2, bidirectional=True)._flat_weights_names
+    m.flatten_parameters()
+    for name in ln_names:  # gains 1, shifts 0
+        value = getattr(m, name)
+        assert torch.equal(value, torch.ones_like(value) if "_weight_" in name else torch.zeros_like(value))
+    with torch.no_grad():
+        m.layer_norm_hh_weight_l1.mul_(2)
+    m.reset_parameters()
+    assert torch.equal(m.layer_norm_hh_weight_l1, torch.ones(16))
+    m.double()
+    assert m.layer_norm_cell_bias_l0_reverse.dtype == m._flat_weights[0].dtype == torch.float64
+    out, _ = m(torch.randn(5, 2, 3, dtype=torch.float64))
+    out.sum().backward()
+    assert all(p.grad is not None for p in m.parameters())
+    clone = pickle.loads(pickle.dumps(m))
+    torch.testing.assert_close(clone.layer_norm_ih_weight_l0, m.layer_norm_ih_weight_l0, atol=0, rtol=0)
+    torch.testing.assert_close(clone(torch.zeros(2, 1, 3, dtype=torch.float64))[0],
+                               m(torch.zeros(2, 1, 3, dtype=torch.float64))[0], atol=0, rtol=0)
+    # torch.nn's own state_dict keys, then the layer-norm parameters
+    keys = list(m.state_dict())
+    assert keys[:len(m._flat_weights_names)] == m._flat_weights_names
