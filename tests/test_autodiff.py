@@ -175,6 +175,36 @@ def test_hessian_vector_product_matches_torch_nn(backend, mode, packed):
         torch.testing.assert_close(got, want, **EXACT)
 
 
+@pytest.mark.parametrize("packed", [False, True])
+def test_hessian_vector_product_with_projection_matches_torch_nn(packed):
+    ours, theirs = module_pair("lstm", "cpp", num_layers=2, bidirectional=True, proj_size=2)
+    if packed:
+        x = pack_sequence([torch.randn(n, 3, dtype=D) for n in (4, 2, 3)], enforce_sorted=False)
+        x.data.requires_grad_()
+    else:
+        x = torch.randn(4, 3, 3, dtype=D, requires_grad=True)
+    xdata = x.data if packed else x
+    vector = [torch.randn_like(p) for p in ours.parameters()] + [torch.randn_like(xdata)]
+    for got, want in zip(hvp(ours, x, vector), hvp(theirs, x, vector), strict=True):
+        torch.testing.assert_close(got, want, **EXACT)
+
+
+@pytest.mark.parametrize("proj_size", [0, 2])
+def test_tracked_create_graph_on_packed_input_fills_the_trace_as_a_first_order_backward(proj_size):
+    ours, _ = module_pair("lstm", "cpp", num_layers=2, bidirectional=True, proj_size=proj_size)
+    ours.track = True
+    seqs = [torch.randn(n, 3, dtype=D) for n in (4, 2, 3)]
+    traces = []
+    for create_graph in (False, True):
+        x = pack_sequence(seqs, enforce_sorted=False)
+        ours(x)[0].data.pow(2).sum().backward(create_graph=create_graph)
+        traces.append(ours.trace)
+    first_order, tracked = traces
+    torch.testing.assert_close(tracked.grad_norm_per_sample, first_order.grad_norm_per_sample, **EXACT)
+    torch.testing.assert_close(tracked.cell_grad_norm, first_order.cell_grad_norm, **EXACT)
+    assert first_order.grad_norm.gt(0).any()
+
+
 @pytest.mark.parametrize("mode", ["lstm", "gru", "rnn_tanh"])
 def test_tracked_create_graph_fills_the_trace_as_a_first_order_backward(mode):
     ours, _ = module_pair(mode, "cpp", num_layers=2, bidirectional=True)

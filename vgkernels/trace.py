@@ -6,10 +6,13 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-# A source yields the per-sample squared gradient norms of one layer-direction, float64 [K, T, B]
-# (K = 2 for the LSTM: hidden then cell state; K = 1 otherwise), or None before backward. float64
-# because in float32 the square of a gradient below ~1e-19 underflows to 0.
-GradSource = Callable[[], "torch.Tensor | None"]
+# A source holds the per-sample squared gradient norms of one layer-direction, float64 [K, T, B]
+# (K = 2 for the LSTM: hidden then cell state; K = 1 otherwise), once backward has run. float64
+# because in float32 the square of a gradient below ~1e-19 underflows to 0. The recurrent ops give a
+# probe tensor, whose .grad autograd fills (so a trace holds tensors only, and pickles and deep-copies
+# with its module); a callable returning the squares (or None before backward) is accepted as well;
+# None stands for a forward that records no gradients (run under torch.no_grad()).
+GradSource = torch.Tensor | Callable[[], "torch.Tensor | None"] | None
 
 
 class BPTTTrace:
@@ -24,7 +27,11 @@ class BPTTTrace:
         num_layers, num_directions: the module's layout.
         lengths: int64 [B] sequence lengths on the CPU for a ``PackedSequence`` input, else ``None``.
         jacobian_norm_per_sample: [L, T, B] Frobenius norm of ∂s_t/∂s_prev per sample (0 past a
-            sequence's end).
+            sequence's end). s is h for the RNN and GRU and (h, c) for the LSTM; with the LSTM's
+            projection (proj_size P), h = W_hr (o * tanh(c)) has P entries and s = (h, c) has P + H.
+
+    The per-sample tensors may be stored in another batch order (a ``PackedSequence`` is processed
+    sorted by length): ``batch_index`` [B], when given, selects the samples in the input's order.
     """
 
     def __init__(
@@ -35,13 +42,39 @@ class BPTTTrace:
         jacobian_norm_per_sample: torch.Tensor,
         grad_sources: Sequence[GradSource],
         lengths: torch.Tensor | None = None,
+        batch_index: torch.Tensor | None = None,
     ) -> None:
         self.mode = mode
         self.num_layers = num_layers
         self.num_directions = num_directions
+        if batch_index is not None:
+            jacobian_norm_per_sample = jacobian_norm_per_sample.index_select(
+                2, batch_index.to(jacobian_norm_per_sample.device))
+            lengths = None if lengths is None else lengths.index_select(0, batch_index.to(lengths.device))
         self.lengths = lengths
         self.jacobian_norm_per_sample = jacobian_norm_per_sample
         self._grad_sources = list(grad_sources)
+        self._batch_index = batch_index
+
+    def __getstate__(self) -> dict:
+        # Pickling (torch.save, copy.deepcopy) keeps what backward has recorded so far, as tensors:
+        # pickle drops a tensor's .grad, and a callable source would not pickle at all.
+        recorded = self._squared_stored()
+        state = self.__dict__.copy()
+        state["_grad_sources"] = None
+        state["_recorded"] = None if recorded is None else recorded.detach()
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+
+    def with_batch_index(self, batch_index: torch.Tensor) -> BPTTTrace:
+        """The same trace with its samples read through ``batch_index`` [B] (see the class docstring); for
+        a trace built without one."""
+        if self._batch_index is not None:
+            raise ValueError("batch_index: this trace already reads its samples through one")
+        return BPTTTrace(self.mode, self.num_layers, self.num_directions, self.jacobian_norm_per_sample,
+                         self._grad_sources, self.lengths, batch_index)
 
     @property
     def seq_len(self) -> int:
@@ -66,12 +99,22 @@ class BPTTTrace:
         count = valid.sum(1).clamp_min(1.0)
         return (self.jacobian_norm_per_sample * valid).sum(-1) / count
 
-    def _squared(self) -> torch.Tensor | None:
-        """float64 [L, K, T, B] squared norms, or None before backward."""
-        parts = [source() for source in self._grad_sources]
+    def _squared_stored(self) -> torch.Tensor | None:
+        """float64 [L, K, T, B] squared norms in the stored batch order, or None before backward."""
+        if self._grad_sources is None:  # unpickled
+            return self._recorded
+        parts = [source if source is None else source.grad if isinstance(source, torch.Tensor) else source()
+                 for source in self._grad_sources]
         if any(p is None for p in parts):
             return None
         return torch.stack([p.to(torch.float64) for p in parts])
+
+    def _squared(self) -> torch.Tensor | None:
+        """float64 [L, K, T, B] squared norms, or None before backward."""
+        sq = self._squared_stored()
+        if sq is not None and self._batch_index is not None:
+            sq = sq.index_select(3, self._batch_index.to(sq.device))
+        return sq
 
     @staticmethod
     def _norm(sq: torch.Tensor) -> torch.Tensor:

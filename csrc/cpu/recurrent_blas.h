@@ -143,9 +143,10 @@ template <typename T>
 class RowsGemm {
  public:
   // op(W) = W^T (W stored [N, K]) when trans_w, else W (stored [K, N]); w contiguous, kept alive.
-  RowsGemm(const at::Tensor& w, bool trans_w)
+  // allow_brgemm = false keeps the BLAS on W as it is: for callers with too few rows to repay the copy.
+  RowsGemm(const at::Tensor& w, bool trans_w, bool allow_brgemm = true)
       : trans_w_(trans_w), N_(trans_w ? w.size(0) : w.size(1)), K_(trans_w ? w.size(1) : w.size(0)), rhs_(w) {
-    if (brgemm_enabled<T>()) {
+    if (allow_brgemm && brgemm_enabled<T>()) {
       // brgemm takes B row-major [K, N]: transpose W once per call of the op.
       if (trans_w) rhs_ = w.t().contiguous();
       brgemm_ = true;
