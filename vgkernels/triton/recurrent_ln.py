@@ -38,8 +38,9 @@ rstd_c); GRU [T, B, 7H+1] = (r, z, n, hn | yh (3H) | rstd).
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
+from vgkernels.triton import _host
 from vgkernels.triton import recurrent as _plain
 from vgkernels.triton.recurrent import (
     _dot,
@@ -84,7 +85,8 @@ def _ln_forward_kernel(
     x_ptr, st_ptr, cs_ptr, ws_ptr, y_ptr, wt_ptr, gam_ptr, sh_ptr, gc_ptr, bc_ptr, len_ptr, eps_ptr,
     T, B, H,
     LSTM: tl.constexpr, REVERSE: tl.constexpr, HAS_LEN: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     """All T steps for one block of batch rows.
 
@@ -121,7 +123,7 @@ def _ln_forward_kernel(
                              mask=row_ok[:, None] & k_ok[None, :], other=0.0)
                 wk = tl.load(wt_ptr + ks[:, None] * N + cols[None, :], mask=k_ok[:, None] & col_ok[None, :],
                              other=0.0)
-                acc = _dot(hk, wk, acc, DOT)
+                acc = _dot(hk, wk, acc, DOT, PRECISION)
             m = row_ok[:, None] & col_ok[None, :]
             tl.store(y_ptr + rows[:, None] * N + cols[None, :], acc, mask=m)
             sum_y += tl.sum(tl.where(m, acc, 0.0), axis=1)
@@ -238,7 +240,7 @@ def _ln_backward_kernel(
     gx_ptr, dl_ptr, dy_ptr, dh_ptr, ch_ptr, cc_ptr, gsq_ptr, clip_ptr,
     T, B, H,
     LSTM: tl.constexpr, REVERSE: tl.constexpr, HAS_LEN: tl.constexpr, HAS_CLIP: tl.constexpr,
-    TRACK: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
+    TRACK: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """All T steps of the backward, in reverse processing order, for one block of batch rows.
@@ -292,8 +294,8 @@ def _ln_backward_kernel(
             m = row_ok[:, None] & col_ok[None, :]
             keep = valid[:, None] & col_ok[None, :]
             hoff = rows[:, None] * H + cols[None, :]
-            rec = _rec_dot(dy_ptr + next_base, w_ptr, rows, row_ok, cols, col_ok, k_end, N, H,
-                           tl.zeros([BLOCK_B, BLOCK_J], dtype=ACC), DOT, BLOCK_K)
+            rec = _rec_dot(dy_ptr + next_base, w_ptr, rows, row_ok, cols, col_ok, 0, k_end, N, H,
+                           tl.zeros([BLOCK_B, BLOCK_J], dtype=ACC), DOT, PRECISION, BLOCK_K)
             dh = _ld(gs_ptr + out_base + hoff, m, ACC) + _ld(ch_ptr + rd + hoff, m, ACC) + rec
             if TRACK:
                 sq_h += _row_sq(dh, keep)
@@ -615,7 +617,7 @@ def _plan(H: int, G: int, dtype: torch.dtype) -> dict:
 
 def _dot_tl(dtype: torch.dtype, device: torch.device):
     # The interpreter computes bfloat16 dots wrongly; there they run on float32 operands.
-    if dtype == torch.bfloat16 and device.type != "cuda":
+    if dtype == torch.bfloat16 and not _host.on_gpu(device):
         return tl.float32
     return _TL[dtype]
 
@@ -668,7 +670,6 @@ def _jacobian_sq(ws, states, cells, w_hh, gamma, gamma_c, lengths, mode, reverse
     jac = torch.empty(T, B, dtype=torch.float64, device=device)
     steps = max(1, _JAC_CHUNK_BYTES // (8 * K * B * N))
     len_dev = lengths.to(device) if lengths is not None else jac.new_empty(0)
-    kernel = wrap_triton(_ln_jacobian_kernel)
     for t0 in range(0, T, steps):
         t1 = min(T, t0 + steps)
         R = (t1 - t0) * B
@@ -687,7 +688,7 @@ def _jacobian_sq(ws, states, cells, w_hh, gamma, gamma_c, lengths, mode, reverse
         q = v @ wd.t()  # [K, R, N]
         hp = (prev_c if lstm else prev)[t0:t1].reshape(R, H).contiguous()
         grid = (triton.cdiv(R, 16),)
-        kernel[grid](wsc.contiguous(), hp, hp, gamma.contiguous(),
+        _host.launch(_ln_jacobian_kernel, grid, wsc.contiguous(), hp, hp, gamma.contiguous(),
                      gamma_c.contiguous() if lstm else gamma.contiguous(), v.contiguous(), q.contiguous(),
                      u.contiguous(), wu, gram, diag, len_dev, jac[t0:t1].view(-1),
                      R, B, H, t0,
@@ -734,11 +735,13 @@ def _forward_impl(xproj, h0, c0, w_hh, b_hh, ln_hh_weight, ln_hh_bias, ln_cell_w
     bc = ln_cell_bias.contiguous() if lstm else states.new_empty(0)
     len_dev = lengths.to(device) if lengths is not None else states.new_empty(0, dtype=torch.int64)
     with _plain._device_ctx(device):
-        wrap_triton(_ln_forward_kernel)[(triton.cdiv(B, plan["BLOCK_B"]),)](
-            xproj.contiguous(), states, cells, ws, y, w_hh.t().contiguous(), ln_hh_weight.contiguous(),
+        _host.launch(
+            _ln_forward_kernel, (triton.cdiv(B, plan["BLOCK_B"]),), xproj.contiguous(), states, cells, ws, y,
+            w_hh.t().contiguous(), ln_hh_weight.contiguous(),
             shift.contiguous(), gc, bc, len_dev, torch.tensor([eps], dtype=acc, device=device), T, B, H,
             LSTM=lstm, REVERSE=bool(reverse), HAS_LEN=lengths is not None, ACC=_TL[acc],
-            DOT=_dot_tl(dtype, device), BLOCK_B=plan["BLOCK_B"], BLOCK_N=plan["BLOCK_N"],
+            DOT=_dot_tl(dtype, device), PRECISION=_plain._precision(dtype, device), BLOCK_B=plan["BLOCK_B"],
+            BLOCK_N=plan["BLOCK_N"],
             BLOCK_J=plan["BLOCK_J"], BLOCK_K=plan["BLOCK_K"], num_warps=plan["num_warps"],
         )
         if track:
@@ -840,12 +843,14 @@ def _backward_impl(grad_states, grad_cell_states, states, cell_states, workspace
     len_dev = lengths.to(device) if lengths is not None else gs.new_empty(0, dtype=torch.int64)
     gc = ln_cell_weight.contiguous() if lstm else gs.new_empty(0)
     with _plain._device_ctx(device):
-        wrap_triton(_ln_backward_kernel)[(triton.cdiv(B, plan["BLOCK_B"]),)](
-            gs, gcs, st, cs, ws, w, ln_hh_weight.contiguous(), gc, len_dev, gx, dl, dy, dh, carry_h, carry_c,
+        _host.launch(
+            _ln_backward_kernel, (triton.cdiv(B, plan["BLOCK_B"]),), gs, gcs, st, cs, ws, w,
+            ln_hh_weight.contiguous(), gc, len_dev, gx, dl, dy, dh, carry_h, carry_c,
             gsq, torch.tensor([grad_clip if grad_clip is not None else 0.0], dtype=acc, device=device),
             T, B, H,
             LSTM=lstm, REVERSE=bool(reverse), HAS_LEN=lengths is not None, HAS_CLIP=grad_clip is not None,
-            TRACK=bool(track), ACC=_TL[acc], DOT=_dot_tl(dtype, device), BLOCK_B=plan["BLOCK_B"],
+            TRACK=bool(track), ACC=_TL[acc], DOT=_dot_tl(dtype, device),
+            PRECISION=_plain._precision(dtype, device), BLOCK_B=plan["BLOCK_B"],
             BLOCK_N=plan["BLOCK_N"], BLOCK_J=plan["BLOCK_J"], BLOCK_K=plan["BLOCK_K"],
             num_warps=plan["num_warps"],
         )
