@@ -479,6 +479,91 @@ def test_bad_backward_inputs():
         call(states=states.to(torch.int64))
 
 
+@pytest.fixture
+def split_plans(monkeypatch):
+    """Step plans made as if for a GPU of 64 SMs: small shapes then split K over several programs."""
+    monkeypatch.setattr(tr, "_INTERPRETER_SMS", 64)
+    monkeypatch.setenv(tr.LOOP_ENV, "step")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_split_k_step_loop(mode, split_plans):
+    """Programs sharing a tile's K range: the last to arrive sums the partials (forward and backward)."""
+    p = tr._plan(3, 37, tr.GATES[mode], torch.device("cpu"))
+    assert p["SPLIT_FWD"] == 3 and p["SPLIT_BWD"] >= 3
+    inp = make_inputs(mode, T=3, B=3, H=37, lengths=[3, 1, 2])
+    check_against_oracles(mode, inp, reverse=mode in ("gru", "rnn_relu"),
+                          grad_clip=0.5 if mode == "lstm" else None)
+
+
+def test_split_k_float64_gradcheck(split_plans):
+    inp = make_inputs("lstm", T=2, B=2, H=33, dtype=torch.float64)
+    assert tr._plan(2, 33, 4, torch.device("cpu"), torch.float64)["SPLIT_FWD"] > 1
+    tensors = [inp[k].requires_grad_() for k in ("xproj", "h0", "c0", "w_hh")]
+    assert torch.autograd.gradcheck(lambda *ts: _Layer.apply(*ts, None, None, "lstm", False), tensors,
+                                    fast_mode=True)
+
+
+def test_graph_replay_keeps_busy_buffers(monkeypatch):
+    """Step loops replayed over static buffers (the CUDA-graph path, with a re-run instead of a graph):
+    an entry whose outputs are still alive is not reused, and a replay gives the right results."""
+    from vgkernels.triton import _graphs
+
+    monkeypatch.setenv(_graphs.ENV, "replay")
+    monkeypatch.setenv(tr.LOOP_ENV, "step")
+    _graphs.clear()
+    try:
+        mode = "lstm"
+        inp_a = make_inputs(mode, T=3, B=2, H=17, lengths=[3, 2])
+        inp_b = make_inputs(mode, T=3, B=2, H=17, lengths=[3, 2], scale=2.0)
+        gs, gcs = upstream(mode, 3, 2, 17, torch.float32, "cpu")
+        held_fwd, held_bwd = run_ops(mode, inp_a, False, gs, gcs)
+        expected = [t.clone() for t in list(held_fwd) + list(held_bwd)]
+        check_against_oracles(mode, inp_b, False)  # a second entry: the first one's outputs are alive
+        check_against_oracles(mode, inp_b, False)  # that entry again, replayed
+        assert sum(len(pool) for pool in _graphs._entries.values()) == 4  # two forward, two backward
+        for a, b in zip(list(held_fwd) + list(held_bwd), expected, strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+        del held_fwd, held_bwd, a, b
+        pools_before = sum(len(pool) for pool in _graphs._entries.values())
+        run_ops(mode, inp_a, False, gs, gcs)  # the first entry is free again: no new one
+        assert sum(len(pool) for pool in _graphs._entries.values()) == pools_before
+    finally:
+        _graphs.clear()
+
+
+def test_graph_mode_choice(monkeypatch):
+    from vgkernels.triton import _graphs
+
+    monkeypatch.delenv(_graphs.ENV, raising=False)
+    assert _graphs.mode(torch.device("cpu")) == "off"  # the interpreter path never captures
+    assert _graphs.mode(torch.device("cuda")) == "graph"
+    monkeypatch.setenv(_graphs.ENV, "0")
+    assert _graphs.mode(torch.device("cuda")) == "off"
+    monkeypatch.setenv(_graphs.ENV, "yes")
+    with pytest.raises(ValueError, match="VGK_RNN_TRITON_GRAPH"):
+        _graphs.mode(torch.device("cuda"))
+
+
+def test_fp32_dot_precision_follows_torch(monkeypatch):
+    """float32 dots: TF32 on CUDA where torch's cuDNN RNN switch allows it, IEEE otherwise and always
+    under the interpreter."""
+    from vgkernels.triton import _host
+
+    assert tr._precision(torch.float32, torch.device("cpu")) == "ieee"
+    rnn = torch.backends.cudnn.rnn
+    old = rnn.fp32_precision
+    try:
+        rnn.fp32_precision = "tf32"
+        assert _host.fp32_dot_tf32(torch.device("cuda"))
+        assert tr._precision(torch.float32, torch.device("cuda")) == "tf32"
+        assert tr._precision(torch.float64, torch.device("cuda")) == "ieee"
+        rnn.fp32_precision = "ieee"
+        assert tr._precision(torch.float32, torch.device("cuda")) == "ieee"
+    finally:
+        rnn.fp32_precision = old
+
+
 def test_cpu_without_interpreter_is_refused(monkeypatch):
     assert tr._kernels_interpreted()
     monkeypatch.setattr(tr, "_kernels_interpreted", lambda: False)

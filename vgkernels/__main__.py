@@ -93,8 +93,9 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--quick", action="store_true", help="small shapes, few repeats")
     bench.set_defaults(func=_bench)
     aot = sub.add_parser("aot-check", help="compile every Triton launch for sm_80 and sm_90 (no GPU needed)")
-    aot.add_argument("--table", default="ci", choices=["ci", "full"],
-                     help="ci: a representative subset (minutes); full: the whole table")
+    aot.add_argument("--table", default="ci", choices=["smoke", "ci", "full"],
+                     help="smoke: one launch per kernel (a minute); ci: a representative subset (minutes); "
+                          "full: the whole table (bench/results/aot_*.md)")
     aot.add_argument("--out", default=None, help="folder for the table (aot_triton-<version>[_ci].md/.json)")
     aot.add_argument("--jobs", type=int, default=None, help="compile processes (default: all CPUs)")
     aot.set_defaults(func=_aot_check)

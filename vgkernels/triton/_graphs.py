@@ -18,7 +18,7 @@ without a graph. The first call of an entry runs the launches eagerly (its own r
 compiles the kernels), then captures them.
 
 ``VGK_RNN_TRITON_GRAPH`` = ``1`` (default) | ``0`` switches graphs on CUDA; ``replay`` (tests only)
-re-runs the launches on the static buffers instead of a graph, so that the interpreter exercises the
+launches on the static buffers instead of replaying a graph, so that the interpreter exercises the
 buffer handling. Nothing changes for CPU tensors otherwise, and nothing inside torch.compile (it has its
 own CUDA graphs: ``mode="reduce-overhead"``).
 """
@@ -120,13 +120,15 @@ class StepLoop:
         if entry is None:
             launch_all()
             return
+        if self.kind == "replay":
+            # The launches again, on the entry's buffers and adopted inputs (the addresses a graph would
+            # replay on); nothing kept that would hold views of the buffers.
+            launch_all()
+            return
         if not self.fresh:
             entry.replay()
             return
         launch_all()
-        if self.kind == "replay":
-            entry.replay = launch_all
-            return
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             launch_all()

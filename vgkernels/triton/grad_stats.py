@@ -166,7 +166,7 @@ def grad_stats_launch(tensors, inv_scale, log10_min, log10_max, bins):
                 _chunk_kernel, (count,), meta, scale, part_sumsq, part_hist,
                 n, n_chunks, first, log10_min, log10_max, per_unit,
                 BINS=bins, DTYPE=code, HAS_SCALE=has_scale,
-                BLOCK=BLOCK, CHUNK=CHUNK, NCOL_PAD=ncol_pad,
+                BLOCK=BLOCK, CHUNK=CHUNK, NCOL_PAD=ncol_pad, num_warps=8,
             )
         _host.launch(
             _finalize_kernel, (n,), meta, part_sumsq, part_hist, sumsq, hist, n, NCOL=ncol, NCOL_PAD=ncol_pad,

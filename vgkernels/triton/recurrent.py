@@ -37,6 +37,7 @@ Workspace layout (private to this backend): LSTM [T, B, 4H] activated gates (i, 
 [T, B, 4H] (r, z, n, W_hn h + b_hn); Elman RNN: empty, the derivative follows from h.
 """
 
+import math
 import os
 
 import torch
@@ -136,17 +137,19 @@ def _split_sum(part_ptr, offs, m, split_stride, SPLIT: tl.constexpr):
 
 
 @triton.jit
-def _arrive(cnt_ptr, tile, SPLIT: tl.constexpr):
-    """Counts this program in for its tile; True for the last of the SPLIT programs to arrive.
+def _arrive(cnt_ptr, tile, lanes, SPLIT: tl.constexpr):
+    """Counts this program in for its tile; per lane of ``lanes`` (an arange), True for the last of the
+    SPLIT programs to arrive.
 
     The partials each program stored before are then visible to the last one (a block barrier, then
     an acquire-release atomic), which sums them and resets the counter for the next step. No program
-    waits for another, so this needs no grid-wide synchronisation.
+    waits for another, so this needs no grid-wide synchronisation. (The result is a vector, not a
+    scalar: the interpreter cannot combine a scalar mask with a block.)
     """
     tl.debug_barrier()
     ticket = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")
-    last = ticket == SPLIT - 1
-    tl.store(cnt_ptr + tile, 0, mask=last)
+    last = (lanes * 0 + ticket) == SPLIT - 1
+    tl.store(cnt_ptr + tile + lanes * 0, lanes * 0, mask=last & (lanes == 0))
     return last
 
 
@@ -306,9 +309,9 @@ def _forward_kernel(
                     tl.store(part_ptr + poff + 2 * H, acc2, mask=m2)
                 if G > 3:
                     tl.store(part_ptr + poff + 3 * H, acc3, mask=m2)
-                last = _arrive(cnt_ptr, pid_b * tl.num_programs(1) + pid_j, SPLIT)
-                m2 = m2 & last
-                keep = keep & last
+                last = _arrive(cnt_ptr, pid_b * tl.num_programs(1) + pid_j, tl.arange(0, BLOCK_B), SPLIT)
+                m2 = m2 & last[:, None]
+                keep = keep & last[:, None]
                 row_out = row_ok & last
                 sum_off = rows[:, None] * GH + cols[None, :]
                 split_stride = tl.cast(B, tl.int64) * GH
@@ -461,9 +464,9 @@ def _backward_kernel(
             if SPLIT > 1:
                 poff = tl.cast(pid_k, tl.int64) * BH + hoff
                 tl.store(part_ptr + poff, acc, mask=m2)
-                last = _arrive(cnt_ptr, pid_b * tl.num_programs(1) + pid_j, SPLIT)
-                m2 = m2 & last
-                keep = keep & last
+                last = _arrive(cnt_ptr, pid_b * tl.num_programs(1) + pid_j, tl.arange(0, BLOCK_B), SPLIT)
+                m2 = m2 & last[:, None]
+                keep = keep & last[:, None]
                 row_out = row_ok & last
                 acc = _split_sum(part_ptr, hoff, m2, BH, SPLIT)
             dh = _ld(gs_ptr + out_base + hoff, m2, ACC) + _ld(ch_ptr + rd + hoff, m2, ACC) + acc
@@ -540,7 +543,18 @@ def _pow2_between(n: int, lo: int, hi: int) -> int:
 # Tests set this to plan interpreted launches as if for a GPU with that many SMs (to cover split K).
 _INTERPRETER_SMS: int | None = None
 MAX_SPLIT = 8  # most programs sharing one tile's K range (more partials cost more than they spread)
-ACC_BUDGET = 8192  # accumulator elements of a program: G * BLOCK_B * BLOCK_J (registers, no spills)
+# Accumulator words (4 bytes) of a program, G * BLOCK_B * BLOCK_J (twice that for float64): at most
+# ACC_WORDS, and 8 warps above WARP_WORDS (and for float64), keep the step kernels free of spills; the
+# persistent kernels carry more live state per tile and get PERSISTENT_WORDS and 8 warps
+# (bench/results/aot_*.md has the registers of every launch).
+ACC_WORDS = 8192
+WARP_WORDS = 2048
+PERSISTENT_WORDS = 2048
+# Without a register limit ptxas may spill a few bytes to fit more blocks per SM; these kernels run
+# about one block per SM, so they may take every register a thread can have.
+MAXNREG = 255
+# A step's grid should keep at least 100 of an H200's 132 SMs busy: this fraction of the SMs.
+MIN_BUSY = 100 / 132
 
 
 def plan(B: int, H: int, G: int, dtype: torch.dtype, sms: int | None, loop: str = "auto") -> dict:
@@ -565,18 +579,22 @@ def plan(B: int, H: int, G: int, dtype: torch.dtype, sms: int | None, loop: str 
     if loop == "auto":
         # One program per 16 rows does a whole step: worth it while a step is tiny (its launches would
         # cost more than its work) or while the batch alone fills the GPU.
-        small = G * H * H <= 65536
+        small = G * H * H <= 16384
         loop = "persistent" if sms is None or small or triton.cdiv(B, 16) >= sms else "step"
+    word = 2 if dtype == torch.float64 else 1
     if loop == "persistent":
-        return {"loop": loop, "BLOCK_B": 16, "BLOCK_J": _pow2_between(H, 16, 64), "BLOCK_K": block_k,
-                "SPLIT_FWD": 1, "SPLIT_BWD": 1, "num_warps": 4}
-    target = sms or 1
+        block_j = 32 if H > 16 and G * 16 * 32 * word <= PERSISTENT_WORDS else 16
+        # No software pipelining of the K loop: its prefetched tiles, live across the loops over tiles
+        # and steps, would spill (float64 LSTM with tracking).
+        return {"loop": loop, "BLOCK_B": 16, "BLOCK_J": block_j, "BLOCK_K": block_k,
+                "SPLIT_FWD": 1, "SPLIT_BWD": 1, "num_warps": 8, "num_stages": 1}
+    target = math.ceil(MIN_BUSY * sms) if sms else 1
     candidates = []
     for block_b in (16, 32, 64):
         for block_j in (16, 32, 64):
             if block_b > max(16, triton.next_power_of_2(B)) or block_j > max(16, triton.next_power_of_2(H)):
                 continue
-            if G * block_b * block_j > ACC_BUDGET:
+            if G * block_b * block_j * word > ACC_WORDS:
                 continue
             programs = triton.cdiv(B, block_b) * triton.cdiv(H, block_j)
             reads = 1 / block_j + G / block_b
@@ -585,14 +603,20 @@ def plan(B: int, H: int, G: int, dtype: torch.dtype, sms: int | None, loop: str 
             candidates.append((rank, block_b, block_j, programs))
     _, block_b, block_j, programs = min(candidates)
 
+    # A power of two: with H a power of two every program then gets an equal share of the K range,
+    # in whole K tiles (shorter ones where the forward's K = H would not give every program one).
+    wanted = 1
+    if programs < target:
+        wanted = min(triton.next_power_of_2(triton.cdiv(target, programs)), MAX_SPLIT)
+    if wanted > 1:
+        block_k = max(16, min(block_k, triton.next_power_of_2(H // wanted + 1) // 2))
+
     def split(k: int) -> int:
-        if programs >= target:
-            return 1
-        return max(1, min(triton.cdiv(target, programs), triton.cdiv(k, block_k), MAX_SPLIT))
+        return max(1, min(wanted, triton.cdiv(k, block_k)))
 
     return {"loop": loop, "BLOCK_B": block_b, "BLOCK_J": block_j, "BLOCK_K": block_k,
             "SPLIT_FWD": split(H), "SPLIT_BWD": split(G * H),
-            "num_warps": 8 if G * block_b * block_j >= ACC_BUDGET else 4}
+            "num_warps": 8 if word == 2 or G * block_b * block_j > WARP_WORDS else 4, "num_stages": 3}
 
 
 def _plan(B: int, H: int, G: int, device: torch.device, dtype: torch.dtype = torch.float32) -> dict:
@@ -762,7 +786,8 @@ def _forward_impl(xproj, h0, c0, w_hh, b_hh, lengths, mode, reverse, track):
         MODE=_MODE_ID[mode], G=G, REVERSE=bool(reverse), HAS_LEN=lengths is not None,
         HAS_BHH=b_hh is not None, TRACK=bool(track), DOT_F32=_dot_f32(dtype, device),
         PRECISION=_precision(dtype, device), SPLIT=split, BLOCK_B=plan["BLOCK_B"], BLOCK_J=plan["BLOCK_J"],
-        BLOCK_K=plan["BLOCK_K"], num_warps=plan["num_warps"],
+        BLOCK_K=plan["BLOCK_K"], num_warps=plan["num_warps"], num_stages=plan["num_stages"],
+        maxnreg=MAXNREG,
     )
     key = None if persistent else ("fwd", T, B, H, dtype, device, tuple(sorted(meta.items())))
     loop = _graphs.StepLoop(key, device, {})
@@ -905,7 +930,8 @@ def _backward_impl(grad_states, grad_cell_states, states, cell_states, workspace
         MODE=_MODE_ID[mode], G=G, NSQ=nsq, REVERSE=bool(reverse), HAS_LEN=lengths is not None,
         HAS_CLIP=grad_clip is not None, TRACK=bool(track), DOT_F32=_dot_f32(dtype, device),
         PRECISION=_precision(dtype, device), SPLIT=split, BLOCK_B=plan["BLOCK_B"], BLOCK_J=plan["BLOCK_J"],
-        BLOCK_K=plan["BLOCK_K"], num_warps=plan["num_warps"],
+        BLOCK_K=plan["BLOCK_K"], num_warps=plan["num_warps"], num_stages=plan["num_stages"],
+        maxnreg=MAXNREG,
     )
     st = states.contiguous()
     cs = cell_states.contiguous() if mode == "lstm" else st.new_empty(0)

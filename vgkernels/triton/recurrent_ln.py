@@ -43,6 +43,7 @@ from torch.library import triton_op
 from vgkernels.triton import _host
 from vgkernels.triton import recurrent as _plain
 from vgkernels.triton.recurrent import (
+    MAXNREG,
     _dot,
     _gru_gate_grads,
     _ld,
@@ -609,10 +610,15 @@ def _ln_jacobian_kernel(
 
 
 def _plan(H: int, G: int, dtype: torch.dtype) -> dict:
-    """Block sizes. tl.dot needs every block dimension >= 16 on a GPU, so all are at least 16."""
+    """Block sizes. tl.dot needs every block dimension >= 16 on a GPU, so all are at least 16.
+
+    A program keeps all G gates of its tile live through the gate update: tiles of 32 columns (16 for
+    float64) over 8 warps keep it within the registers (bench/results/aot_*.md).
+    """
     half = dtype in (torch.bfloat16, torch.float16)
-    return {"BLOCK_B": 16, "BLOCK_N": _pow2_between(G * H, 16, 64), "BLOCK_J": _pow2_between(H, 16, 64),
-            "BLOCK_K": _pow2_between(H, 16, 64 if half else 32), "num_warps": 4}
+    cols = 16 if dtype == torch.float64 else 32
+    return {"BLOCK_B": 16, "BLOCK_N": _pow2_between(G * H, 16, cols), "BLOCK_J": _pow2_between(H, 16, cols),
+            "BLOCK_K": _pow2_between(H, 16, 64 if half else 32), "num_warps": 8}
 
 
 def _dot_tl(dtype: torch.dtype, device: torch.device):
@@ -692,7 +698,8 @@ def _jacobian_sq(ws, states, cells, w_hh, gamma, gamma_c, lengths, mode, reverse
                      gamma_c.contiguous() if lstm else gamma.contiguous(), v.contiguous(), q.contiguous(),
                      u.contiguous(), wu, gram, diag, len_dev, jac[t0:t1].view(-1),
                      R, B, H, t0,
-                     LSTM=lstm, HAS_LEN=lengths is not None, BLOCK_R=16, BLOCK_J=_pow2_between(H, 16, 64))
+                     LSTM=lstm, HAS_LEN=lengths is not None, BLOCK_R=16, BLOCK_J=16, num_warps=8,
+                     maxnreg=MAXNREG)
     return jac.to(torch.float32)
 
 
@@ -742,7 +749,7 @@ def _forward_impl(xproj, h0, c0, w_hh, b_hh, ln_hh_weight, ln_hh_bias, ln_cell_w
             LSTM=lstm, REVERSE=bool(reverse), HAS_LEN=lengths is not None, ACC=_TL[acc],
             DOT=_dot_tl(dtype, device), PRECISION=_plain._precision(dtype, device), BLOCK_B=plan["BLOCK_B"],
             BLOCK_N=plan["BLOCK_N"],
-            BLOCK_J=plan["BLOCK_J"], BLOCK_K=plan["BLOCK_K"], num_warps=plan["num_warps"],
+            BLOCK_J=plan["BLOCK_J"], BLOCK_K=plan["BLOCK_K"], num_warps=plan["num_warps"], maxnreg=MAXNREG,
         )
         if track:
             jac_sq = _jacobian_sq(ws, states, cells, w_hh, ln_hh_weight, ln_cell_weight, lengths, mode,
@@ -852,7 +859,7 @@ def _backward_impl(grad_states, grad_cell_states, states, cell_states, workspace
             TRACK=bool(track), ACC=_TL[acc], DOT=_dot_tl(dtype, device),
             PRECISION=_plain._precision(dtype, device), BLOCK_B=plan["BLOCK_B"],
             BLOCK_N=plan["BLOCK_N"], BLOCK_J=plan["BLOCK_J"], BLOCK_K=plan["BLOCK_K"],
-            num_warps=plan["num_warps"],
+            num_warps=plan["num_warps"], maxnreg=MAXNREG,
         )
     # The step processed first leaves its dy for the initial state.
     first, init = (T - 1, T) if reverse else (0, 0)
