@@ -583,6 +583,12 @@ def test_bad_loop_choice(monkeypatch):
 gpu = pytest.mark.gpu
 
 
+def _ieee():
+    """IEEE float32 everywhere: torch's matmuls and cuDNN, and our dots (they follow cuDNN's switch)."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+
+
 def _cuda_inputs(mode, T, B, H, dtype, lengths=None):
     inp = make_inputs(mode, T, B, H, dtype=dtype, device="cuda", lengths=lengths)
     return inp
@@ -592,7 +598,7 @@ def _cuda_inputs(mode, T, B, H, dtype, lengths=None):
 @pytest.mark.parametrize("loop", LOOPS, indirect=True)
 @pytest.mark.parametrize("mode", MODES)
 def test_gpu_against_oracles(mode, loop):
-    torch.backends.cuda.matmul.allow_tf32 = False
+    _ieee()
     T, B, H = 12, 37, 129
     lengths = [1 + (b * 7) % T for b in range(B)]
     check_against_oracles(mode, _cuda_inputs(mode, T, B, H, torch.float32, lengths), reverse=True)
@@ -611,6 +617,7 @@ def test_gpu_half_precision(mode, loop):
 @gpu
 @pytest.mark.parametrize("mode", ["lstm", "gru"])
 def test_gpu_float64(mode):
+    _ieee()
     check_against_oracles(mode, _cuda_inputs(mode, 5, 3, 17, torch.float64, [5, 2, 4]), reverse=True)
 
 
@@ -661,8 +668,7 @@ def _against_cudnn(mode, T, B, H, dtype, tol, device="cuda"):
 @pytest.mark.parametrize("loop", LOOPS, indirect=True)
 @pytest.mark.parametrize("mode", list(_NN))
 def test_gpu_against_cudnn_fp32(mode, loop):
-    torch.backends.cudnn.allow_tf32 = False
-    torch.backends.cuda.matmul.allow_tf32 = False
+    _ieee()
     _against_cudnn(mode, T=100, B=64, H=512, dtype=torch.float32, tol=1e-4)
 
 
@@ -692,8 +698,7 @@ def test_gpu_compile_traces_the_ops():
 def test_gpu_module_against_torch_nn():
     import vgkernels as vgk
 
-    torch.backends.cudnn.allow_tf32 = False
-    torch.backends.cuda.matmul.allow_tf32 = False
+    _ieee()
     torch.manual_seed(0)
     ours = vgk.nn.GRU(64, 96, num_layers=2, bidirectional=True, track=True).cuda()
     theirs = torch.nn.GRU(64, 96, num_layers=2, bidirectional=True).cuda()
@@ -708,3 +713,41 @@ def test_gpu_module_against_torch_nn():
     for (name, p), q in zip(ours.named_parameters(), theirs.parameters(), strict=True):
         close(p.grad, q.grad, rtol=RTOL, atol=1e-4, what=name)
     assert torch.isfinite(ours.trace.grad_norm).all()
+
+
+@gpu
+@pytest.mark.parametrize("mode", ["lstm", "gru", "rnn_tanh"])
+def test_gpu_step_loop_graph_replays_exactly(mode, monkeypatch):
+    """The step loop replayed from CUDA graphs gives bit for bit what it gives launched step by step,
+    on the first (capturing) call, on replays, and with outputs of an earlier call still alive."""
+    from vgkernels.triton import _graphs
+
+    _ieee()
+    monkeypatch.setenv(tr.LOOP_ENV, "step")
+    T, B, H = 20, 16, 256  # split K on an H200
+    inputs = [_cuda_inputs(mode, T, B, H, torch.float32, [T] * (B - 2) + [3, 1]) for _ in range(2)]
+    inputs[1]["xproj"] = inputs[1]["xproj"] * 0.5
+    gs, gcs = upstream(mode, T, B, H, torch.float32, "cuda")
+    monkeypatch.setenv(_graphs.ENV, "0")
+    eager = [run_ops(mode, inp, False, gs, gcs) for inp in inputs]
+    monkeypatch.setenv(_graphs.ENV, "1")
+    _graphs.clear()
+    held = [run_ops(mode, inputs[i % 2], False, gs, gcs) for i in range(4)]
+    for i, (fwd, bwd) in enumerate(held):
+        for a, b in zip(list(fwd) + list(bwd), list(eager[i % 2][0]) + list(eager[i % 2][1]), strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    _graphs.clear()
+
+
+@gpu
+def test_gpu_tf32_follows_torch_switch():
+    """With torch's default (TF32 for cuDNN's recurrent layers) our float32 dots use TF32: close to the
+    float64 oracle at TF32's precision; with the switch off, at IEEE precision."""
+    mode, T, B, H = "lstm", 10, 64, 512
+    torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cuda.matmul.allow_tf32 = False
+    assert tr._precision(torch.float32, torch.device("cuda")) == "tf32"
+    check_against_oracles(mode, _cuda_inputs(mode, T, B, H, torch.float32), reverse=False, dtype_tol=5e-3)
+    _ieee()
+    assert tr._precision(torch.float32, torch.device("cuda")) == "ieee"
+    check_against_oracles(mode, _cuda_inputs(mode, T, B, H, torch.float32), reverse=False)

@@ -92,9 +92,13 @@ def fp32_dot_tf32(device: torch.device) -> bool:
     if device.type != "cuda":
         return False
     rnn = getattr(torch.backends.cudnn, "rnn", None)
-    if rnn is not None and hasattr(rnn, "fp32_precision"):
-        return rnn.fp32_precision == "tf32"
-    return bool(torch.backends.cudnn.allow_tf32)
+    value = getattr(rnn, "fp32_precision", None)
+    if value in ("tf32", "ieee"):
+        return value == "tf32"
+    try:  # "none" (inherit) or an older torch: the legacy switch
+        return bool(torch.backends.cudnn.allow_tf32)
+    except RuntimeError:  # torch refuses to answer when the legacy and new switches disagree
+        return False
 
 
 def device_ctx(device: torch.device):
