@@ -16,12 +16,15 @@ Kernels. One fused kernel does a time step for a block of batch rows and a tile 
 Two loops drive it. The *persistent* loop launches once: each program owns a block of batch rows,
 walks over all hidden tiles of a step, and then to the next step; all its data dependencies stay
 inside the program (a block barrier separates the steps), so no grid-wide synchronisation is needed.
-The *step* loop launches once per step with one program per (batch block, hidden tile), which spreads
-a step over many more SMs but pays a launch per step. ``VGK_RNN_TRITON_LOOP`` = ``persistent`` |
-``step`` | ``auto`` (default) picks one; ``auto`` takes the persistent loop when a step is small (a
-first guess, not yet tuned on a GPU). No CUDA graph is built in: the GPU benchmark
-(bench/bench_recurrent_gpu.py) times both loops and a CUDA-graph capture of the step loop's forward
-and backward, to settle which launch strategy wins.
+It runs on ceil(B / 16) SMs. The *step* loop launches once per step with a grid of (batch block,
+hidden tile, K split) programs, sized by :func:`plan` to keep at least 100 of an H200's 132 SMs busy;
+where even 16 x 16 tiles are too few (small B * H), several programs share a tile's K range and the
+last to arrive sums their partials in a fixed order (no atomics on data, deterministic). On CUDA the
+step loop's launches are replayed from CUDA graphs over static buffers (:mod:`._graphs`), so a step
+costs no host launch. ``VGK_RNN_TRITON_LOOP`` = ``persistent`` | ``step`` | ``auto`` (default: the
+step loop on a GPU unless a step is tiny or the batch alone fills the GPU, the persistent loop under
+the interpreter); ``VGK_RNN_TRITON_GRAPH=0`` launches step by step. bench/results/perf_model.md has
+the estimate behind these choices and bench/results/aot_*.md every launch's registers and grid.
 
 The input projection is the caller's GEMM; the weight gradient is one GEMM after the time loop.
 
@@ -30,8 +33,11 @@ intermediate buffers are float64 for float64 inputs and float32 otherwise; the o
 ``cell_states``, ``workspace`` and the gradients are returned in the input dtype (``grad_w_hh`` in
 w_hh's), ``jac_sq`` always in float32 and ``grad_sq`` in float64 (a float32 square of a gradient below
 ~1e-19 underflows to 0). The recurrent dots take half-precision operands (tensor cores, float32
-accumulation) for half inputs and IEEE float32/float64 otherwise. (The Triton interpreter computes
-bfloat16 dots wrongly, so there bfloat16 dots run on float32 operands.)
+accumulation) for half inputs, IEEE float64 for float64, and for float32 TF32 where torch's switch
+for its own recurrent layers on cuDNN allows it (``torch.backends.cudnn.rnn.fp32_precision`` /
+``torch.backends.cudnn.allow_tf32``, on by default, like cuDNN) and IEEE float32 otherwise. (The
+Triton interpreter computes bfloat16 dots wrongly, so there bfloat16 dots run on float32 operands;
+it always computes float32 dots in IEEE.)
 
 Workspace layout (private to this backend): LSTM [T, B, 4H] activated gates (i, f, g, o); GRU
 [T, B, 4H] (r, z, n, W_hn h + b_hn); Elman RNN: empty, the derivative follows from h.

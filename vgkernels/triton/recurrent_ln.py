@@ -29,7 +29,8 @@ internal buffers are float64 for float64 inputs and float32 otherwise. ``states`
 the gradients are returned in the input dtype; the ``workspace`` stays in that accumulation dtype
 (float32 for half inputs) so that the backward sees the normalized values unrounded; ``jac_sq`` is
 float32 and ``grad_sq`` float64. The recurrent dots take half-precision operands (tensor cores, float32
-accumulation) for half inputs and IEEE float32/float64 otherwise.
+accumulation) for half inputs, and float32 dots follow torch's cuDNN TF32 switch as in
+:mod:`vgkernels.triton.recurrent`.
 
 Workspace layout (the C++ backend's): LSTM [T, B, 10H+2] = (si, sf, tg, so | yh (4H) | ch | tl | rstd |
 rstd_c); GRU [T, B, 7H+1] = (r, z, n, hn | yh (3H) | rstd).
