@@ -111,8 +111,11 @@ def test_every_config_captures_launches(table):
 def test_full_table_covers_the_recurrent_grid():
     names = [c.name for c in aot.configs("full")]
     for mode in ("lstm", "gru", "rnn_tanh", "rnn_relu", "rnn_sigmoid"):
+        shapes = [(64, 512)] if mode in ("rnn_relu", "rnn_sigmoid") else None
         for B in (16, 64, 256):
             for H in (256, 512, 1024):
+                if shapes is not None and (B, H) not in shapes:
+                    continue
                 for dtype in ("fp32", "bf16", "fp16", "fp64"):
                     for track in ("on", "off"):
                         for loop in ("step", "persistent"):
