@@ -590,6 +590,8 @@ def plan(B: int, H: int, G: int, dtype: torch.dtype, sms: int | None, loop: str 
     word = 2 if dtype == torch.float64 else 1
     if loop == "persistent":
         block_j = 32 if H > 16 and G * 16 * 32 * word <= PERSISTENT_WORDS else 16
+        if word == 2:
+            block_k = 16  # float64 LSTM with lengths and tracking spills with 32
         # No software pipelining of the K loop: its prefetched tiles, live across the loops over tiles
         # and steps, would spill (float64 LSTM with tracking).
         return {"loop": loop, "BLOCK_B": 16, "BLOCK_J": block_j, "BLOCK_K": block_k,
@@ -620,9 +622,11 @@ def plan(B: int, H: int, G: int, dtype: torch.dtype, sms: int | None, loop: str 
     def split(k: int) -> int:
         return max(1, min(wanted, triton.cdiv(k, block_k)))
 
+    num_warps = 8 if word == 2 or G * block_b * block_j > WARP_WORDS else 4
+    if num_warps == 4 and block_b * block_j >= 2048:
+        block_k = 16  # a wide tile of few gates (the RNN at large B, H): 32-row K tiles spill
     return {"loop": loop, "BLOCK_B": block_b, "BLOCK_J": block_j, "BLOCK_K": block_k,
-            "SPLIT_FWD": split(H), "SPLIT_BWD": split(G * H),
-            "num_warps": 8 if word == 2 or G * block_b * block_j > WARP_WORDS else 4, "num_stages": 3}
+            "SPLIT_FWD": split(H), "SPLIT_BWD": split(G * H), "num_warps": num_warps, "num_stages": 3}
 
 
 def _plan(B: int, H: int, G: int, device: torch.device, dtype: torch.dtype = torch.float32) -> dict:
