@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
 from vgkernels.triton import _host
 from vgkernels.triton._host import acc_dtype as _acc_dtype
@@ -221,16 +221,18 @@ def _rows_cols(input: torch.Tensor, normalized_ndim: int) -> tuple[int, int]:
     return input.numel() // n, n
 
 
-def _launch_shape(n: int) -> tuple[bool, int, int]:
-    """(fused, block, num_warps) for rows of n elements."""
-    fused = n <= MAX_FUSED
+def _launch_shape(n: int, dtype: torch.dtype) -> tuple[bool, int, int]:
+    """(fused, block, num_warps) for rows of n elements; float64 rows are held whole up to half the
+    length (the backward's registers would spill above)."""
+    fused = n <= (MAX_FUSED // 2 if dtype == torch.float64 else MAX_FUSED)
     block = triton.next_power_of_2(n) if fused else LOOP_BLOCK
     return fused, block, min(16, max(1, block // 512))
 
 
 def _programs(m: int, device: torch.device) -> int:
-    if device.type == "cuda":
-        return max(1, min(m, 2 * torch.cuda.get_device_properties(device).multi_processor_count))
+    sms = _host.sm_count(device)
+    if sms is not None:
+        return max(1, min(m, 2 * sms))
     return max(1, min(m, 4))  # interpreter: a few programs, enough to exercise the row striding
 
 
@@ -247,6 +249,11 @@ def layer_norm_forward_triton(
 
     ``grad_clip`` is not used by the forward; it is an argument so that the autograd context sees it.
     """
+    return forward_launch(input, weight, bias, normalized_ndim, eps)
+
+
+def forward_launch(input, weight, bias, normalized_ndim, eps):
+    """The launches behind :func:`layer_norm_forward_triton` (also called directly by the AOT check)."""
     x = input.contiguous()
     m, n = _rows_cols(x, normalized_ndim)
     lead = x.shape[: x.dim() - normalized_ndim]
@@ -255,14 +262,14 @@ def layer_norm_forward_triton(
     rstd = _alloc(lead, _acc_dtype(x.dtype), x.device)
     if m == 0:
         return out, mean, rstd
-    fused, block, warps = _launch_shape(n)
+    fused, block, warps = _launch_shape(n, x.dtype)
     kernel = _forward_fused_kernel if fused else _forward_looped_kernel
     w = weight.contiguous() if weight is not None else x
     b = bias.contiguous() if bias is not None else x
     with _device_ctx(x.device):
-        wrap_triton(kernel)[(m,)](
-            x, out, w, b, mean, rstd, n, eps, HAS_W=weight is not None, HAS_B=bias is not None, BLOCK=block,
-            num_warps=warps,
+        _host.launch(
+            kernel, (m,), x, out, w, b, mean, rstd, n, eps, HAS_W=weight is not None, HAS_B=bias is not None,
+            BLOCK=block, num_warps=warps,
         )
     return out, mean, rstd
 
@@ -280,6 +287,13 @@ def layer_norm_backward_triton(
     bias_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(grad_input, grad_weight, grad_bias); a parameter gradient not asked for has 0 elements."""
+    return backward_launch(grad_output, input, mean, rstd, weight, normalized_ndim, grad_clip, weight_grad,
+                           bias_grad)
+
+
+def backward_launch(grad_output, input, mean, rstd, weight, normalized_ndim, grad_clip, weight_grad,
+                    bias_grad):
+    """The launches behind :func:`layer_norm_backward_triton` (also called directly by the AOT check)."""
     x = input.contiguous()
     dy = grad_output.contiguous()
     m, n = _rows_cols(x, normalized_ndim)
@@ -293,7 +307,7 @@ def layer_norm_backward_triton(
         grad_weight.zero_()
         grad_bias.zero_()
         return grad_input, grad_weight, grad_bias
-    fused, block, warps = _launch_shape(n)
+    fused, block, warps = _launch_shape(n, x.dtype)
     programs = _programs(m, device)
     alloc_part = _alloc if fused else (lambda shape, dtype, dev: torch.zeros(shape, dtype=dtype, device=dev))
     dw_part = alloc_part((programs, n), acc, device) if weight_grad else grad_input
@@ -301,8 +315,8 @@ def layer_norm_backward_triton(
     w = weight.contiguous() if weight is not None else x
     kernel = _backward_fused_kernel if fused else _backward_looped_kernel
     with _device_ctx(device):
-        wrap_triton(kernel)[(programs,)](
-            dy, x, w, mean, rstd, grad_input, dw_part, db_part, m, n,
+        _host.launch(
+            kernel, (programs,), dy, x, w, mean, rstd, grad_input, dw_part, db_part, m, n,
             grad_clip if grad_clip is not None else 0.0,
             HAS_W=weight is not None, DW=weight_grad, DB=bias_grad, HAS_CLIP=grad_clip is not None,
             BLOCK=block, num_warps=warps,
@@ -310,7 +324,8 @@ def layer_norm_backward_triton(
         sum_block = min(1024, triton.next_power_of_2(n))
         for part, out, wanted in ((dw_part, grad_weight, weight_grad), (db_part, grad_bias, bias_grad)):
             if wanted:
-                wrap_triton(_sum_partials_kernel)[(triton.cdiv(n, sum_block),)](
-                    part, out, programs, n, BLOCK=sum_block, num_warps=4,
+                _host.launch(
+                    _sum_partials_kernel, (triton.cdiv(n, sum_block),), part, out, programs, n,
+                    BLOCK=sum_block, num_warps=4,
                 )
     return grad_input, grad_weight, grad_bias

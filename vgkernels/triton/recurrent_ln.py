@@ -29,7 +29,8 @@ internal buffers are float64 for float64 inputs and float32 otherwise. ``states`
 the gradients are returned in the input dtype; the ``workspace`` stays in that accumulation dtype
 (float32 for half inputs) so that the backward sees the normalized values unrounded; ``jac_sq`` is
 float32 and ``grad_sq`` float64. The recurrent dots take half-precision operands (tensor cores, float32
-accumulation) for half inputs and IEEE float32/float64 otherwise.
+accumulation) for half inputs, and float32 dots follow torch's cuDNN TF32 switch as in
+:mod:`vgkernels.triton.recurrent`.
 
 Workspace layout (the C++ backend's): LSTM [T, B, 10H+2] = (si, sf, tg, so | yh (4H) | ch | tl | rstd |
 rstd_c); GRU [T, B, 7H+1] = (r, z, n, hn | yh (3H) | rstd).
@@ -38,10 +39,12 @@ rstd_c); GRU [T, B, 7H+1] = (r, z, n, hn | yh (3H) | rstd).
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
+from vgkernels.triton import _host
 from vgkernels.triton import recurrent as _plain
 from vgkernels.triton.recurrent import (
+    MAXNREG,
     _dot,
     _gru_gate_grads,
     _ld,
@@ -84,7 +87,8 @@ def _ln_forward_kernel(
     x_ptr, st_ptr, cs_ptr, ws_ptr, y_ptr, wt_ptr, gam_ptr, sh_ptr, gc_ptr, bc_ptr, len_ptr, eps_ptr,
     T, B, H,
     LSTM: tl.constexpr, REVERSE: tl.constexpr, HAS_LEN: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     """All T steps for one block of batch rows.
 
@@ -121,7 +125,7 @@ def _ln_forward_kernel(
                              mask=row_ok[:, None] & k_ok[None, :], other=0.0)
                 wk = tl.load(wt_ptr + ks[:, None] * N + cols[None, :], mask=k_ok[:, None] & col_ok[None, :],
                              other=0.0)
-                acc = _dot(hk, wk, acc, DOT)
+                acc = _dot(hk, wk, acc, DOT, PRECISION)
             m = row_ok[:, None] & col_ok[None, :]
             tl.store(y_ptr + rows[:, None] * N + cols[None, :], acc, mask=m)
             sum_y += tl.sum(tl.where(m, acc, 0.0), axis=1)
@@ -238,7 +242,7 @@ def _ln_backward_kernel(
     gx_ptr, dl_ptr, dy_ptr, dh_ptr, ch_ptr, cc_ptr, gsq_ptr, clip_ptr,
     T, B, H,
     LSTM: tl.constexpr, REVERSE: tl.constexpr, HAS_LEN: tl.constexpr, HAS_CLIP: tl.constexpr,
-    TRACK: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
+    TRACK: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """All T steps of the backward, in reverse processing order, for one block of batch rows.
@@ -292,8 +296,8 @@ def _ln_backward_kernel(
             m = row_ok[:, None] & col_ok[None, :]
             keep = valid[:, None] & col_ok[None, :]
             hoff = rows[:, None] * H + cols[None, :]
-            rec = _rec_dot(dy_ptr + next_base, w_ptr, rows, row_ok, cols, col_ok, k_end, N, H,
-                           tl.zeros([BLOCK_B, BLOCK_J], dtype=ACC), DOT, BLOCK_K)
+            rec = _rec_dot(dy_ptr + next_base, w_ptr, rows, row_ok, cols, col_ok, 0, k_end, N, H,
+                           tl.zeros([BLOCK_B, BLOCK_J], dtype=ACC), DOT, PRECISION, BLOCK_K)
             dh = _ld(gs_ptr + out_base + hoff, m, ACC) + _ld(ch_ptr + rd + hoff, m, ACC) + rec
             if TRACK:
                 sq_h += _row_sq(dh, keep)
@@ -607,15 +611,20 @@ def _ln_jacobian_kernel(
 
 
 def _plan(H: int, G: int, dtype: torch.dtype) -> dict:
-    """Block sizes. tl.dot needs every block dimension >= 16 on a GPU, so all are at least 16."""
+    """Block sizes. tl.dot needs every block dimension >= 16 on a GPU, so all are at least 16.
+
+    A program keeps all G gates of its tile live through the gate update: tiles of 32 columns (16 for
+    float64) over 8 warps keep it within the registers (bench/results/aot_*.md).
+    """
     half = dtype in (torch.bfloat16, torch.float16)
-    return {"BLOCK_B": 16, "BLOCK_N": _pow2_between(G * H, 16, 64), "BLOCK_J": _pow2_between(H, 16, 64),
-            "BLOCK_K": _pow2_between(H, 16, 64 if half else 32), "num_warps": 4}
+    cols = 16 if dtype == torch.float64 else 32
+    return {"BLOCK_B": 16, "BLOCK_N": _pow2_between(G * H, 16, cols), "BLOCK_J": _pow2_between(H, 16, cols),
+            "BLOCK_K": _pow2_between(H, 16, 64 if half else 32), "num_warps": 8}
 
 
 def _dot_tl(dtype: torch.dtype, device: torch.device):
     # The interpreter computes bfloat16 dots wrongly; there they run on float32 operands.
-    if dtype == torch.bfloat16 and device.type != "cuda":
+    if dtype == torch.bfloat16 and not _host.on_gpu(device):
         return tl.float32
     return _TL[dtype]
 
@@ -668,7 +677,6 @@ def _jacobian_sq(ws, states, cells, w_hh, gamma, gamma_c, lengths, mode, reverse
     jac = torch.empty(T, B, dtype=torch.float64, device=device)
     steps = max(1, _JAC_CHUNK_BYTES // (8 * K * B * N))
     len_dev = lengths.to(device) if lengths is not None else jac.new_empty(0)
-    kernel = wrap_triton(_ln_jacobian_kernel)
     for t0 in range(0, T, steps):
         t1 = min(T, t0 + steps)
         R = (t1 - t0) * B
@@ -687,11 +695,12 @@ def _jacobian_sq(ws, states, cells, w_hh, gamma, gamma_c, lengths, mode, reverse
         q = v @ wd.t()  # [K, R, N]
         hp = (prev_c if lstm else prev)[t0:t1].reshape(R, H).contiguous()
         grid = (triton.cdiv(R, 16),)
-        kernel[grid](wsc.contiguous(), hp, hp, gamma.contiguous(),
+        _host.launch(_ln_jacobian_kernel, grid, wsc.contiguous(), hp, hp, gamma.contiguous(),
                      gamma_c.contiguous() if lstm else gamma.contiguous(), v.contiguous(), q.contiguous(),
                      u.contiguous(), wu, gram, diag, len_dev, jac[t0:t1].view(-1),
                      R, B, H, t0,
-                     LSTM=lstm, HAS_LEN=lengths is not None, BLOCK_R=16, BLOCK_J=_pow2_between(H, 16, 64))
+                     LSTM=lstm, HAS_LEN=lengths is not None, BLOCK_R=16, BLOCK_J=16, num_warps=8,
+                     maxnreg=MAXNREG)
     return jac.to(torch.float32)
 
 
@@ -734,12 +743,14 @@ def _forward_impl(xproj, h0, c0, w_hh, b_hh, ln_hh_weight, ln_hh_bias, ln_cell_w
     bc = ln_cell_bias.contiguous() if lstm else states.new_empty(0)
     len_dev = lengths.to(device) if lengths is not None else states.new_empty(0, dtype=torch.int64)
     with _plain._device_ctx(device):
-        wrap_triton(_ln_forward_kernel)[(triton.cdiv(B, plan["BLOCK_B"]),)](
-            xproj.contiguous(), states, cells, ws, y, w_hh.t().contiguous(), ln_hh_weight.contiguous(),
+        _host.launch(
+            _ln_forward_kernel, (triton.cdiv(B, plan["BLOCK_B"]),), xproj.contiguous(), states, cells, ws, y,
+            w_hh.t().contiguous(), ln_hh_weight.contiguous(),
             shift.contiguous(), gc, bc, len_dev, torch.tensor([eps], dtype=acc, device=device), T, B, H,
             LSTM=lstm, REVERSE=bool(reverse), HAS_LEN=lengths is not None, ACC=_TL[acc],
-            DOT=_dot_tl(dtype, device), BLOCK_B=plan["BLOCK_B"], BLOCK_N=plan["BLOCK_N"],
-            BLOCK_J=plan["BLOCK_J"], BLOCK_K=plan["BLOCK_K"], num_warps=plan["num_warps"],
+            DOT=_dot_tl(dtype, device), PRECISION=_plain._precision(dtype, device), BLOCK_B=plan["BLOCK_B"],
+            BLOCK_N=plan["BLOCK_N"],
+            BLOCK_J=plan["BLOCK_J"], BLOCK_K=plan["BLOCK_K"], num_warps=plan["num_warps"], maxnreg=MAXNREG,
         )
         if track:
             jac_sq = _jacobian_sq(ws, states, cells, w_hh, ln_hh_weight, ln_cell_weight, lengths, mode,
@@ -840,14 +851,16 @@ def _backward_impl(grad_states, grad_cell_states, states, cell_states, workspace
     len_dev = lengths.to(device) if lengths is not None else gs.new_empty(0, dtype=torch.int64)
     gc = ln_cell_weight.contiguous() if lstm else gs.new_empty(0)
     with _plain._device_ctx(device):
-        wrap_triton(_ln_backward_kernel)[(triton.cdiv(B, plan["BLOCK_B"]),)](
-            gs, gcs, st, cs, ws, w, ln_hh_weight.contiguous(), gc, len_dev, gx, dl, dy, dh, carry_h, carry_c,
+        _host.launch(
+            _ln_backward_kernel, (triton.cdiv(B, plan["BLOCK_B"]),), gs, gcs, st, cs, ws, w,
+            ln_hh_weight.contiguous(), gc, len_dev, gx, dl, dy, dh, carry_h, carry_c,
             gsq, torch.tensor([grad_clip if grad_clip is not None else 0.0], dtype=acc, device=device),
             T, B, H,
             LSTM=lstm, REVERSE=bool(reverse), HAS_LEN=lengths is not None, HAS_CLIP=grad_clip is not None,
-            TRACK=bool(track), ACC=_TL[acc], DOT=_dot_tl(dtype, device), BLOCK_B=plan["BLOCK_B"],
+            TRACK=bool(track), ACC=_TL[acc], DOT=_dot_tl(dtype, device),
+            PRECISION=_plain._precision(dtype, device), BLOCK_B=plan["BLOCK_B"],
             BLOCK_N=plan["BLOCK_N"], BLOCK_J=plan["BLOCK_J"], BLOCK_K=plan["BLOCK_K"],
-            num_warps=plan["num_warps"],
+            num_warps=plan["num_warps"], maxnreg=MAXNREG,
         )
     # The step processed first leaves its dy for the initial state.
     first, init = (T - 1, T) if reverse else (0, 0)
