@@ -884,6 +884,10 @@ def recurrent(
         output = output * valid[:, :, None].to(output.dtype)
     trace = None
     if track:
+        output_probe = None
+        if probes[0] is not None:
+            output_probe = torch.zeros(T, B, dtype=torch.float64, device=input.device, requires_grad=True)
+            output = _OutputGradProbe.apply(output, output_probe, batch_sizes)
         if packed:
             lengths = (batch_sizes[None, :] > torch.arange(B)[:, None]).sum(1)
         trace = BPTTTrace(
@@ -893,8 +897,27 @@ def recurrent(
             jacobian_norm_per_sample=torch.stack(jac).detach().clamp_min(0).sqrt(),
             grad_sources=probes,
             lengths=None if lengths is None else lengths.cpu(),
+            output_probe=output_probe,
         )
     return output, _stack(h_n), _stack(c_n) if mode == "lstm" else None, trace
+
+
+class _OutputGradProbe(torch.autograd.Function):
+    """Identity on the network's output whose backward writes, per position and sample, the squared norm
+    of the gradient that reaches the output there (float64 [T, B]) into the probe's gradient: where a
+    loss (or whatever reads the output) injects gradient, as opposed to gradient travelling back."""
+
+    @staticmethod
+    def forward(ctx, output, probe, batch_sizes):
+        ctx.batch_sizes = batch_sizes
+        return output.view_as(output)
+
+    @staticmethod
+    def backward(ctx, grad):
+        sq = grad.double().pow(2).sum(-1)
+        if ctx.batch_sizes is not None:  # packed rows -> [T, B], sorted order
+            sq = pad_packed_sequence(PackedSequence(sq, ctx.batch_sizes))[0]
+        return grad, sq, None
 
 
 def _stack(tensors: list[torch.Tensor]) -> torch.Tensor:
