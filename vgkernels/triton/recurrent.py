@@ -68,9 +68,11 @@ def _sigmoid(x):
 
 @triton.jit
 def _tanh(x):
-    # From one exp of a non-positive argument: no overflow, exact limits.
+    # From one exp of a non-positive argument: no overflow, exact limits. 1 - 2e / (1 + e) rather than
+    # (1 - e) / (1 + e): near saturation the latter rounds to 1 where torch's correctly rounded tanh is
+    # still 0.99999994 (|x| near 9).
     e = tl.exp(-2.0 * tl.abs(x))
-    t = (1.0 - e) / (1.0 + e)
+    t = 1.0 - 2.0 * e / (1.0 + e)
     return tl.where(x < 0, -t, t)
 
 
@@ -324,7 +326,7 @@ def _forward_kernel(
                     h = _tanh(pre)
                     deriv = 1.0 - h * h
                 elif MODE == 3:
-                    h = tl.maximum(pre, 0.0)
+                    h = tl.where(pre < 0.0, 0.0, pre)  # keeps NaN, as torch's relu (maximum may not)
                     deriv = tl.where(pre > 0.0, 1.0, 0.0)
                 else:
                     h = _sigmoid(pre)
@@ -431,12 +433,13 @@ def _backward_kernel(
             else:  # Elman RNN: the activation derivative from h
                 h = _ld(st_ptr + out_base + hoff, m2, ACC)
                 if MODE == 2:
-                    deriv = 1.0 - h * h
+                    d_pre = dh * (1.0 - h * h)
                 elif MODE == 3:
-                    deriv = tl.where(h > 0.0, 1.0, 0.0)
+                    # relu selects, as torch's threshold_backward: 0 where h <= 0 even for an inf or NaN dh.
+                    d_pre = tl.where(h <= 0.0, 0.0, dh)
                 else:
-                    deriv = h * (1.0 - h)
-                tl.store(dx_ptr + d_ptrs, tl.where(keep, _clamp(dh * deriv, clip, HAS_CLIP), 0.0), mask=m2)
+                    d_pre = dh * (h * (1.0 - h))
+                tl.store(dx_ptr + d_ptrs, tl.where(keep, _clamp(d_pre, clip, HAS_CLIP), 0.0), mask=m2)
                 carry = tl.where(keep, 0.0, dh)
             tl.store(ch_ptr + wr + hoff, carry, mask=m2)
         if TRACK:
