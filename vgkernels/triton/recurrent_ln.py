@@ -41,6 +41,7 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from vgkernels.triton import recurrent as _plain
+from vgkernels.triton.layer_norm import _row_scale
 from vgkernels.triton.recurrent import (
     _dot,
     _gru_gate_grads,
@@ -110,6 +111,7 @@ def _ln_forward_kernel(
         ws_base = tl.cast(pos, tl.int64) * B * WS
         # y = h_prev W^T into the scratch rows, and its row sums.
         sum_y = tl.zeros([BLOCK_B], dtype=ACC)
+        max_y = tl.zeros([BLOCK_B], dtype=ACC)
         for n0 in range(0, N, BLOCK_N):
             cols = n0 + tl.arange(0, BLOCK_N)
             col_ok = cols < N
@@ -125,15 +127,20 @@ def _ln_forward_kernel(
             m = row_ok[:, None] & col_ok[None, :]
             tl.store(y_ptr + rows[:, None] * N + cols[None, :], acc, mask=m)
             sum_y += tl.sum(tl.where(m, acc, 0.0), axis=1)
+            max_y = tl.maximum(max_y, tl.max(tl.where(m, tl.abs(acc), 0.0), axis=1))
         mean = sum_y / N
+        # The variance of (y - mean) / max|y| where max|y| > 2^50 (large W_hh): float32 squares of
+        # values beyond ~1e19 overflow. 1 for other rows, which changes nothing.
+        inv = _row_scale(max_y)
         tl.debug_barrier()
         ssq = tl.zeros([BLOCK_B], dtype=ACC)
         for n0 in range(0, N, BLOCK_N):
             cols = n0 + tl.arange(0, BLOCK_N)
             m = row_ok[:, None] & (cols < N)[None, :]
             d = tl.where(m, _ld(y_ptr + rows[:, None] * N + cols[None, :], m, ACC) - mean[:, None], 0.0)
+            d = d * inv[:, None]
             ssq += tl.sum(d * d, axis=1)
-        rstd = 1.0 / tl.sqrt(ssq / N + eps)
+        rstd = inv / tl.sqrt(ssq / N + eps * inv * inv)
         # Gates and new state, a tile of hidden units at a time.
         sum_c = tl.zeros([BLOCK_B], dtype=ACC)
         for j0 in range(0, H, BLOCK_J):
