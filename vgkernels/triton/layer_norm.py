@@ -12,9 +12,10 @@ They take the arguments and return the outputs of the C++ ops ``vgk::layer_norm_
   parameter gradients are deterministic for a given device.
 - ``grad_clip``: each row of dx is rescaled to L2 norm at most c before it is stored.
 
-Dtypes: float32, float64, float16 and bfloat16, with weight and bias in the input's dtype. Statistics
-and arithmetic are float64 for float64 input and float32 otherwise; mean and rstd are returned in that
-type, the output and the gradients in the input's (parameter gradients in the parameters') dtype.
+Dtypes: float32, float64, float16 and bfloat16, with weight and bias in the input's dtype or, for half
+inputs, float32. Statistics and arithmetic are float64 for float64 input and float32 otherwise; mean,
+rstd and the parameter gradients are returned in that type (the autograd casts each parameter's
+gradient to its dtype), the output and the input gradient in the input's dtype.
 Arguments are checked by :func:`vgkernels.ops.layer_norm.layer_norm` before any kernel runs.
 """
 
@@ -325,9 +326,8 @@ def layer_norm_backward_triton(
     device = x.device
     acc = _acc_dtype(x.dtype)
     grad_input = _alloc(x.shape, x.dtype, device)
-    param_dtype = weight.dtype if weight is not None else x.dtype
-    grad_weight = _alloc((n if weight_grad else 0,), param_dtype, device)
-    grad_bias = _alloc((n if bias_grad else 0,), x.dtype, device)
+    grad_weight = _alloc((n if weight_grad else 0,), acc, device)
+    grad_bias = _alloc((n if bias_grad else 0,), acc, device)
     if m == 0:
         grad_weight.zero_()
         grad_bias.zero_()
