@@ -383,7 +383,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_backward_cpu(
               " values, got ", mean_.numel(), " ", mean_.scalar_type(), " and ", rstd_.numel(), " ",
               rstd_.scalar_type());
   check_param(weight_, "weight", input_, n);
-  TORCH_CHECK(!weight_grad || weight_.has_value(), "vgk::layer_norm backward: weight_grad needs a weight");
+  TORCH_CHECK(!weight_grad || weight_.has_value(), "vgk::layer_norm backward: weight_grad=true needs a weight, "
+              "got weight=None");
   TORCH_CHECK(!grad_clip.has_value() || *grad_clip >= 0, "vgk::layer_norm: grad_clip must be >= 0, got ",
               grad_clip.value_or(0.0));
   const at::Tensor dy = grad_output_.contiguous();

@@ -425,16 +425,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_forward_cpu(
   const bool has_c0 = c0.has_value() && c0->defined();
   const bool has_b = b_hh.has_value() && b_hh->defined();
   if (m.cell == Cell::kLstm) {
-    TORCH_CHECK_VALUE(has_c0, op, ": c0 [B, H] is required for mode 'lstm'");
+    TORCH_CHECK_VALUE(has_c0, op, ": c0 [B, H] is required for mode 'lstm', got None");
     check_tensor(op, "c0", *c0, dtype, {B, H});
   } else {
-    TORCH_CHECK_VALUE(!has_c0, op, ": c0 must be None for mode '", std::string(mode), "'");
+    TORCH_CHECK_VALUE(!has_c0, op, ": c0 must be None for mode '", std::string(mode), "', got a tensor of shape ",
+                      c0->sizes());
   }
   if (m.cell == Cell::kGru) {
     if (has_b) check_tensor(op, "b_hh", *b_hh, dtype, {GH});
   } else {
     TORCH_CHECK_VALUE(!has_b, op, ": b_hh must be None for mode '", std::string(mode),
-                      "' (add it to xproj)");
+                      "' (add it to xproj), got a tensor of shape ", b_hh->sizes());
   }
   const at::Tensor len = checked_lengths(op, lengths, B, T_);
 
@@ -547,10 +548,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   check_tensor(op, "w_hh", w_hh, dtype, {GH, H});
   const bool has_c0 = c0.has_value() && c0->defined();
   if (lstm) {
-    TORCH_CHECK_VALUE(has_c0, op, ": c0 [B, H] is required for mode 'lstm'");
+    TORCH_CHECK_VALUE(has_c0, op, ": c0 [B, H] is required for mode 'lstm', got None");
     check_tensor(op, "c0", *c0, dtype, {B, H});
   } else {
-    TORCH_CHECK_VALUE(!has_c0, op, ": c0 must be None for mode '", std::string(mode), "'");
+    TORCH_CHECK_VALUE(!has_c0, op, ": c0 must be None for mode '", std::string(mode), "', got a tensor of shape ",
+                      c0->sizes());
   }
   const bool has_bih = b_ih.has_value() && b_ih->defined(), has_bhh = b_hh.has_value() && b_hh->defined();
   if (has_bih) check_tensor(op, "b_ih", *b_ih, dtype, {GH});
@@ -640,7 +642,7 @@ rnn_layer_backward_cpu(const at::Tensor& grad_output, const at::Tensor& grad_h_n
   at::Tensor g_cn;
   const bool has_c0 = c0.has_value() && c0->defined();
   if (lstm) {
-    TORCH_CHECK_VALUE(has_c0, op, ": c0 [B, H] is required for mode 'lstm'");
+    TORCH_CHECK_VALUE(has_c0, op, ": c0 [B, H] is required for mode 'lstm', got None");
     check_tensor(op, "c0", *c0, dtype, {B, H});
     check_tensor(op, "cell_states", cell_states, dtype, {T_, B, H});
     g_cn = optional_grad(op, "grad_c_n", grad_c_n, dtype, {B, H});

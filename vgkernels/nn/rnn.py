@@ -173,7 +173,7 @@ class RecurrentBase(nn.Module):
             raise ValueError(f"input: expected input_size={self.input_size} features, got {x.shape[-1]}")
         if hx is not None:
             if self.mode == "lstm" and not isinstance(hx, tuple):
-                raise TypeError("hx: the LSTM expects a tuple (h0, c0)")
+                raise TypeError(f"hx: the LSTM expects a tuple (h0, c0), got {type(hx).__name__}")
             if self.mode != "lstm" and isinstance(hx, tuple):
                 raise TypeError(f"hx: {type(self).__name__} expects one tensor h0, got a tuple")
             self._check_hidden(hx, batched)

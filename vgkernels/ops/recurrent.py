@@ -399,7 +399,8 @@ def _run_layer(backend, x, h0, c0, w_ih, w_hh, b_ih, b_hh, ln_ih, norm, lengths,
         b_hh = None  # folded into xproj
     if backend == "reference":
         if grad_clip is not None:
-            raise ValueError("grad_clip: the reference backend does not clip; use backend 'cpp' or 'triton'")
+            raise ValueError(f"grad_clip: the reference backend does not clip, so it expects None, got "
+                             f"{grad_clip}; use backend 'cpp' or 'triton'")
         result = reference.layer_forward(xproj, h0, c0, w_hh, b_hh, lengths, mode, reverse, track, norm)
         states, cell_states, jac_sq, grad_source = (result.states, result.cell_states, result.jac_sq,
                                                     result.grad_sq)
@@ -492,7 +493,7 @@ def recurrent(
     else:
         h0_all, c0_all = hx, None
     if mode == "lstm" and hx is not None and c0_all is None:
-        raise ValueError("hx: the LSTM expects a tuple (h0, c0)")
+        raise ValueError(f"hx: the LSTM expects a tuple (h0, c0), got {type(hx).__name__}")
     if mode != "lstm" and c0_all is not None:
         raise ValueError(f"hx: mode {mode!r} expects one tensor h0, got a tuple")
     for name, t in (("h0", h0_all), ("c0", c0_all)):

@@ -510,6 +510,11 @@ def _fail(op: str, cls, message: str):
     raise cls(f"{op}: {message}")
 
 
+def _given(t) -> str:
+    """What an argument that should be None was, for a message."""
+    return f"a tensor of shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+
+
 def _check_tensor(op, name, t, shape, dtype, device) -> None:
     if not isinstance(t, torch.Tensor):
         _fail(op, TypeError, f"{name} must be a tensor, got {type(t).__name__}")
@@ -617,13 +622,14 @@ def _forward_impl(xproj, h0, c0, w_hh, b_hh, lengths, mode, reverse, track):
     _check_tensor(op, "h0", h0, (B, H), dtype, device)
     if mode == "lstm":
         if c0 is None:
-            _fail(op, ValueError, "c0 is required for mode 'lstm'")
+            _fail(op, ValueError, "c0 is required for mode 'lstm', got None")
         _check_tensor(op, "c0", c0, (B, H), dtype, device)
     elif c0 is not None:
-        _fail(op, ValueError, f"c0 must be None for mode {mode!r}")
+        _fail(op, ValueError, f"c0 must be None for mode {mode!r}, got {_given(c0)}")
     if b_hh is not None:
         if mode != "gru":
-            _fail(op, ValueError, f"b_hh must be None for mode {mode!r} (fold it into xproj)")
+            _fail(op, ValueError,
+                  f"b_hh must be None for mode {mode!r} (fold it into xproj), got {_given(b_hh)}")
         _check_tensor(op, "b_hh", b_hh, (G * H,), dtype, device)
     _check_lengths(op, lengths, B)
 
@@ -736,7 +742,7 @@ def _backward_impl(grad_states, grad_cell_states, states, cell_states, workspace
     _check_lengths(op, lengths, B)
     _check_grad_clip(op, grad_clip)
     if has_b_hh and mode != "gru":
-        _fail(op, ValueError, f"has_b_hh is for mode 'gru' only, got mode {mode!r}")
+        _fail(op, ValueError, f"has_b_hh is for mode 'gru' only, got has_b_hh=True with mode {mode!r}")
 
     acc = _acc_dtype(dtype)
     plan = _plan(B, H, G, device, dtype)

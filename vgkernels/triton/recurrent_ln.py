@@ -637,10 +637,11 @@ def _check_ln_mode(op: str, mode: str) -> int:
 def _check_optional(op, name, t, required, mode, shape, dtype, device) -> None:
     if required:
         if t is None:
-            _plain._fail(op, ValueError, f"{name} of shape {tuple(shape)} is required for mode {mode!r}")
+            _plain._fail(op, ValueError,
+                         f"{name} of shape {tuple(shape)} is required for mode {mode!r}, got None")
         _plain._check_tensor(op, name, t, shape, dtype, device)
     elif t is not None:
-        _plain._fail(op, ValueError, f"{name} must be None for mode {mode!r}")
+        _plain._fail(op, ValueError, f"{name} must be None for mode {mode!r}, got {_plain._given(t)}")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -710,7 +711,8 @@ def _forward_impl(xproj, h0, c0, w_hh, b_hh, ln_hh_weight, ln_hh_bias, ln_cell_w
     device, dtype = _plain._check_leading(op, "xproj", xproj, "[T, B, G*H]")
     T, B, N = xproj.shape
     if not isinstance(w_hh, torch.Tensor) or w_hh.dim() != 2:
-        _plain._fail(op, ValueError, "w_hh must be a 2-D tensor [G*H, H]")
+        got = f"shape {tuple(w_hh.shape)}" if isinstance(w_hh, torch.Tensor) else type(w_hh).__name__
+        _plain._fail(op, ValueError, f"w_hh must be a 2-D tensor [G*H, H], got {got}")
     H = w_hh.shape[1]
     if T < 1 or B < 1 or H < 1:
         _plain._fail(op, ValueError, f"T, B and H must be positive, got T={T}, B={B}, H={H}")
@@ -726,7 +728,8 @@ def _forward_impl(xproj, h0, c0, w_hh, b_hh, ln_hh_weight, ln_hh_bias, ln_cell_w
     _check_optional(op, "ln_cell_bias", ln_cell_bias, lstm, mode, (H,), dtype, device)
     if b_hh is not None:
         if lstm:
-            _plain._fail(op, ValueError, "b_hh must be None for mode 'lstm' (add it to xproj)")
+            _plain._fail(op, ValueError,
+                         f"b_hh must be None for mode 'lstm' (add it to xproj), got {_plain._given(b_hh)}")
         _plain._check_tensor(op, "b_hh", b_hh, (G * H,), dtype, device)
     _plain._check_lengths(op, lengths, B)
 
@@ -827,7 +830,8 @@ def _backward_impl(grad_states, grad_cell_states, states, cell_states, workspace
     _plain._check_lengths(op, lengths, B)
     _plain._check_grad_clip(op, grad_clip)
     if has_b_hh and lstm:
-        _plain._fail(op, ValueError, "has_b_hh is for mode 'gru' only (the LSTM's b_hh is in xproj)")
+        _plain._fail(op, ValueError, "has_b_hh is for mode 'gru' only (the LSTM's b_hh is in xproj), got "
+                     "has_b_hh=True with mode 'lstm'")
 
     plan = _plan(H, G, dtype)
     alloc = _plain._alloc
