@@ -21,7 +21,13 @@ gradient finite and within RTOL_LN of the row's (tensor's, for the parameter gra
 plus 8 float32 roundings times |mean|/std for a row whose mean is far from 0 (as in torch, whose float32
 mean carries that error into x - mean); equal to torch's float32 result where torch is right (rows up to
 1e15). Rows holding inf or NaN give NaN, as torch.
+
+The tests marked gpu repeat the sweep, the nonlinearities (outside a margin around the saturation
+points, where the GPU's approximate exp may round an ulp apart from torch) and the LayerNorm rows with
+the Triton kernels on CUDA (VGK_TEST_CUDA=1).
 """
+
+import os
 
 import pytest
 import torch
@@ -39,6 +45,7 @@ I, H, T, B = 3, 5, 4, 2
 CELLS = [("lstm", False), ("gru", False), ("tanh", False), ("relu", False), ("sigmoid", False),
          ("lstm", True), ("gru", True)]
 FAST_EXPONENTS = (0, 10, 19, 20, 25, 30)
+CUDA = os.environ.get("VGK_TEST_CUDA") == "1"
 
 # The Triton interpreter computes in NumPy, which warns where float32 overflows, as it must here.
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
@@ -104,18 +111,21 @@ def torch_module(kind: str, layer_norm: bool) -> torch.nn.Module | None:
     return {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU}[kind](I, H)
 
 
-def outputs_and_grads(model, state, x, dtype) -> dict[str, torch.Tensor]:
+def outputs_and_grads(model, state, x, dtype, device="cpu") -> dict[str, torch.Tensor]:
+    """The outputs and every gradient, as float64 CPU tensors, of model run on device."""
     model.load_state_dict({k: v.to(dtype) for k, v in state.items()})
-    x = x.detach().to(dtype).clone().requires_grad_()
+    model.to(device)
+    x = x.detach().to(device, dtype).clone().requires_grad_()
     out, final = model(x)
     tensors = {"output": out}
     tensors.update({f"h_n[{i}]": h for i, h in enumerate(final if isinstance(final, tuple) else (final,))})
-    weights = [torch.sin(torch.arange(t.numel(), dtype=dtype)).view(t.shape) for t in tensors.values()]
+    weights = [torch.sin(torch.arange(t.numel(), dtype=dtype, device=device)).view(t.shape)
+               for t in tensors.values()]
     loss = sum((t * w).sum() for t, w in zip(tensors.values(), weights, strict=True))
     loss.backward()
     tensors["input.grad"] = x.grad
     tensors.update({f"{n}.grad": p.grad for n, p in model.named_parameters()})
-    return {k: v.detach().double() for k, v in tensors.items()}
+    return {k: v.detach().double().cpu() for k, v in tensors.items()}
 
 
 def sweep_failures(ours, theirs, exact) -> list[str]:
@@ -148,7 +158,7 @@ def sweep_failures(ours, theirs, exact) -> list[str]:
     return failures
 
 
-def run_sweep(kind: str, layer_norm: bool, backend: str, exponents) -> None:
+def run_sweep(kind: str, layer_norm: bool, backend: str, exponents, device: str = "cpu") -> None:
     state = make_module(kind, layer_norm, "reference", torch.float32).state_dict()
     x = torch.randn(T, B, I)
     problems = []
@@ -159,7 +169,7 @@ def run_sweep(kind: str, layer_norm: bool, backend: str, exponents) -> None:
         reference = torch_module(kind, layer_norm)
         theirs = None if reference is None else outputs_and_grads(reference, scaled, x, torch.float32)
         ours = outputs_and_grads(make_module(kind, layer_norm, backend, torch.float32), scaled, x,
-                                 torch.float32)
+                                 torch.float32, device)
         problems += [f"W_hh x 1e{e}: {f}" for f in sweep_failures(ours, theirs, exact)]
     assert not problems, "\n".join(problems)
 
@@ -287,3 +297,53 @@ def test_layer_norm_inf_and_nan_rows_give_nan_as_torch(backend):
     assert torch.equal(ours[:3].isnan(), theirs[:3].isnan())
     torch.testing.assert_close(ours[0], theirs[0], rtol=1e-5, atol=1e-5)
     assert torch.isfinite(ours[3]).all()
+
+
+# ---------------------------------------------------------------------------------------------------
+# GPU (VGK_TEST_CUDA=1 on a CUDA machine)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind,layer_norm", CELLS, ids=CELL_IDS)
+def test_gpu_weight_scale_sweep(kind, layer_norm):
+    """The Triton kernels compiled for the GPU (tl.exp there is an approximation) against the same
+    CPU oracles."""
+    assert CUDA and torch.cuda.is_available()
+    run_sweep(kind, layer_norm, "triton", range(31), device="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("nonlinearity,torch_fn", [("sigmoid", torch.sigmoid), ("tanh", torch.tanh),
+                                                   ("relu", torch.relu)])
+def test_gpu_nonlinearities_saturate_as_torch(nonlinearity, torch_fn):
+    """On the GPU: exactly 0, 1 and -1 (and derivatives exactly 0) beyond a margin around where float32
+    saturates, where the approximate exp may round differently than torch's by an ulp."""
+    assert CUDA and torch.cuda.is_available()
+    x = activation_points(200_001).cuda()
+    ours = x[None, :, None].clone().requires_grad_()
+    y, _ = activation_layer(nonlinearity, "triton").cuda()(ours)
+    y.sum().backward()
+    theirs = x.clone().requires_grad_()
+    y_t = torch_fn(theirs)
+    y_t.sum().backward()
+    a = x.abs()
+    away = ~(((a > 87.0) & (a < 104.0)) | ((a > 16.0) & (a < 17.6)) | ((a > 8.0) & (a < 9.3)))
+    for got, want in ((y.detach().flatten(), y_t.detach()), (ours.grad.flatten(), theirs.grad)):
+        assert torch.equal(got.isnan(), want.isnan())
+        for value in (0.0, 1.0, -1.0):
+            assert torch.equal((got == value)[away], (want == value)[away]), value
+        finite = torch.isfinite(want)
+        torch.testing.assert_close(got[finite], want[finite], rtol=2e-6, atol=5e-7)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n", (37, 1024, 3 * 8192 + 5))
+def test_gpu_layer_norm_rows_up_to_float32_max(n):
+    assert CUDA and torch.cuda.is_available()
+    x = extreme_rows(n)
+    w, b, dy = torch.randn(n), torch.randn(n), torch.randn(12, n)
+    for grad_clip in (None, 0.5):
+        got = layer_norm_run(x.cuda(), w.cuda(), b.cuda(), dy.cuda(), "triton", grad_clip)
+        exact = layer_norm_run(x.double(), w.double(), b.double(), dy.double(), "reference", grad_clip)
+        for g, e in zip(got, exact, strict=True):
+            assert_layer_norm_close(g.cpu(), e, x)
