@@ -10,7 +10,6 @@ on beyond the sources, so that another Python, torch, C++ compiler or build type
 its own instead of reusing stale objects. ``rm -rf build`` forgets them all.
 """
 
-import filecmp
 import hashlib
 import os
 import shutil
@@ -94,12 +93,14 @@ class CMakeBuild(build_ext):
         built = cmake_dir / target.name
         if not built.exists():
             raise RuntimeError(f"the CMake build did not produce {built}")
-        if not target.exists() or not filecmp.cmp(built, target, shallow=False):
-            # Through a new file: a process that has the old module loaded keeps its copy intact.
-            target.parent.mkdir(parents=True, exist_ok=True)
-            partial = target.with_name(target.name + ".partial")
-            shutil.copy2(built, partial)
-            os.replace(partial, target)
+        # A fresh copy, through a new file: a process that has the old module loaded keeps its copy
+        # intact, and the copy is newer than the in-tree module, which setuptools' in-place and
+        # editable builds replace only with a newer file.
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_name(target.name + ".partial")
+        shutil.copyfile(built, partial)
+        shutil.copymode(built, partial)
+        os.replace(partial, target)
 
 
 if __name__ == "__main__":  # setuptools runs this file as __main__; tests import build_dir() from it
