@@ -110,8 +110,9 @@ def render_table(headers: Sequence[str], rows: Sequence[Sequence[object]], fmt: 
     if fmt not in ("markdown", "text"):
         raise ValueError(f"fmt must be 'markdown' or 'text', got {fmt!r}")
     cells = [[c if isinstance(c, str) else format_number(c) for c in row] for row in rows]
-    if any(len(row) != len(headers) for row in cells):
-        raise ValueError(f"every row needs {len(headers)} cells to match the headers")
+    for i, row in enumerate(cells):
+        if len(row) != len(headers):
+            raise ValueError(f"rows[{i}]: expected {len(headers)} cells, one per header, got {len(row)}")
     if fmt == "markdown":
         lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
         lines += ["| " + " | ".join(row) + " |" for row in cells]
@@ -129,23 +130,28 @@ def render_table(headers: Sequence[str], rows: Sequence[Sequence[object]], fmt: 
 
 
 def _as_curves(
-    source: BPTTTrace | torch.Tensor,
+    source: BPTTTrace | torch.Tensor, name: str = "source"
 ) -> tuple[torch.Tensor, int, BPTTTrace | None]:
-    """float64 CPU [L, T] gradient norms, the number of directions, and the trace if any."""
+    """float64 CPU [L, T] gradient norms, the number of directions, and the trace if any.
+
+    ``name`` is the caller's argument, for the error messages.
+    """
     if isinstance(source, BPTTTrace):
         grad = source.grad_norm
         if grad is None:
             raise ValueError(
-                "the trace has no gradients yet: run backward through the tracked module before reporting"
+                f"{name}: expected a trace with gradients, got one whose grad_norm is None (no backward "
+                "yet): run backward through the tracked module before reporting"
             )
         return grad.detach().to("cpu", torch.float64), source.num_directions, source
     if isinstance(source, torch.Tensor):
         if source.dim() not in (1, 2) or source.shape[-1] < 1:
             raise ValueError(
-                f"grad_norm must have shape [T] or [L, T] with T >= 1, got {tuple(source.shape)}"
+                f"{name}: a grad_norm tensor must have shape [T] or [L, T] with T >= 1, got "
+                f"{tuple(source.shape)}"
             )
         return source.detach().to("cpu", torch.float64).reshape(-1, source.shape[-1]), 1, None
-    raise TypeError(f"expected a BPTTTrace or a grad_norm tensor, got {type(source).__name__}")
+    raise TypeError(f"{name}: expected a BPTTTrace or a grad_norm tensor, got {type(source).__name__}")
 
 
 def _processing_order(curve: torch.Tensor, reverse: bool) -> torch.Tensor:
@@ -723,7 +729,7 @@ def trace_report(
         raise ValueError(f"threshold must be > 0, got {threshold!r}")
     if anchor is not None and loss_steps is not None:
         raise ValueError("anchor and loss_steps say the same thing: pass loss_steps only")
-    curves, dirs, _ = _as_curves(trace)
+    curves, dirs, _ = _as_curves(trace, "trace")
     T = trace.seq_len
     if anchor is not None:
         if not -T <= anchor < T:
@@ -938,7 +944,7 @@ def _series(
         if not isinstance(trace, BPTTTrace):
             raise TypeError(f"traces[{name!r}] must be a BPTTTrace, got {type(trace).__name__}")
         if what == "grad":
-            curves = _as_curves(trace)[0]
+            curves = _as_curves(trace, f"traces[{name!r}]")[0]
         elif what == "jac":
             curves = trace.jacobian_norm.detach().to("cpu", torch.float64)
         elif name in spectral:
@@ -1072,7 +1078,9 @@ def plot_trace(
     else:
         raise TypeError(f"trace must be a BPTTTrace or a mapping of them, got {type(trace).__name__}")
     if not traces:
-        raise ValueError("trace must be a BPTTTrace or a non-empty mapping of them")
+        raise ValueError(
+            f"trace must be a BPTTTrace or a non-empty mapping of them, got an empty {type(trace).__name__}"
+        )
     if spectral is not None and not isinstance(spectral, Mapping):
         if len(traces) != 1:
             raise ValueError("spectral: pass a mapping from display name to norms for several traces")

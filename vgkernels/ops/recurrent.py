@@ -823,7 +823,7 @@ def recurrent(
                              grad_clip=grad_clip, eps=eps, backend=backend, proj_size=proj_size,
                              batch_sizes=batch_sizes)
     if mode == "lstm" and hx is not None and c0_all is None:
-        raise ValueError("hx: the LSTM expects a tuple (h0, c0)")
+        raise ValueError(f"hx: the LSTM expects a tuple (h0, c0), got {type(hx).__name__}")
     if mode != "lstm" and c0_all is not None:
         raise ValueError(f"hx: mode {mode!r} expects one tensor h0, got a tuple")
     for name, t, size in (("h0", h0_all, P), ("c0", c0_all, hidden_size)):

@@ -43,6 +43,7 @@ from torch.library import triton_op
 
 from vgkernels.triton import _host
 from vgkernels.triton import recurrent as _plain
+from vgkernels.triton.layer_norm import _row_scale
 from vgkernels.triton.recurrent import (
     MAXNREG,
     _dot,
@@ -114,6 +115,7 @@ def _ln_forward_kernel(
         ws_base = tl.cast(pos, tl.int64) * B * WS
         # y = h_prev W^T into the scratch rows, and its row sums.
         sum_y = tl.zeros([BLOCK_B], dtype=ACC)
+        max_y = tl.zeros([BLOCK_B], dtype=ACC)
         for n0 in range(0, N, BLOCK_N):
             cols = n0 + tl.arange(0, BLOCK_N)
             col_ok = cols < N
@@ -129,15 +131,20 @@ def _ln_forward_kernel(
             m = row_ok[:, None] & col_ok[None, :]
             tl.store(y_ptr + rows[:, None] * N + cols[None, :], acc, mask=m)
             sum_y += tl.sum(tl.where(m, acc, 0.0), axis=1)
+            max_y = tl.maximum(max_y, tl.max(tl.where(m, tl.abs(acc), 0.0), axis=1))
         mean = sum_y / N
+        # The variance of (y - mean) / max|y| where max|y| > 2^50 (large W_hh): float32 squares of
+        # values beyond ~1e19 overflow. 1 for other rows, which changes nothing.
+        inv = _row_scale(max_y)
         tl.debug_barrier()
         ssq = tl.zeros([BLOCK_B], dtype=ACC)
         for n0 in range(0, N, BLOCK_N):
             cols = n0 + tl.arange(0, BLOCK_N)
             m = row_ok[:, None] & (cols < N)[None, :]
             d = tl.where(m, _ld(y_ptr + rows[:, None] * N + cols[None, :], m, ACC) - mean[:, None], 0.0)
+            d = d * inv[:, None]
             ssq += tl.sum(d * d, axis=1)
-        rstd = 1.0 / tl.sqrt(ssq / N + eps)
+        rstd = inv / tl.sqrt(ssq / N + eps * inv * inv)
         # Gates and new state, a tile of hidden units at a time.
         sum_c = tl.zeros([BLOCK_B], dtype=ACC)
         for j0 in range(0, H, BLOCK_J):
@@ -639,10 +646,11 @@ def _check_ln_mode(op: str, mode: str) -> int:
 def _check_optional(op, name, t, required, mode, shape, dtype, device) -> None:
     if required:
         if t is None:
-            _plain._fail(op, ValueError, f"{name} of shape {tuple(shape)} is required for mode {mode!r}")
+            _plain._fail(op, ValueError,
+                         f"{name} of shape {tuple(shape)} is required for mode {mode!r}, got None")
         _plain._check_tensor(op, name, t, shape, dtype, device)
     elif t is not None:
-        _plain._fail(op, ValueError, f"{name} must be None for mode {mode!r}")
+        _plain._fail(op, ValueError, f"{name} must be None for mode {mode!r}, got {_plain._given(t)}")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -712,7 +720,8 @@ def _forward_impl(xproj, h0, c0, w_hh, b_hh, ln_hh_weight, ln_hh_bias, ln_cell_w
     device, dtype = _plain._check_leading(op, "xproj", xproj, "[T, B, G*H]")
     T, B, N = xproj.shape
     if not isinstance(w_hh, torch.Tensor) or w_hh.dim() != 2:
-        _plain._fail(op, ValueError, "w_hh must be a 2-D tensor [G*H, H]")
+        got = f"shape {tuple(w_hh.shape)}" if isinstance(w_hh, torch.Tensor) else type(w_hh).__name__
+        _plain._fail(op, ValueError, f"w_hh must be a 2-D tensor [G*H, H], got {got}")
     H = w_hh.shape[1]
     if T < 1 or B < 1 or H < 1:
         _plain._fail(op, ValueError, f"T, B and H must be positive, got T={T}, B={B}, H={H}")
@@ -728,7 +737,8 @@ def _forward_impl(xproj, h0, c0, w_hh, b_hh, ln_hh_weight, ln_hh_bias, ln_cell_w
     _check_optional(op, "ln_cell_bias", ln_cell_bias, lstm, mode, (H,), dtype, device)
     if b_hh is not None:
         if lstm:
-            _plain._fail(op, ValueError, "b_hh must be None for mode 'lstm' (add it to xproj)")
+            _plain._fail(op, ValueError,
+                         f"b_hh must be None for mode 'lstm' (add it to xproj), got {_plain._given(b_hh)}")
         _plain._check_tensor(op, "b_hh", b_hh, (G * H,), dtype, device)
     _plain._check_lengths(op, lengths, B)
 
@@ -831,7 +841,8 @@ def _backward_impl(grad_states, grad_cell_states, states, cell_states, workspace
     _plain._check_lengths(op, lengths, B)
     _plain._check_grad_clip(op, grad_clip)
     if has_b_hh and lstm:
-        _plain._fail(op, ValueError, "has_b_hh is for mode 'gru' only (the LSTM's b_hh is in xproj)")
+        _plain._fail(op, ValueError, "has_b_hh is for mode 'gru' only (the LSTM's b_hh is in xproj), got "
+                     "has_b_hh=True with mode 'lstm'")
 
     plan = _plan(H, G, dtype)
     alloc = _plain._alloc
