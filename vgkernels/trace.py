@@ -15,6 +15,24 @@ import torch
 GradSource = torch.Tensor | Callable[[], "torch.Tensor | None"] | None
 
 
+def new_probe(shape: tuple[int, ...], device: torch.device, owner: str) -> torch.Tensor | None:
+    """A zero float64 leaf of ``shape`` that requires grad, whose gradient a tracked op's backward fills
+    with squared gradient norms; None without autograd (nothing to record).
+
+    Raises RuntimeError inside torch.compile: the probe must be a fresh leaf, which Dynamo cannot create
+    in a graph. ``owner`` says what is tracked, for that message.
+    """
+    if not torch.is_grad_enabled():
+        return None
+    if torch.compiler.is_compiling():
+        raise RuntimeError(
+            f"track: {owner} is not supported inside torch.compile; compile the "
+            "model with track=False, run tracked steps eagerly, or trace the forward only under "
+            "torch.no_grad()"
+        )
+    return torch.zeros(shape, dtype=torch.float64, device=device, requires_grad=True)
+
+
 class BPTTTrace:
     """Per-step gradient and Jacobian norms of one recurrent module's last forward.
 

@@ -41,7 +41,7 @@ from vgkernels.backends import resolve_backend
 from vgkernels.ops.autodiff import differentiable_vjp, mark_recomputable, recompute_recipe, transforms_active
 from vgkernels.reference import recurrent as reference
 from vgkernels.reference.backward_clip import refuse_create_graph
-from vgkernels.trace import BPTTTrace
+from vgkernels.trace import BPTTTrace, new_probe
 
 GATES = reference.GATES
 MODES = reference.MODES
@@ -517,17 +517,8 @@ def _check_inputs(input, h0, c0, weights, names, mode, lengths, backend, grad_cl
 
 
 def _probe(mode: str, T: int, B: int, device: torch.device) -> torch.Tensor | None:
-    if not torch.is_grad_enabled():
-        return None
-    if torch.compiler.is_compiling():
-        # The probe must be a fresh leaf that requires grad, which dynamo cannot create in a graph.
-        raise RuntimeError(
-            "track: BPTT tracking with gradients is not supported inside torch.compile; compile the "
-            "model with track=False, run tracked steps eagerly, or trace the forward only under "
-            "torch.no_grad()"
-        )
-    K = 2 if mode == "lstm" else 1
-    return torch.zeros(K, T, B, dtype=torch.float64, device=device, requires_grad=True)
+    """The zero float64 [K, T, B] leaf whose gradient a layer's backward fills, or None without autograd."""
+    return new_probe((2 if mode == "lstm" else 1, T, B), device, "BPTT tracking with gradients")
 
 
 def _unpack(data: torch.Tensor, batch_sizes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
