@@ -4,17 +4,20 @@ Candidates, all on the same input, output gradient and weights:
 - ``cudnn`` (baseline): torch.nn.LSTM / GRU on cuDNN; blind to per-step gradients.
 - ``vgkernels``: vgk.nn.LSTM / GRU, Triton backend, with ``track=True`` (per-step Jacobian and gradient
   norms), the loop kind chosen automatically; ``vgkernels_untracked``: the same without the trace.
-- ``vgkernels_persistent`` / ``vgkernels_step``: tracked, with the loop kind forced
-  (``VGK_RNN_TRITON_LOOP``); ``vgkernels_step_graph``: the per-step loop, forward and backward
-  captured in one CUDA graph and replayed. These three answer which launch strategy wins.
+- ``vgkernels_persistent``: tracked, the persistent loop forced (``VGK_RNN_TRITON_LOOP``);
+  ``vgkernels_step_nograph``: the step loop launched step by step (``VGK_RNN_TRITON_GRAPH=0``);
+  ``vgkernels`` itself is the step loop replayed from CUDA graphs (the default). These answer which
+  launch strategy wins.
 - ``eager_cell_loop``: an nn.LSTMCell / GRUCell loop with ``retain_grad`` on every state and the
   per-step gradient norms read after backward: what users do today to see BPTT gradients.
 - ``compiled_cell_loop``: the same loop with the cell compiled by torch.compile (dynamic shapes, so
   one compile per cell type and dtype).
 
-Grid: mode in {lstm, gru}, B in {16, 64, 256}, input = hidden in {256, 512, 1024}, float32 and bfloat16;
-the fastrnns case (LSTM, B = 64, H = 512) runs first. float32 runs with TF32 off everywhere (IEEE
-float32 like our kernels). ``VGK_BENCH_GRID=quick`` keeps only the B = 64, H = 512 cases;
+Grid: mode in {lstm, gru}, B in {16, 64, 256}, input = hidden in {256, 512, 1024}; precisions
+``fp32-tf32`` (float32 with both of torch's TF32 switches on, ``torch.backends.cuda.matmul.allow_tf32``
+and ``torch.backends.cudnn.allow_tf32``: cuDNN, torch's matmuls and our dots all TF32), ``bf16``, and
+``fp32-ieee`` (both switches off: IEEE float32 everywhere). The fastrnns case (LSTM, B = 64, H = 512)
+runs first in each. ``VGK_BENCH_GRID=quick`` keeps only the B = 64, H = 512 cases;
 ``VGK_BENCH_ROUNDS`` sets the rounds per case (default 10). ``VGK_BENCH_SMOKE=1`` runs one tiny case on
 the CPU under the Triton interpreter, only to check that the file works.
 """
@@ -36,17 +39,19 @@ pytestmark = pytest.mark.gpu
 
 T = 100
 MODES = ("lstm", "gru")
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# precision name -> (dtype, TF32 switches on)
+DTYPES = {"fp32-tf32": (torch.float32, True), "bf16": (torch.bfloat16, True),
+          "fp32-ieee": (torch.float32, False)}
 ROUNDS = int(os.environ.get("VGK_BENCH_ROUNDS", "10"))
 
 
 def _grid() -> list[tuple[str, int, int, str]]:
     if SMOKE:
-        return [("lstm", 2, 16, "fp32")]
+        return [("lstm", 2, 16, "fp32-tf32")]
     cases = [(m, b, h, d) for d in DTYPES for m in MODES for b in (16, 64, 256) for h in (256, 512, 1024)]
     if os.environ.get("VGK_BENCH_GRID") == "quick":
         cases = [c for c in cases if c[1] == 64 and c[2] == 512]
-    first = [("lstm", 64, 512, "fp32"), ("lstm", 64, 512, "bf16")]
+    first = [("lstm", 64, 512, d) for d in DTYPES]
     return first + [c for c in cases if c not in first]
 
 
@@ -55,39 +60,23 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-class _LoopEnv:
-    """Runs a callable with ``VGK_RNN_TRITON_LOOP`` set (the launcher reads it at every call)."""
+class _Env:
+    """Runs a callable with environment variables set (the launchers read them at every call)."""
 
-    def __init__(self, fn, loop: str | None):
-        self.fn, self.loop = fn, loop
+    def __init__(self, fn, **values: str):
+        self.fn, self.values = fn, values
 
     def __call__(self):
-        old = os.environ.get(triton_recurrent.LOOP_ENV)
-        if self.loop is not None:
-            os.environ[triton_recurrent.LOOP_ENV] = self.loop
+        old = {k: os.environ.get(k) for k in self.values}
+        os.environ.update(self.values)
         try:
             return self.fn()
         finally:
-            if old is None:
-                os.environ.pop(triton_recurrent.LOOP_ENV, None)
-            else:
-                os.environ[triton_recurrent.LOOP_ENV] = old
-
-
-def _graphed(fn, params):
-    """Capture ``fn`` (forward and backward) in a CUDA graph; returns its replay."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    for p in params:
-        p.grad = None
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
+            for k, v in old.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
 
 
 _COMPILED: dict[tuple[str, torch.dtype], object] = {}
@@ -145,9 +134,10 @@ def test_recurrent_fwd_bwd(mode, B, H, dtype_name, benchmark, compare_record):
     device = "cpu" if SMOKE else "cuda"
     if not SMOKE and not torch.cuda.is_available():
         pytest.fail("bench_recurrent_gpu.py needs a CUDA device (or VGK_BENCH_SMOKE=1 for a CPU smoke run)")
-    dtype = DTYPES[dtype_name]
-    torch.backends.cudnn.allow_tf32 = False
-    torch.backends.cuda.matmul.allow_tf32 = False
+    dtype, tf32 = DTYPES[dtype_name]
+    # Like for like: cuDNN, torch's matmuls and our dots (which follow cuDNN's switch) alike.
+    torch.backends.cudnn.allow_tf32 = tf32
+    torch.backends.cuda.matmul.allow_tf32 = tf32
     steps = 3 if SMOKE else T
     torch.manual_seed(0)
     nn_cls, vgk_cls = (torch.nn.LSTM, vgk.nn.LSTM) if mode == "lstm" else (torch.nn.GRU, vgk.nn.GRU)
@@ -176,20 +166,15 @@ def test_recurrent_fwd_bwd(mode, B, H, dtype_name, benchmark, compare_record):
         "cudnn": layer(cudnn),
         "vgkernels": layer(ours),
         "vgkernels_untracked": layer(ours_plain),
-        "vgkernels_persistent": _LoopEnv(layer(ours), "persistent"),
-        "vgkernels_step": _LoopEnv(layer(ours), "step"),
+        "vgkernels_persistent": _Env(layer(ours), VGK_RNN_TRITON_LOOP="persistent"),
+        "vgkernels_step_nograph": _Env(layer(ours), VGK_RNN_TRITON_LOOP="step", VGK_RNN_TRITON_GRAPH="0"),
         "eager_cell_loop": lambda: _cell_loop(mode, cell, x, g_out, compiled=False),
     }
     plan = triton_recurrent._plan(B, H, 4 if mode == "lstm" else 3, torch.device(device), dtype)
-    extra = {"mode": mode, "T": steps, "B": B, "H": H, "dtype": dtype_name, "tf32": False,
-             "auto_loop": plan["loop"]}
+    extra = {"mode": mode, "T": steps, "B": B, "H": H, "dtype": dtype_name, "tf32": tf32,
+             "auto_loop": plan["loop"], "plan": {k: v for k, v in plan.items() if k != "loop"}}
     if not SMOKE:
         candidates["compiled_cell_loop"] = lambda: _cell_loop(mode, cell, x, g_out, compiled=True)
-        try:
-            params = [x, *ours.parameters()]
-            candidates["vgkernels_step_graph"] = _graphed(_LoopEnv(layer(ours), "step"), params)
-        except Exception as error:  # recorded, not fatal: the other candidates still run
-            extra["vgkernels_step_graph"] = f"capture failed: {type(error).__name__}: {error}"[:300]
     comparison = interleaved(f"{mode} T={steps} B={B} H={H} {dtype_name} fwd+bwd", candidates,
                              baseline="cudnn", rounds=2 if SMOKE else ROUNDS, warmup=1 if SMOKE else 2,
                              device=device)

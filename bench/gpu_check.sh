@@ -7,8 +7,9 @@
 #
 # OUT_DIR receives env.txt, build.log, gpu_tests.log (+ .xml), bench_recurrent.log, bench_other.log,
 # the recorded results (recurrent_gpu_<gpu>.json / .md, copied from bench/results/), the
-# pytest-benchmark JSON files and summary.md (the recurrent goals, then every other recorded case that
-# states a target). Every phase has a time box; a benchmark cut short by its box still records the
+# pytest-benchmark JSON files and summary.md: one verdict per GPU target (the GPU tests; the LSTM
+# against cuDNN in fp32 with TF32, bf16 and IEEE fp32, beside bench/perf_model.py's estimate; the eager
+# cell loop; every other recorded case that states a target), then the launch strategies. Every phase has a time box; a benchmark cut short by its box still records the
 # cases it finished. The exit status is non-zero if the build or a GPU test
 # failed.
 set -u -o pipefail
@@ -63,6 +64,7 @@ fi
 
 echo "== GPU tests ($(left) s left)"
 tests_box=$(( $(left) - 200 ))
+tests_status="passed"
 [ "$tests_box" -gt 240 ] && tests_box=240
 VGK_TEST_CUDA=1 timeout -s INT -k 20 "$tests_box" "$PY" -m pytest -m gpu tests/ -q -p no:cacheprovider \
     --junitxml="$OUT_DIR/gpu_tests.xml" > "$OUT_DIR/gpu_tests.log" 2>&1
@@ -70,6 +72,7 @@ rc=$?
 tail -5 "$OUT_DIR/gpu_tests.log"
 if [ $rc -ne 0 ]; then
     echo "GPU tests FAILED or timed out (exit $rc; see gpu_tests.log)"; status=1
+    tests_status="FAILED or timed out (exit $rc)"
 fi
 
 echo "== recurrent benchmarks ($(left) s left)"
@@ -88,71 +91,7 @@ if [ -n "$other" ] && [ "$(left)" -gt 45 ]; then
     echo "other benchmarks exit $?"
 fi
 
-"$PY" - "$OUT_DIR" <<'EOF'
-import json
-import shutil
-import sys
-from pathlib import Path
-
-import torch
-
-out = Path(sys.argv[1])
-tag = torch.cuda.get_device_name().replace(" ", "_")
-results = Path("bench/results")
-lines = [f"# GPU check on {torch.cuda.get_device_name()}", ""]
-for path in sorted(results.glob(f"*_{tag}.*")):
-    shutil.copy(path, out / path.name)
-recurrent = results / f"recurrent_gpu_{tag}.json"
-if not recurrent.exists():
-    lines.append("No recurrent benchmark results were recorded (see bench_recurrent.log).")
-else:
-    rows = json.loads(recurrent.read_text())["results"]
-    lines += ["## Acceptance (LSTM, T=100, B=64, input = hidden = 512, forward + backward)", ""]
-    for row in rows:
-        if (row.get("mode"), row.get("B"), row.get("H")) != ("lstm", 64, 512):
-            continue
-        ours = row.get("vgkernels median ms")
-        cudnn = row.get("cudnn median ms")
-        eager = row.get("eager_cell_loop median ms")
-        if ours and cudnn:
-            verdict = "met" if ours <= 1.25 * cudnn else "NOT met"
-            lines.append(f"- {row['dtype']}: tracked vgkernels / cuDNN = {ours / cudnn:.3f} "
-                         f"(goal <= 1.25: {verdict})")
-        if ours and eager:
-            verdict = "met" if eager >= 5 * ours else "NOT met"
-            lines.append(f"- {row['dtype']}: eager tracked cell loop / vgkernels = {eager / ours:.2f} "
-                         f"(goal >= 5: {verdict})")
-    loops = ("vgkernels_persistent", "vgkernels_step", "vgkernels_step_graph")
-    lines += ["", "## Launch strategy: fastest of the forced loops per case", "",
-              "| case | auto picks | persistent ms | step ms | step + CUDA graph ms | fastest |",
-              "|---|---|---|---|---|---|"]
-    for row in rows:
-        times = {name: row.get(f"{name} median ms") for name in loops}
-        known = {k: v for k, v in times.items() if v}
-        best = min(known, key=known.get).removeprefix("vgkernels_") if known else "-"
-        cells = [f"{times[name]:.3f}" if times[name] else "-" for name in loops]
-        lines.append(f"| {row['case']} | {row.get('auto_loop', '-')} | {' | '.join(cells)} | {best} |")
-    table = recurrent.with_suffix(".md")
-    if table.exists():
-        lines += ["", "## All candidates", "", table.read_text()]
-# Every other recorded case that states a target, with the value it is judged on.
-measured_by = {"target fraction": "vgkernels fraction of copy bandwidth"}
-targets = []
-for path in sorted(results.glob(f"*_{tag}.json")):
-    if path == recurrent:
-        continue
-    for row in json.loads(path.read_text())["results"]:
-        for key, goal in row.items():
-            if not key.startswith("target "):
-                continue
-            name = measured_by.get(key, key.removeprefix("target "))
-            targets.append(f"- {path.stem}: {row['case']}: {name} = {row.get(name, 'not recorded')} "
-                           f"(goal {goal})")
-if targets:
-    lines += ["", "## Other targets", "", *targets]
-(out / "summary.md").write_text("\n".join(lines) + "\n")
-print("\n".join(lines[:12]))
-EOF
+"$PY" bench/gpu_summary.py "$OUT_DIR" "$tests_status"
 
 echo "== done in $(( SECONDS - START )) s; everything is in $OUT_DIR"
 exit $status

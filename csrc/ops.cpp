@@ -16,6 +16,7 @@ TORCH_LIBRARY(vgk, m) {
   vgk::define_layer_norm_ops(m);
   vgk::define_clip_grad_ops(m);
   vgk::define_grad_stats_ops(m);
+  vgk::define_cell_ops(m);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {

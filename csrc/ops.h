@@ -11,5 +11,6 @@ void define_recurrent_ln_ops(torch::Library& m);
 void define_layer_norm_ops(torch::Library& m);
 void define_clip_grad_ops(torch::Library& m);
 void define_grad_stats_ops(torch::Library& m);
+void define_cell_ops(torch::Library& m);
 
 }  // namespace vgk

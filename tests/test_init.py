@@ -64,6 +64,24 @@ def test_kaiming_uniform_variance_relu_and_leaky():
     check_variance(w, 1 / (3 * N_IN), "uniform")
 
 
+def test_lecun_normal_variance_per_block():
+    w = vinit.lecun_normal_(torch.empty(N_OUT, N_IN), generator=gen())
+    check_variance(w, 1 / N_IN, "normal")
+    stacked = vinit.lecun_normal_(torch.empty(3 * N_IN, N_IN), blocks=3, generator=gen())
+    for block in stacked.chunk(3):  # the fan-in is the columns, the same in every gate block
+        check_variance(block, 1 / N_IN, "normal")
+
+
+def test_init_recurrent_lecun():
+    H = 512
+    rnn = torch.nn.RNN(256, H)
+    vinit.init_recurrent_(rnn, "lecun", generator=gen())
+    check_variance(rnn.weight_hh_l0, 1 / H, "normal")
+    check_variance(rnn.weight_ih_l0, 1 / 256, "normal")
+    assert torch.equal(rnn.bias_ih_l0, torch.zeros(H)) and torch.equal(rnn.bias_hh_l0, torch.zeros(H))
+    assert "lecun" in vinit.RECURRENT_SCHEMES
+
+
 def test_default_variance():
     w = vinit.default_(torch.empty(N_OUT, N_IN), hidden_size=100, generator=gen())
     check_variance(w, 1 / (3 * 100), "uniform")
@@ -250,7 +268,7 @@ def test_init_recurrent_reproducible_and_torch_vgk_agree(scheme):
 
 
 def test_init_recurrent_bad_inputs():
-    with pytest.raises(ValueError, match="unknown init scheme 'glorot'"):
+    with pytest.raises(ValueError, match="scheme: expected parts joined by .*, got .glorot. with the unkn"):
         vinit.init_recurrent_(torch.nn.RNN(2, 3), "glorot")
     with pytest.raises(ValueError, match="non-empty"):
         vinit.init_recurrent_(torch.nn.RNN(2, 3), "")

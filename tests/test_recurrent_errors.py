@@ -1,4 +1,7 @@
-"""Bad input to the recurrent modules raises a clear error naming the argument, before any kernel runs."""
+"""Bad input to the recurrent modules raises a clear error naming the argument, before any kernel runs.
+
+Where torch.nn raises for the same input, the modules raise the same exception type (mostly through
+torch.nn's own checks, which they inherit)."""
 
 import pytest
 import torch
@@ -14,34 +17,34 @@ def lstm(request):
 
 
 def test_wrong_rank(lstm):
-    with pytest.raises(ValueError, match=r"input: expected a 2-D \(unbatched\) or 3-D"):
+    with pytest.raises(ValueError, match=r"LSTM: Expected input to be 2D or 3D, got 4D"):
         lstm(torch.randn(2, 3, 4, 3))
 
 
 def test_wrong_feature_size(lstm):
-    with pytest.raises(ValueError, match="input: expected input_size=3 features, got 5"):
+    with pytest.raises(RuntimeError, match=r"input.size\(-1\) must be equal to input_size. Expected 3, got"):
         lstm(torch.randn(4, 2, 5))
 
 
 def test_wrong_hx_shape(lstm):
     h = torch.zeros(2, 3, 4)
-    with pytest.raises(ValueError, match=r"hx: expected h0 of shape \(2, 2, 4\), got \(2, 3, 4\)"):
+    with pytest.raises(RuntimeError, match=r"Expected hidden\[0\] size \(2, 2, 4\), got \[2, 3, 4\]"):
         lstm(torch.randn(4, 2, 3), (h, h))
-    with pytest.raises(ValueError, match="hx should also be 3-D"):
+    with pytest.raises(RuntimeError, match="hx and cx should also be 3-D"):
         lstm(torch.randn(4, 2, 3), (h[0], h[0]))
-    with pytest.raises(TypeError, match=r"hx: the LSTM expects a tuple \(h0, c0\)"):
+    with pytest.raises(TypeError, match=r"hx: LSTM expects a tuple \(h_0, c_0\), got Tensor"):
         lstm(torch.randn(4, 2, 3), h)
 
 
 def test_gru_rejects_tuple_hx():
     gru = vgk.nn.GRU(3, 4)
     h = torch.zeros(1, 2, 4)
-    with pytest.raises(TypeError, match="GRU expects one tensor h0"):
+    with pytest.raises(TypeError, match="hx: GRU expects one tensor h_0, got tuple"):
         gru(torch.randn(4, 2, 3), (h, h))
 
 
 def test_dtype_mismatch(lstm):
-    with pytest.raises(TypeError, match="weight_ih_l0: expected dtype torch.float64 like input, got torch.float32"):  # noqa: E501
+    with pytest.raises(ValueError, match=r"RNN input dtype \(torch.float64\) does not match weight dtype"):
         lstm(torch.randn(4, 2, 3, dtype=torch.float64))
     h = torch.zeros(2, 2, 4, dtype=torch.float64)
     with pytest.raises(TypeError, match="h0: expected dtype torch.float32 like input, got torch.float64"):
@@ -49,8 +52,13 @@ def test_dtype_mismatch(lstm):
 
 
 def test_integer_input(lstm):
-    with pytest.raises(TypeError, match="input: expected a floating-point tensor"):
+    with pytest.raises(ValueError, match=r"RNN input dtype \(torch.int64\) does not match weight dtype"):
         lstm(torch.ones(4, 2, 3, dtype=torch.int64))
+    from vgkernels.ops.recurrent import recurrent
+
+    with pytest.raises(TypeError, match="input: expected a floating-point tensor"):
+        recurrent(torch.ones(4, 2, 3, dtype=torch.int64), None, list(lstm.parameters()), mode="lstm",
+                  hidden_size=4, num_layers=2)
 
 
 def test_device_mismatch(lstm):
@@ -60,32 +68,44 @@ def test_device_mismatch(lstm):
 
 
 def test_empty_sequence(lstm):
-    with pytest.raises(ValueError, match=r"input: the sequence is empty \(T = 0\)"):
+    # torch.nn raises a RuntimeError for T = 0 (and returns empty outputs for B = 0: test_torch_nn_port)
+    with pytest.raises(RuntimeError, match="input: Expected sequence length to be larger than 0 in RNN"):
         lstm(torch.randn(0, 2, 3))
-    with pytest.raises(ValueError, match=r"input: the batch is empty \(B = 0\)"):
-        lstm(torch.randn(4, 0, 3))
 
 
-def test_bf16_on_cpu_with_cpp():
-    m = vgk.nn.GRU(3, 4, backend="cpp", dtype=torch.bfloat16)
-    with pytest.raises(TypeError, match="input: backend 'cpp' supports dtypes .* got torch.bfloat16"):
-        m(torch.randn(2, 1, 3, dtype=torch.bfloat16))
+def test_half_input_with_float32_weights_is_refused_as_torch_refuses_it():
+    # torch.nn's own check and message, outside autocast
+    x = torch.randn(2, 1, 3, dtype=torch.bfloat16)
+    for module in (vgk.nn.GRU(3, 4, backend="cpp"), torch.nn.GRU(3, 4)):
+        with pytest.raises(ValueError, match=r"input dtype \(torch.bfloat16\) does not match weight dtype "
+                                             r"\(torch.float32\)"):
+            module(x)
 
 
 def test_bad_constructor_arguments():
-    with pytest.raises(ValueError, match="hidden_size: expected a positive integer, got 0"):
+    # torch.nn's own checks (and messages) for its arguments; ours for the extra ones
+    with pytest.raises(ValueError, match="hidden_size must be greater than zero"):
         vgk.nn.LSTM(3, 0)
-    with pytest.raises(ValueError, match=r"dropout: expected a number in \[0, 1\], got 1.5"):
+    with pytest.raises(ValueError, match=r"dropout should be a number in range \[0, 1\]"):
         vgk.nn.LSTM(3, 4, dropout=1.5)
-    with pytest.raises(ValueError, match="nonlinearity: expected 'tanh', 'relu' or 'sigmoid', got 'gelu'"):
+    with pytest.raises(ValueError, match="nonlinearity: Unknown nonlinearity 'gelu'; expected 'tanh'"):
         vgk.nn.RNN(3, 4, nonlinearity="gelu")
     with pytest.raises(ValueError, match="grad_clip: expected a positive number or None, got -1"):
         vgk.nn.GRU(3, 4, grad_clip=-1)
+    with pytest.raises(TypeError, match="track: expected a bool, got int"):
+        vgk.nn.GRU(3, 4, track=1)
+    with pytest.raises(TypeError, match="layer_norm: expected a bool, got str"):
+        vgk.nn.LSTM(3, 4, layer_norm="yes")
+    with pytest.raises(ValueError, match="layer_norm: layer-normalized cells exist for LSTM and GRU, not"):
+        vgk.nn.RNN(3, 4, layer_norm=True)
+    with pytest.raises(ValueError, match="layer_norm: the layer-normalized LSTM has no projection, got"):
+        vgk.nn.LSTM(3, 4, proj_size=2, layer_norm=True)
 
 
 def test_unknown_backend():
-    with pytest.raises(ValueError, match="backend must be one of"):
-        vgk.nn.GRU(3, 4, backend="cuda")(torch.randn(2, 1, 3))
+    with pytest.raises(ValueError, match=r"backend: expected one of \('cpp', 'triton', 'reference'\) or "
+                                         "None, got 'cuda'"):
+        vgk.nn.GRU(3, 4, backend="cuda")
 
 
 def test_cpp_backend_rejects_non_cpu_tensors():

@@ -479,6 +479,91 @@ def test_bad_backward_inputs():
         call(states=states.to(torch.int64))
 
 
+@pytest.fixture
+def split_plans(monkeypatch):
+    """Step plans made as if for a GPU of 64 SMs: small shapes then split K over several programs."""
+    monkeypatch.setattr(tr, "_INTERPRETER_SMS", 64)
+    monkeypatch.setenv(tr.LOOP_ENV, "step")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_split_k_step_loop(mode, split_plans):
+    """Programs sharing a tile's K range: the last to arrive sums the partials (forward and backward)."""
+    p = tr._plan(3, 37, tr.GATES[mode], torch.device("cpu"))
+    assert p["SPLIT_FWD"] == 3 and p["SPLIT_BWD"] >= 3
+    inp = make_inputs(mode, T=3, B=3, H=37, lengths=[3, 1, 2])
+    check_against_oracles(mode, inp, reverse=mode in ("gru", "rnn_relu"),
+                          grad_clip=0.5 if mode == "lstm" else None)
+
+
+def test_split_k_float64_gradcheck(split_plans):
+    inp = make_inputs("lstm", T=2, B=2, H=33, dtype=torch.float64)
+    assert tr._plan(2, 33, 4, torch.device("cpu"), torch.float64)["SPLIT_FWD"] > 1
+    tensors = [inp[k].requires_grad_() for k in ("xproj", "h0", "c0", "w_hh")]
+    assert torch.autograd.gradcheck(lambda *ts: _Layer.apply(*ts, None, None, "lstm", False), tensors,
+                                    fast_mode=True)
+
+
+def test_graph_replay_keeps_busy_buffers(monkeypatch):
+    """Step loops replayed over static buffers (the CUDA-graph path, with a re-run instead of a graph):
+    an entry whose outputs are still alive is not reused, and a replay gives the right results."""
+    from vgkernels.triton import _graphs
+
+    monkeypatch.setenv(_graphs.ENV, "replay")
+    monkeypatch.setenv(tr.LOOP_ENV, "step")
+    _graphs.clear()
+    try:
+        mode = "lstm"
+        inp_a = make_inputs(mode, T=3, B=2, H=17, lengths=[3, 2])
+        inp_b = make_inputs(mode, T=3, B=2, H=17, lengths=[3, 2], scale=2.0)
+        gs, gcs = upstream(mode, 3, 2, 17, torch.float32, "cpu")
+        held_fwd, held_bwd = run_ops(mode, inp_a, False, gs, gcs)
+        expected = [t.clone() for t in list(held_fwd) + list(held_bwd)]
+        check_against_oracles(mode, inp_b, False)  # a second entry: the first one's outputs are alive
+        check_against_oracles(mode, inp_b, False)  # that entry again, replayed
+        assert sum(len(pool) for pool in _graphs._entries.values()) == 4  # two forward, two backward
+        for a, b in zip(list(held_fwd) + list(held_bwd), expected, strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+        del held_fwd, held_bwd, a, b
+        pools_before = sum(len(pool) for pool in _graphs._entries.values())
+        run_ops(mode, inp_a, False, gs, gcs)  # the first entry is free again: no new one
+        assert sum(len(pool) for pool in _graphs._entries.values()) == pools_before
+    finally:
+        _graphs.clear()
+
+
+def test_graph_mode_choice(monkeypatch):
+    from vgkernels.triton import _graphs
+
+    monkeypatch.delenv(_graphs.ENV, raising=False)
+    assert _graphs.mode(torch.device("cpu")) == "off"  # the interpreter path never captures
+    assert _graphs.mode(torch.device("cuda")) == "graph"
+    monkeypatch.setenv(_graphs.ENV, "0")
+    assert _graphs.mode(torch.device("cuda")) == "off"
+    monkeypatch.setenv(_graphs.ENV, "yes")
+    with pytest.raises(ValueError, match="VGK_RNN_TRITON_GRAPH"):
+        _graphs.mode(torch.device("cuda"))
+
+
+def test_fp32_dot_precision_follows_torch(monkeypatch):
+    """float32 dots: TF32 on CUDA where torch's cuDNN RNN switch allows it, IEEE otherwise and always
+    under the interpreter."""
+    from vgkernels.triton import _host
+
+    assert tr._precision(torch.float32, torch.device("cpu")) == "ieee"
+    rnn = torch.backends.cudnn.rnn
+    old = rnn.fp32_precision
+    try:
+        rnn.fp32_precision = "tf32"
+        assert _host.fp32_dot_tf32(torch.device("cuda"))
+        assert tr._precision(torch.float32, torch.device("cuda")) == "tf32"
+        assert tr._precision(torch.float64, torch.device("cuda")) == "ieee"
+        rnn.fp32_precision = "ieee"
+        assert tr._precision(torch.float32, torch.device("cuda")) == "ieee"
+    finally:
+        rnn.fp32_precision = old
+
+
 def test_cpu_without_interpreter_is_refused(monkeypatch):
     assert tr._kernels_interpreted()
     monkeypatch.setattr(tr, "_kernels_interpreted", lambda: False)
@@ -498,6 +583,12 @@ def test_bad_loop_choice(monkeypatch):
 gpu = pytest.mark.gpu
 
 
+def _ieee():
+    """IEEE float32 everywhere: torch's matmuls and cuDNN, and our dots (they follow cuDNN's switch)."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+
+
 def _cuda_inputs(mode, T, B, H, dtype, lengths=None):
     inp = make_inputs(mode, T, B, H, dtype=dtype, device="cuda", lengths=lengths)
     return inp
@@ -507,7 +598,7 @@ def _cuda_inputs(mode, T, B, H, dtype, lengths=None):
 @pytest.mark.parametrize("loop", LOOPS, indirect=True)
 @pytest.mark.parametrize("mode", MODES)
 def test_gpu_against_oracles(mode, loop):
-    torch.backends.cuda.matmul.allow_tf32 = False
+    _ieee()
     T, B, H = 12, 37, 129
     lengths = [1 + (b * 7) % T for b in range(B)]
     check_against_oracles(mode, _cuda_inputs(mode, T, B, H, torch.float32, lengths), reverse=True)
@@ -526,6 +617,7 @@ def test_gpu_half_precision(mode, loop):
 @gpu
 @pytest.mark.parametrize("mode", ["lstm", "gru"])
 def test_gpu_float64(mode):
+    _ieee()
     check_against_oracles(mode, _cuda_inputs(mode, 5, 3, 17, torch.float64, [5, 2, 4]), reverse=True)
 
 
@@ -576,8 +668,7 @@ def _against_cudnn(mode, T, B, H, dtype, tol, device="cuda"):
 @pytest.mark.parametrize("loop", LOOPS, indirect=True)
 @pytest.mark.parametrize("mode", list(_NN))
 def test_gpu_against_cudnn_fp32(mode, loop):
-    torch.backends.cudnn.allow_tf32 = False
-    torch.backends.cuda.matmul.allow_tf32 = False
+    _ieee()
     _against_cudnn(mode, T=100, B=64, H=512, dtype=torch.float32, tol=1e-4)
 
 
@@ -607,8 +698,7 @@ def test_gpu_compile_traces_the_ops():
 def test_gpu_module_against_torch_nn():
     import vgkernels as vgk
 
-    torch.backends.cudnn.allow_tf32 = False
-    torch.backends.cuda.matmul.allow_tf32 = False
+    _ieee()
     torch.manual_seed(0)
     ours = vgk.nn.GRU(64, 96, num_layers=2, bidirectional=True, track=True).cuda()
     theirs = torch.nn.GRU(64, 96, num_layers=2, bidirectional=True).cuda()
@@ -623,3 +713,41 @@ def test_gpu_module_against_torch_nn():
     for (name, p), q in zip(ours.named_parameters(), theirs.parameters(), strict=True):
         close(p.grad, q.grad, rtol=RTOL, atol=1e-4, what=name)
     assert torch.isfinite(ours.trace.grad_norm).all()
+
+
+@gpu
+@pytest.mark.parametrize("mode", ["lstm", "gru", "rnn_tanh"])
+def test_gpu_step_loop_graph_replays_exactly(mode, monkeypatch):
+    """The step loop replayed from CUDA graphs gives bit for bit what it gives launched step by step,
+    on the first (capturing) call, on replays, and with outputs of an earlier call still alive."""
+    from vgkernels.triton import _graphs
+
+    _ieee()
+    monkeypatch.setenv(tr.LOOP_ENV, "step")
+    T, B, H = 20, 16, 256  # split K on an H200
+    inputs = [_cuda_inputs(mode, T, B, H, torch.float32, [T] * (B - 2) + [3, 1]) for _ in range(2)]
+    inputs[1]["xproj"] = inputs[1]["xproj"] * 0.5
+    gs, gcs = upstream(mode, T, B, H, torch.float32, "cuda")
+    monkeypatch.setenv(_graphs.ENV, "0")
+    eager = [run_ops(mode, inp, False, gs, gcs) for inp in inputs]
+    monkeypatch.setenv(_graphs.ENV, "1")
+    _graphs.clear()
+    held = [run_ops(mode, inputs[i % 2], False, gs, gcs) for i in range(4)]
+    for i, (fwd, bwd) in enumerate(held):
+        for a, b in zip(list(fwd) + list(bwd), list(eager[i % 2][0]) + list(eager[i % 2][1]), strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    _graphs.clear()
+
+
+@gpu
+def test_gpu_tf32_follows_torch_switch():
+    """With torch's default (TF32 for cuDNN's recurrent layers) our float32 dots use TF32: close to the
+    float64 oracle at TF32's precision; with the switch off, at IEEE precision."""
+    mode, T, B, H = "lstm", 10, 64, 512
+    torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cuda.matmul.allow_tf32 = False
+    assert tr._precision(torch.float32, torch.device("cuda")) == "tf32"
+    check_against_oracles(mode, _cuda_inputs(mode, T, B, H, torch.float32), reverse=False, dtype_tol=5e-3)
+    _ieee()
+    assert tr._precision(torch.float32, torch.device("cuda")) == "ieee"
+    check_against_oracles(mode, _cuda_inputs(mode, T, B, H, torch.float32), reverse=False)

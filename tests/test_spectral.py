@@ -1,8 +1,9 @@
 """spectral_norms against torch.linalg.matrix_norm(ord=2) of the step Jacobian that autograd computes from
-torch.nn's own cells (LSTMCell, GRUCell, RNNCell) run over the sequence.
+torch.nn's own cells (LSTMCell, GRUCell, RNNCell) run over the sequence, and, for the layer-normalized
+LSTM and GRU, from the cell equations written out here (checked first against the module's own output).
 
-Tolerances: rtol 1e-4 in float64 (power iteration run to a relative change of 1e-11); the linear-RNN
-oracle rtol 1e-6.
+Tolerances: rtol 1e-4 in float64, for both methods (power iteration run to a relative change of
+1e-11); the linear-RNN oracle rtol 1e-6 (exact: 1e-12); float32 input rtol 1e-3.
 """
 
 import pytest
@@ -11,11 +12,12 @@ from torch import nn
 from torch.nn.utils.rnn import pack_sequence
 
 import vgkernels as vgk
-from vgkernels.diagnostics import spectral_norms
+from vgkernels.diagnostics import spectral, spectral_norms
 
 RTOL = 1e-4
 TIGHT = {"iters": 3000, "tol": 1e-11}
 DT = torch.float64
+METHODS = [{"method": "exact"}, {"method": "power", **TIGHT}]
 
 TORCH_MODULES = {
     "lstm": (nn.LSTM, {}),
@@ -112,28 +114,33 @@ def make(mode, input_size, hidden, **kwargs):
     return cls(input_size, hidden, dtype=DT, **extra, **kwargs)
 
 
+@pytest.mark.parametrize("how", METHODS, ids=["exact", "power"])
 @pytest.mark.parametrize("mode", list(TORCH_MODULES))
 @pytest.mark.parametrize("T,B,I,H", [(1, 1, 1, 1), (5, 3, 3, 7), (3, 2, 37, 3)])
-def test_torch_modules(mode, T, B, I, H):
+def test_torch_modules(mode, T, B, I, H, how):
     module = make(mode, I, H)
     x = torch.randn(T, B, I, dtype=DT)
-    ours = spectral_norms(module, x, **TIGHT)
+    ours = spectral_norms(module, x, **how)
     assert ours.dtype == torch.float32 and ours.shape == (T, B)
     torch.testing.assert_close(ours.double(), oracle(module, mode, x), rtol=RTOL, atol=1e-7)
 
 
+@pytest.mark.parametrize("how", METHODS, ids=["exact", "power"])
 @pytest.mark.parametrize("mode", ["lstm", "gru", "rnn_tanh"])
-def test_layers_directions_and_initial_state(mode):
+def test_layers_directions_and_initial_state(mode, how):
     T, B, I, H = 4, 2, 3, 5
     module = make(mode, I, H, num_layers=2, bidirectional=True)
     x = torch.randn(T, B, I, dtype=DT)
     h0 = torch.randn(4, B, H, dtype=DT)
     hx = (h0, torch.randn(4, B, H, dtype=DT)) if mode == "lstm" else h0
+    every = spectral_norms(module, x, hx=hx, layer=None, **how)
+    assert every.shape == (4, T, B) and every.dtype == torch.float32
     for layer in range(2):
         for direction in range(2):
-            ours = spectral_norms(module, x, hx=hx, layer=layer, direction=direction, **TIGHT)
+            ours = spectral_norms(module, x, hx=hx, layer=layer, direction=direction, **how)
             expected = oracle(module, mode, x, hx, layer, direction)
             torch.testing.assert_close(ours.double(), expected, rtol=RTOL, atol=1e-7)
+            torch.testing.assert_close(every[layer * 2 + direction], ours, rtol=1e-6, atol=0)
 
 
 def test_batch_first_and_unbatched():
@@ -146,7 +153,8 @@ def test_batch_first_and_unbatched():
     torch.testing.assert_close(single[:, 0], ours[:, 1], rtol=1e-5, atol=1e-7)
 
 
-def test_linear_rnn_exact():
+@pytest.mark.parametrize("how, rtol", [(METHODS[0], 1e-12), (METHODS[1], 1e-6)], ids=["exact", "power"])
+def test_linear_rnn_exact(how, rtol):
     """ReLU RNN with positive states: h_t = W h_{t-1} + positive input, so J = ρQ and ‖J‖₂ = ρ exactly."""
     H, rho = 6, 0.8
     module = nn.RNN(1, H, nonlinearity="relu", dtype=DT)
@@ -158,8 +166,9 @@ def test_linear_rnn_exact():
         module.bias_ih_l0.fill_(1.0)
         module.bias_hh_l0.zero_()
     x = torch.rand(7, 2, 1, dtype=DT) + 0.5
-    ours = spectral_norms(module, x, **TIGHT)
-    torch.testing.assert_close(ours.double(), torch.full((7, 2), rho, dtype=DT), rtol=1e-6, atol=0)
+    ours = spectral_norms(module, x, **how)
+    assert ours.dtype == torch.float32
+    torch.testing.assert_close(ours.double(), torch.full((7, 2), rho, dtype=DT), rtol=max(rtol, 6e-8), atol=0)
 
 
 @pytest.mark.parametrize("cls,mode,extra", [
@@ -181,12 +190,113 @@ def test_vgkernels_modules(cls, mode, extra):
         torch.testing.assert_close(spectral_norms(theirs, x, **TIGHT), spectral_norms(module, x, **TIGHT))
 
 
-def test_float32_and_default_iterations():
+@pytest.mark.parametrize("method", ["auto", "power"])
+def test_float32_and_default_iterations(method):
     module = nn.LSTM(3, 8)
     x = torch.randn(6, 2, 3)
-    ours = spectral_norms(module, x)
+    ours = spectral_norms(module, x, method=method)
     expected = oracle(module.double(), "lstm", x.double())
     torch.testing.assert_close(ours.double(), expected, rtol=1e-3, atol=1e-5)
+
+
+def test_exact_in_chunks(monkeypatch):
+    module = make("gru", 2, 3)
+    x = torch.randn(5, 4, 2, dtype=DT)
+    whole = spectral_norms(module, x, method="exact")
+    monkeypatch.setattr(spectral, "CHUNK_ELEMENTS", 20)  # 2 rows of 3x3 per chunk
+    torch.testing.assert_close(spectral_norms(module, x, method="exact"), whole, rtol=0, atol=0)
+
+
+def test_auto_method_switches_at_the_state_size(monkeypatch):
+    module = make("lstm", 2, 3)  # S = 6
+    x = torch.randn(3, 2, 2, dtype=DT)
+    calls = []
+    monkeypatch.setattr(spectral, "_exact", lambda *a: calls.append("exact") or torch.zeros(3, 2))
+    monkeypatch.setattr(spectral, "_power", lambda *a: calls.append("power") or torch.zeros(3, 2))
+    spectral_norms(module, x)
+    monkeypatch.setattr(spectral, "EXACT_MAX_STATE", 5)
+    spectral_norms(module, x)
+    assert calls == ["exact", "power"]
+
+
+# --- layer-normalized cells ----------------------------------------------------------------------
+
+
+def ln_cell(module, mode, layer=0):
+    """The layer-normalized cell written out: gates = LN(W_ih x) + LN(W_hh h) + b; LSTM: h = o tanh(LN(c))."""
+    p = lambda name: getattr(module, f"{name}_l{layer}")  # noqa: E731
+    H = module.hidden_size
+
+    def ln(v, kind):
+        mean = v.mean(-1, keepdim=True)
+        var = ((v - mean) ** 2).mean(-1, keepdim=True)
+        gain, shift = p(f"layer_norm_{kind}_weight"), p(f"layer_norm_{kind}_bias")
+        return (v - mean) / torch.sqrt(var + 1e-5) * gain + shift
+
+    def step(x, h, c):
+        gx, gh = ln(x @ p("weight_ih").t(), "ih"), ln(h @ p("weight_hh").t(), "hh")
+        if mode == "lstm":
+            i, f, g, o = (gx + gh + p("bias_ih") + p("bias_hh")).split(H, -1)
+            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+            return torch.sigmoid(o) * torch.tanh(ln(c, "cell")), c
+        xr, xz, xn = (gx + p("bias_ih")).split(H, -1)
+        hr, hz, hn = (gh + p("bias_hh")).split(H, -1)
+        r, z = torch.sigmoid(xr + hr), torch.sigmoid(xz + hz)
+        n = torch.tanh(xn + r * hn)
+        return (1 - z) * n + z * h, None
+
+    return step
+
+
+@pytest.mark.parametrize("how", METHODS, ids=["exact", "power"])
+@pytest.mark.parametrize("cls,mode", [(vgk.nn.LSTM, "lstm"), (vgk.nn.GRU, "gru")])
+@pytest.mark.parametrize("T,B,I,H", [(1, 1, 1, 1), (4, 3, 2, 5)])
+def test_layer_normalized_cells(cls, mode, T, B, I, H, how):
+    module = cls(I, H, layer_norm=True, dtype=DT)
+    with torch.no_grad():  # gains and shifts away from 1 and 0, so that they count
+        for name, param in module.named_parameters():
+            if name.startswith("layer_norm"):
+                param.add_(0.3 * torch.randn_like(param))
+    x = torch.randn(T, B, I, dtype=DT)
+    step = ln_cell(module, mode)
+    h, c = torch.zeros(B, H, dtype=DT), torch.zeros(B, H, dtype=DT)
+    expected = torch.zeros(T, B, dtype=DT)
+    outputs = []
+    for t in range(T):
+        for b in range(B):
+            if mode == "lstm":
+                def one(s, t=t, b=b):
+                    h1, c1 = step(x[t, b : b + 1], s[None, :H], s[None, H:])
+                    return torch.cat([h1[0], c1[0]])
+
+                s = torch.cat([h[b], c[b]])
+            else:
+                def one(s, t=t, b=b):
+                    return step(x[t, b : b + 1], s[None], None)[0][0]
+
+                s = h[b]
+            jac = torch.autograd.functional.jacobian(one, s)
+            expected[t, b] = torch.linalg.matrix_norm(jac, ord=2)
+        with torch.no_grad():
+            h, c = step(x[t], h, c)
+        outputs.append(h)
+    with torch.no_grad():  # the written-out cell is the module's cell
+        torch.testing.assert_close(module(x)[0], torch.stack(outputs), rtol=1e-12, atol=1e-12)
+    ours = spectral_norms(module, x, **how)
+    torch.testing.assert_close(ours.double(), expected, rtol=RTOL, atol=1e-7)
+
+
+def test_layer_normalized_second_layer_matches_per_layer_cells():
+    module = vgk.nn.LSTM(2, 3, num_layers=2, layer_norm=True, dtype=DT)
+    x = torch.randn(3, 2, 2, dtype=DT)
+    with torch.no_grad():  # the first layer's outputs are the second layer's input
+        top = vgk.nn.LSTM(3, 3, layer_norm=True, dtype=DT)
+        state = module.state_dict()
+        top.load_state_dict({k.replace("_l1", "_l0"): v for k, v in state.items() if "_l1" in k})
+        first = vgk.nn.LSTM(2, 3, layer_norm=True, dtype=DT)
+        first.load_state_dict({k: v for k, v in state.items() if "_l0" in k})
+        below = first(x)[0]
+    torch.testing.assert_close(spectral_norms(module, x, layer=1), spectral_norms(top, below))
 
 
 def test_bad_inputs():
@@ -202,7 +312,7 @@ def test_bad_inputs():
         spectral_norms(module, torch.randn(3))
     with pytest.raises(ValueError, match=r"input: expected 3 features, got shape \(5, 2, 4\)"):
         spectral_norms(module, torch.randn(5, 2, 4))
-    with pytest.raises(ValueError, match=r"layer: expected an int in \[0, 1\), got 1"):
+    with pytest.raises(ValueError, match=r"layer: expected None or an int in \[0, 1\), got 1"):
         spectral_norms(module, x, layer=1)
     with pytest.raises(ValueError, match=r"direction: expected an int in \[0, 1\), got 1"):
         spectral_norms(module, x, direction=1)
@@ -212,5 +322,5 @@ def test_bad_inputs():
         spectral_norms(module, x, hx=torch.zeros(1, 3, 4))
     with pytest.raises(ValueError, match="proj_size=2"):
         spectral_norms(nn.LSTM(3, 4, proj_size=2), x)
-    with pytest.raises(ValueError, match="layer_norm=True"):
-        spectral_norms(vgk.nn.LSTM(3, 4, layer_norm=True), x)
+    with pytest.raises(ValueError, match="method: expected one of .* got 'svd'"):
+        spectral_norms(module, x, method="svd")

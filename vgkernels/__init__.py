@@ -7,11 +7,13 @@ from vgkernels import _library  # noqa: F401, I001  (registers torch.ops.vgk fir
 from vgkernels import diagnostics, init, nn, ops, tasks
 from vgkernels.cpu import empty_cache
 from vgkernels.nn.tracking import track
+from vgkernels.ops.cell import CellTrace
 from vgkernels.ops.clip_grad import clip_grad_norm_, clip_grads_with_norm_, get_total_norm
 from vgkernels.trace import BPTTTrace
 
 __all__ = [
     "BPTTTrace",
+    "CellTrace",
     "clip_grad_norm_",
     "clip_grads_with_norm_",
     "diagnostics",

@@ -1,4 +1,4 @@
-"""Command line: ``python -m vgkernels demo | bench | info``."""
+"""Command line: ``python -m vgkernels demo | bench | info | aot-check``."""
 
 from __future__ import annotations
 
@@ -73,6 +73,31 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _aot_check(args: argparse.Namespace) -> int:
+    import os
+    from pathlib import Path
+
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        print("aot-check: TRITON_INTERPRET=1 is set; unset it (the check compiles the real kernels)")
+        return 2
+    from vgkernels.triton import aot
+
+    result = aot.check(args.table, jobs=args.jobs, progress=lambda line: print(line, flush=True))
+    s = result["summary"]
+    if args.out:
+        md, js = aot.write(result, Path(args.out))
+        print(f"wrote {md} and {js}")
+    for config, kernel, target in result["failures"]:
+        row = next(r for r in result["rows"] if (r["config"], r["kernel"]) == (config, kernel))
+        print(f"FAIL {target} {kernel} [{config}]: {row[target]['error']}")
+    for config, kernel, target in result["spills"]:
+        print(f"SPILL {target} {kernel} [{config}]")
+    print(f"triton {s['triton']}: {s['distinct_kernels']} distinct kernels of {s['configurations']} "
+          f"configurations, {s['compiles']} compiles for {', '.join(s['targets'])} in {s['seconds']} s: "
+          f"{s['failures']} failures, {s['spilling']} spilling")
+    return 1 if s["failures"] or s["spilling"] else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m vgkernels", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -92,6 +117,13 @@ def main(argv: list[str] | None = None) -> int:
                        help="pin glibc's mmap/trim thresholds and fault a heap in first (not a plain "
                             "process; labelled in the output)")
     bench.set_defaults(func=_bench)
+    aot = sub.add_parser("aot-check", help="compile every Triton launch for sm_80 and sm_90 (no GPU needed)")
+    aot.add_argument("--table", default="ci", choices=["smoke", "ci", "full"],
+                     help="smoke: one launch per kernel (a minute); ci: a representative subset (minutes); "
+                          "full: the whole table (bench/results/aot_*.md)")
+    aot.add_argument("--out", default=None, help="folder for the table (aot_triton-<version>[_ci].md/.json)")
+    aot.add_argument("--jobs", type=int, default=None, help="compile processes (default: all CPUs)")
+    aot.set_defaults(func=_aot_check)
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -13,6 +13,7 @@ Variances (n_in = fan-in, n_out = fan-out of one block):
 - ``xavier_uniform_``: U[-a, a], a = gain * sqrt(6 / (n_in + n_out)); Var = gain² * 2 / (n_in + n_out).
 - ``xavier_normal_``: N(0, gain² * 2 / (n_in + n_out)).
 - ``kaiming_uniform_``/``kaiming_normal_`` (He et al. 2015): Var = gain² / n, gain² = 2 for ReLU.
+- ``lecun_normal_`` (LeCun et al. 1998; the pairing of SELU, Klambauer et al. 2017): N(0, 1 / n_in).
 - ``default_``: torch.nn's recurrent default, U[-1/sqrt(H), 1/sqrt(H)]; Var = 1 / (3 H).
 - ``negative_mean_``: N(mu, sigma²) with mu = max(-1, -8/n_in), sigma = 0.1.
 """
@@ -32,6 +33,7 @@ __all__ = [
     "init_recurrent_",
     "kaiming_normal_",
     "kaiming_uniform_",
+    "lecun_normal_",
     "lstm_forget_bias_",
     "negative_mean_",
     "orthogonal_",
@@ -159,6 +161,24 @@ def kaiming_normal_(
     for block in _blocks(tensor, blocks):
         _fill_normal(block, 0.0, _he_std(block, mode, nonlinearity, a), generator)
     return tensor
+
+
+def lecun_normal_(
+    tensor: torch.Tensor, *, blocks: int = 1, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """LeCun normal init, N(0, 1 / n_in): the initialization of self-normalizing (SELU) networks.
+
+    Klambauer et al. (2017), "Self-Normalizing Neural Networks": with zero-mean weights of variance
+    1/n_in and standardized inputs, SELU activations keep mean 0 and variance 1 from layer to layer.
+    It is ``kaiming_normal_`` with gain 1 (``nonlinearity="linear"``).
+
+    Args:
+        tensor: floating [rows, cols]; n_in = cols.
+        blocks: number of stacked gate blocks along dim 0 (the fan-in is the same for every block).
+    Returns:
+        ``tensor``, filled in place.
+    """
+    return kaiming_normal_(tensor, nonlinearity="linear", blocks=blocks, generator=generator)
 
 
 def orthogonal_(
@@ -326,7 +346,8 @@ def lstm_forget_bias_(module: torch.nn.Module, value: float = 1.0) -> torch.nn.M
                 biases.setdefault(name.replace("bias_ih", "").replace("bias_hh", ""), []).append(p)
         if not biases:
             raise ValueError(
-                f"{type(m).__name__} has no biases (bias=False): cannot set the forget-gate bias"
+                f"module: setting the forget-gate bias needs an LSTM with biases, got {type(m).__name__} "
+                "with bias=False"
             )
         H = m.hidden_size
         for pair in biases.values():
@@ -362,6 +383,10 @@ def _scheme_kaiming(m: torch.nn.Module, name: str, p: torch.Tensor, g: torch.Gen
     _zero_biases_else(kaiming_normal_, m, name, p, g)
 
 
+def _scheme_lecun(m: torch.nn.Module, name: str, p: torch.Tensor, g: torch.Generator | None) -> None:
+    _zero_biases_else(lecun_normal_, m, name, p, g)
+
+
 def _scheme_orthogonal(m: torch.nn.Module, name: str, p: torch.Tensor, g: torch.Generator | None) -> None:
     if name.startswith("weight_hh"):
         orthogonal_(p, blocks=_gates(m), generator=g)
@@ -385,6 +410,7 @@ _WEIGHT_SCHEMES: dict[str, Callable[..., None]] = {
     "xavier": _scheme_xavier,
     "kaiming": _scheme_kaiming,
     "he": _scheme_kaiming,
+    "lecun": _scheme_lecun,
     "orthogonal": _scheme_orthogonal,
     "identity": _scheme_identity,
     "irnn": _scheme_identity,
@@ -410,6 +436,7 @@ def init_recurrent_(
     - ``"default"``: torch.nn's U[-1/sqrt(H), 1/sqrt(H)] everywhere.
     - ``"xavier"``: Xavier-uniform weights per gate block, zero biases.
     - ``"kaiming"``/``"he"``: He-normal weights per gate block, zero biases.
+    - ``"lecun"``: LeCun-normal weights N(0, 1/n_in), zero biases (the pairing of SELU).
     - ``"orthogonal"``: orthogonal ``weight_hh`` per gate block, Xavier-uniform input weights, zero biases.
     - ``"identity"``/``"irnn"``: ``weight_hh`` = I per gate block, input weights N(0, 0.001²), zero
       biases (Le et al. 2015; meant for ReLU RNNs).
@@ -434,7 +461,8 @@ def init_recurrent_(
     for part in parts:
         if part not in _WEIGHT_SCHEMES and not _FORGET.match(part):
             raise ValueError(
-                f"unknown init scheme {part!r} in {scheme!r}; expected one of {RECURRENT_SCHEMES}"
+                f"scheme: expected parts joined by '+' from {RECURRENT_SCHEMES}, got {scheme!r} with the "
+                f"unknown part {part!r}"
             )
     modules = _recurrent_modules(module)
     for part in parts:

@@ -26,6 +26,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -153,28 +154,133 @@ constexpr int64_t kWholeProjectionBytes = int64_t(16) << 20;
 
 int64_t position(int64_t s, int64_t T, bool reverse) { return reverse ? T - 1 - s : s; }
 
-// A layer's states: at(t) is the state after position t ([B, H] rows; positions BH apart), before(t)
-// the state before position t in processing order, `init` before the first processed position.
+// The rows of each time step. Padded input [T, B, *]: step t holds all B rows, from row t * B. Packed
+// input (torch's PackedSequence layout): step t holds the first sizes[t] samples, sorted by decreasing
+// length so that sizes never grows, from row offsets[t] = sizes[0] + ... + sizes[t-1].
+struct Steps {
+  int64_t T = 0, B = 0;
+  const int64_t* sizes = nullptr;  // packed: batch_sizes [T]; nullptr: padded
+  std::vector<int64_t> offsets;    // packed: [T + 1]
+  bool packed() const { return sizes != nullptr; }
+  int64_t rows(int64_t t) const { return sizes ? sizes[t] : B; }
+  int64_t offset(int64_t t) const { return sizes ? offsets[t] : t * B; }
+  int64_t total() const { return sizes ? offsets[T] : T * B; }
+};
+
+Steps padded_steps(int64_t T, int64_t B) { return Steps{T, B, nullptr, {}}; }
+
+// batch_sizes: int64 [T] on the CPU, non-increasing, every size >= 1; B = batch_sizes[0]. `keep` must
+// outlive the result (it owns the sizes).
+Steps packed_steps(const char* op, const at::Tensor& keep) {
+  TORCH_CHECK(keep.device().is_cpu(), op, ": batch_sizes must be a CPU tensor, got one on ", keep.device());
+  TORCH_CHECK_TYPE(keep.scalar_type() == at::kLong, op, ": batch_sizes must have dtype int64, got ",
+                   keep.scalar_type());
+  TORCH_CHECK_VALUE(keep.dim() == 1 && keep.size(0) >= 1, op, ": batch_sizes must have shape [T] with T >= 1, got ",
+                    keep.sizes());
+  const int64_t* sizes = keep.const_data_ptr<int64_t>();
+  Steps steps{keep.size(0), sizes[0], sizes, {}};
+  steps.offsets.resize(steps.T + 1, 0);
+  for (int64_t t = 0; t < steps.T; ++t) {
+    const int64_t n = sizes[t];
+    TORCH_CHECK_VALUE(n >= 1 && (t == 0 || n <= sizes[t - 1]), op,
+                      ": batch_sizes must be >= 1 and never grow, got batch_sizes[", t, "] = ", n);
+    steps.offsets[t + 1] = steps.offsets[t] + n;
+  }
+  return steps;
+}
+
+// A layer's states: at(t) is the state after position t (rows `width` apart, laid out as `steps`);
+// `init` [B, width] is the state before the first position processed.
 template <typename T>
 struct StateSeq {
   T* base = nullptr;
   const T* init = nullptr;
-  int64_t steps = 0, BH = 0;
+  int64_t width = 0;
+  const Steps* steps = nullptr;
   bool reverse = false;
-  T* at(int64_t t) const { return base + t * BH; }
-  const T* before(int64_t t) const {
+  T* at(int64_t t) const { return base + steps->offset(t) * width; }
+  // The position processed before t, or -1 at the first.
+  int64_t prev(int64_t t) const {
     const int64_t p = reverse ? t + 1 : t - 1;
-    return p < 0 || p >= steps ? init : base + p * BH;
+    return p < 0 || p >= steps->T ? -1 : p;
   }
 };
+
+// Where the rows [b0, b0 + n) of the state before position t come from: the first n_cont rows continue
+// from the position processed before, the rest start from the initial state. Every row continues in
+// padded input and in the forward direction; in the reverse direction over packed input the samples
+// whose last position is t start there. Both pointers address row b0, so row i is cont + i * width
+// (i < n_cont) or fresh + i * width.
+template <typename T>
+struct PrevRows {
+  const T* cont = nullptr;
+  const T* fresh = nullptr;
+  int64_t n_cont = 0;
+  const T* row(int64_t i, int64_t width) const { return (i < n_cont ? cont : fresh) + i * width; }
+};
+
+template <typename T>
+PrevRows<T> prev_rows(const StateSeq<T>& s, int64_t t, int64_t b0, int64_t n) {
+  const int64_t p = s.prev(t);
+  const T* fresh = s.init + b0 * s.width;
+  if (p < 0) return {fresh, fresh, 0};
+  return {s.at(p) + b0 * s.width, fresh, std::clamp<int64_t>(s.steps->rows(p) - b0, 0, n)};
+}
+
+// C[0:n] (+)= A W for the rows A of a PrevRows (lda = its width).
+template <typename T>
+void prev_rows_gemm(const RowsGemm<T>& g, const PrevRows<T>& a, int64_t n, int64_t lda, bool accumulate, T* C,
+                    int64_t ldc) {
+  if (a.n_cont > 0) g.run(a.n_cont, a.cont, lda, accumulate, C, ldc);
+  if (n > a.n_cont) g.run(n - a.n_cont, a.fresh + a.n_cont * lda, lda, accumulate, C + a.n_cont * ldc, ldc);
+}
+
+// A pointwise pass over the rows [0, n) of a step: the rows that continue read h_prev and c_prev at
+// hp.cont and cp.cont, the fresh ones at hp.fresh and cp.fresh.
+template <typename T, typename Step, typename Pass>
+void prev_rows_pass(Pass pass, Step& st, const PrevRows<T>& hp, const PrevRows<T>& cp, int64_t n) {
+  st.hp = hp.cont;
+  st.cp = cp.cont;
+  pass(st, 0, hp.n_cont);
+  st.hp = hp.fresh;
+  st.cp = cp.fresh;
+  pass(st, hp.n_cont, n);
+}
+
+// Runs fn(b0, b1) over blocks of batch rows on the threads; each block runs the whole time loop. Padded:
+// an even split. Packed: the rows are sorted by decreasing length, so the split is by work (positions
+// held), not by rows.
+template <typename F>
+void for_row_blocks(const Steps& steps, const F& fn) {
+  const int64_t B = steps.B;
+  if (B == 0) return;
+  if (!steps.packed()) {
+    at::parallel_for(0, B, kRowGrain, fn);
+    return;
+  }
+  const int64_t blocks = std::clamp<int64_t>(B / kRowGrain, 1, at::get_num_threads());
+  std::vector<int64_t> bounds{0};
+  int64_t t = steps.T, work = 0;
+  for (int64_t b = 0; b < B && static_cast<int64_t>(bounds.size()) < blocks; ++b) {
+    while (t > 0 && steps.sizes[t - 1] <= b) --t;  // t = the number of positions row b holds
+    work += t;
+    if (work * blocks >= steps.total() * static_cast<int64_t>(bounds.size())) bounds.push_back(b + 1);
+  }
+  bounds.push_back(B);
+  at::parallel_for(0, static_cast<int64_t>(bounds.size()) - 1, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      if (bounds[c + 1] > bounds[c]) fn(bounds[c], bounds[c + 1]);
+    }
+  });
+}
 
 // rnn_forward/rnn_backward keep states [T+1, B, H] with h0 in slot 0 (slot T when reverse): the state
 // after position t is then in slot t+1 (slot t), and h0 sits right before the first one processed.
 template <typename T>
-StateSeq<T> slots(const at::Tensor& states, bool reverse) {
-  const int64_t steps = states.size(0) - 1, BH = states.size(1) * states.size(2);
+StateSeq<T> slots(const at::Tensor& states, const Steps& steps, bool reverse) {
+  const int64_t BH = states.size(1) * states.size(2);
   T* p = const_cast<T*>(states.const_data_ptr<T>());
-  return {p + (reverse ? 0 : BH), p + (reverse ? steps : 0) * BH, steps, BH, reverse};
+  return {p + (reverse ? 0 : BH), p + (reverse ? steps.T : 0) * BH, states.size(2), &steps, reverse};
 }
 
 // The input side of a forward: the precomputed projection xproj [T, B, G*H] (rnn_forward), or the
@@ -188,31 +294,73 @@ struct InputSide {
   const T* bias = nullptr;            // with x: [G*H] b_ih + b_hh (GRU: b_ih alone), zeros if none
 };
 
+// The LSTM's projection (proj_size P > 0): the cell computes hf = o * tanh(c) [H] and the state it
+// carries and outputs is h = hf W_hr^T [P]. hf is saved for the backward in the workspace, after the
+// gates (see workspace_layout).
 template <typename T>
-void forward_loop(Cell cell, int64_t G, int64_t T_, int64_t B, int64_t H, const InputSide<T>& in,
+struct Projection {
+  int64_t P = 0;
+  const RowsGemm<T>* gemm = nullptr;  // forward: hf W_hr^T; backward: dh W_hr
+  StateSeq<T> full;                   // the hf sequence (H wide); its init (zeros) only fills carried rows
+  // Tracking: K = (W_hh W_hh^T) ⊙ (J_4 ⊗ W_hr^T W_hr) [4H, 4H] and the squared column norms of W_hr [H].
+  const T* kgram = nullptr;
+  const T* col_sq = nullptr;
+};
+
+// Squared Frobenius norm of one step's Jacobian d(h, c)/d(h_prev, c_prev) of the projected LSTM, minus
+// the coupled term beta^T K beta, whose coefficients beta [4H] it writes for a GEMM over the rows:
+//   ||J||_F^2 = sum_j [alpha_j^T G_j alpha_j + sf_j^2 + (kappa_j sf_j)^2 ||W_hr[:, j]||^2] + beta^T K beta,
+// with alpha, kappa, G_j as for the plain LSTM (recurrent_kernels.h) and beta = (kappa alpha_i,
+// kappa alpha_f, kappa alpha_g, tanh(c) so (1 - so)): row j of d hf/d h_prev is sum_a beta_a,j W_a[j, :],
+// and d h/d h_prev = W_hr (d hf/d h_prev) couples all units through W_hr^T W_hr.
+template <typename T>
+T projected_lstm_jacobian_terms(int64_t H, const T* w, const T* cp, const T* c, const T* gm, const T* col_sq,
+                                T* beta) {
+  double acc = 0;
+  for (int64_t j = 0; j < H; ++j) {
+    const T si = w[j], sf = w[H + j], tg = w[2 * H + j], so = w[3 * H + j], tc = std::tanh(c[j]);
+    const T a0 = tg * si * (1 - si), a1 = cp[j] * sf * (1 - sf), a2 = si * (1 - tg * tg);
+    const T kappa = so * (1 - tc * tc);
+    const T quad = a0 * a0 * gm[j] + a1 * a1 * gm[4 * H + j] + a2 * a2 * gm[7 * H + j] +
+                   2 * (a0 * a1 * gm[H + j] + a0 * a2 * gm[2 * H + j] + a1 * a2 * gm[5 * H + j]);
+    acc += quad + sf * sf + kappa * kappa * sf * sf * col_sq[j];
+    beta[j] = kappa * a0;
+    beta[H + j] = kappa * a1;
+    beta[2 * H + j] = kappa * a2;
+    beta[3 * H + j] = tc * so * (1 - so);
+  }
+  return static_cast<T>(acc);
+}
+
+template <typename T>
+void forward_loop(Cell cell, int64_t G, const Steps& steps, int64_t H, const InputSide<T>& in,
                   const StateSeq<T>& hs, const StateSeq<T>& cs, const at::Tensor& w, const at::Tensor& bhh,
-                  const at::Tensor& len, bool track, T* wsp, float* jp) {
-  if (B == 0) return;
-  const int64_t GH = G * H;
+                  const Projection<T>* proj, const at::Tensor& len, bool track, T* wsp, float* jp) {
+  if (steps.B == 0) return;
+  const int64_t GH = G * H, B = steps.B, Wh = hs.width;  // Wh: P with a projection, else H
   const bool gru = cell == Cell::kGru, lstm = cell == Cell::kLstm, fused = in.w_ih != nullptr;
   const auto opts = w.options();
   at::Tensor bias = gru ? (bhh.defined() ? bhh.contiguous() : at::zeros({GH}, opts)) : at::Tensor();
   // The GRU adds a bias to its input side too: b_ih with x, zeros with xproj (which holds it).
   at::Tensor xbias = gru && !fused ? at::zeros({GH}, opts) : at::Tensor();
   at::Tensor gram = track ? gram_entries<T>(w, G, H, /*diagonals=*/gru) : at::Tensor();
-  const RowsGemm<T> step_gemm(w, /*trans_w=*/true, true, parallel_chunk(B, kRowGrain));  // h_prev W_hh^T
-  const ForwardRows<T> rows = pick_forward<T>(cell, track);
+  const RowsGemm<T> step_gemm(w, /*trans_w=*/true, steps.total() >= kTiledMinRows,
+                              parallel_chunk(B, kRowGrain));  // h_prev W_hh^T
+  // With a projection the pointwise pass leaves the Jacobian to projected_lstm_jacobian_terms.
+  const ForwardRows<T> rows = pick_forward<T>(cell, track && proj == nullptr);
   const int64_t* lp = len.defined() ? len.const_data_ptr<int64_t>() : nullptr;
 
   // Samples are independent: each thread runs the whole time loop over its own batch rows, so the
   // steps need no barrier. Pointers below address the thread's first row.
-  at::parallel_for(0, B, kRowGrain, [&](int64_t b0, int64_t b1) {
+  for_row_blocks(steps, [&](int64_t b0, int64_t b1) {
     const int64_t nb = b1 - b0;
     at::Tensor hh = at::empty({nb, GH}, opts);
     // With x, the GRU keeps x_t W_ih^T apart (r scales only the recurrent part of n); the other cells
     // sum both products in hh and read the bias as their input row.
     at::Tensor xrows = fused && gru ? at::empty({nb, GH}, opts) : at::Tensor();
     at::Tensor scratch = at::empty({track ? H : 0}, opts);
+    const bool proj_track = proj != nullptr && track;
+    at::Tensor beta = at::empty({proj_track ? nb : 0, GH}, opts), kbeta = at::empty_like(beta);
     T* hhp = hh.data_ptr<T>();
     FwdStep<T> st;
     st.H = H;
@@ -222,94 +370,139 @@ void forward_loop(Cell cell, int64_t G, int64_t T_, int64_t B, int64_t H, const 
     st.bx = !gru ? nullptr : fused ? in.bias : xbias.const_data_ptr<T>();
     st.gram = gram.defined() ? gram.const_data_ptr<T>() : nullptr;
     st.len = lp ? lp + b0 : nullptr;
-    for (int64_t s = 0; s < T_; ++s) {
-      const int64_t t = position(s, T_, hs.reverse), row = t * B + b0;
-      st.hp = hs.before(t) + b0 * H;
+    for (int64_t s = 0; s < steps.T; ++s) {
+      const int64_t t = position(s, steps.T, hs.reverse);
+      const int64_t n = std::min(b1, steps.rows(t)) - b0;
+      if (n <= 0) continue;  // packed: the block's samples have all ended
+      const int64_t row = steps.offset(t) + b0;
+      const PrevRows<T> hp = prev_rows(hs, t, b0, n);
       if (!fused) {
-        step_gemm.run(nb, st.hp, H, /*accumulate=*/false, hhp, GH);
+        prev_rows_gemm(step_gemm, hp, n, Wh, /*accumulate=*/false, hhp, GH);
         st.x = in.xproj + row * GH;
         st.xs = GH;
       } else if (gru) {
-        in.w_ih->run(nb, in.x + row * in.I, in.I, /*accumulate=*/false, xrows.data_ptr<T>(), GH);
-        step_gemm.run(nb, st.hp, H, /*accumulate=*/false, hhp, GH);
+        in.w_ih->run(n, in.x + row * in.I, in.I, /*accumulate=*/false, xrows.data_ptr<T>(), GH);
+        prev_rows_gemm(step_gemm, hp, n, Wh, /*accumulate=*/false, hhp, GH);
         st.x = xrows.data_ptr<T>();
         st.xs = GH;
       } else {
-        in.w_ih->run(nb, in.x + row * in.I, in.I, /*accumulate=*/false, hhp, GH);
-        step_gemm.run(nb, st.hp, H, /*accumulate=*/true, hhp, GH);
+        in.w_ih->run(n, in.x + row * in.I, in.I, /*accumulate=*/false, hhp, GH);
+        prev_rows_gemm(step_gemm, hp, n, Wh, /*accumulate=*/true, hhp, GH);
         st.x = in.bias;
         st.xs = 0;
       }
       st.t = t;
-      st.h = hs.at(t) + b0 * H;
+      st.h = (proj ? proj->full.at(t) : hs.at(t)) + b0 * H;
+      // The pointwise pass reads h_prev (H wide) for the GRU and to carry rows past their length.
+      const PrevRows<T> carried = proj ? prev_rows(proj->full, t, b0, n) : hp;
+      PrevRows<T> cp;
       if (lstm) {
-        st.cp = cs.before(t) + b0 * H;
+        cp = prev_rows(cs, t, b0, n);
         st.c = cs.at(t) + b0 * H;
       }
       if (wsp) st.ws = wsp + row * 4 * H;
       if (jp) st.jac = jp + t * B + b0;
-      rows(st, 0, nb);
+      prev_rows_pass(rows, st, carried, cp, n);
+      if (proj == nullptr) continue;
+      T* out = hs.at(t) + b0 * Wh;
+      proj->gemm->run(n, st.h, H, /*accumulate=*/false, out, Wh);
+      for (int64_t i = 0; i < n; ++i) {
+        const bool valid = base::row_valid(st.len, t, i);
+        if (!valid) std::memcpy(out + i * Wh, hp.row(i, Wh), sizeof(T) * Wh);  // carried past its length
+        if (!proj_track) continue;
+        T* beta_i = beta.data_ptr<T>() + i * GH;
+        if (!valid) {
+          std::fill(beta_i, beta_i + GH, T(0));
+          st.jac[i] = 0.0f;
+          continue;
+        }
+        st.jac[i] = static_cast<float>(projected_lstm_jacobian_terms<T>(
+            H, st.ws + i * 4 * H, cp.row(i, H), st.c + i * H, st.gram, proj->col_sq, beta_i));
+      }
+      if (!proj_track) continue;
+      const T* bp = beta.const_data_ptr<T>();
+      T* kp = kbeta.data_ptr<T>();
+      gemm<T>(false, false, n, GH, GH, bp, GH, proj->kgram, GH, T(0), kp, GH);
+      for (int64_t i = 0; i < n; ++i) {
+        double quad = 0;
+        for (int64_t r = 0; r < GH; ++r) quad += static_cast<double>(bp[i * GH + r]) * kp[i * GH + r];
+        st.jac[i] += static_cast<float>(quad);
+      }
     }
   });
 }
 
-// The incoming gradient of a state sequence at position t: base + t * step ([B, H] rows). An absent
-// gradient reads one zero block at every position (step 0).
+// The incoming gradient of a state sequence at position t: rows `width` apart, laid out as `steps`. An
+// absent gradient reads one zero block at every position.
 template <typename T>
 struct GradSeq {
   const T* base = nullptr;
-  int64_t step = 0;
-  at::Tensor keep;  // owns the zero block
-  const T* at(int64_t t) const { return base + t * step; }
+  int64_t width = 0;
+  const Steps* steps = nullptr;  // nullptr: absent, base is the zero block
+  at::Tensor keep;               // owns the zero block
+  const T* at(int64_t t) const { return steps ? base + steps->offset(t) * width : base; }
 };
 
+// `grad` laid out as `steps` from row `offset_rows` on; undefined: zeros.
 template <typename T>
-GradSeq<T> grad_seq(const at::Tensor& grad, int64_t offset_rows, int64_t B, int64_t H,
+GradSeq<T> grad_seq(const at::Tensor& grad, const Steps& steps, int64_t offset_rows, int64_t width,
                     const at::TensorOptions& opts) {
   if (!grad.defined()) {
-    at::Tensor zeros = at::zeros({B, H}, opts);
-    return {zeros.const_data_ptr<T>(), 0, zeros};
+    at::Tensor zeros = at::zeros({steps.B, width}, opts);
+    return {zeros.const_data_ptr<T>(), width, nullptr, zeros};
   }
-  return {grad.const_data_ptr<T>() + offset_rows * B * H, B * H, grad};
+  return {grad.const_data_ptr<T>() + offset_rows * width, width, &steps, grad};
 }
 
-// The backward time loop. dh, dc [B, H] hold the gradients reaching the last processed state on entry
-// and the gradients of h0, c0 on exit (without any direct gradient of h0, c0). Writes the pre-activation
-// gradients gx [T, B, G*H] (GRU: also those of h_prev W_hh^T + b_hh into rec), and, with grad_x, the
-// gradient of x: gx_t W_ih per step.
+// The backward time loop. dh, dc [B, Wh], [B, H] hold the gradients reaching the last processed state on
+// entry and the gradients of h0, c0 on exit (without any direct gradient of h0, c0). Writes the
+// pre-activation gradients gx [rows, G*H] (GRU: also those of h_prev W_hh^T + b_hh into rec), with
+// grad_x the gradient of x (gx_t W_ih per step), and with a projection the gradients reaching each h_t
+// [rows, P] into grad_h (for W_hr's gradient).
 template <typename T>
-void backward_loop(Cell cell, int64_t G, int64_t T_, int64_t B, int64_t H, const GradSeq<T>& gh,
+void backward_loop(Cell cell, int64_t G, const Steps& steps, int64_t H, const GradSeq<T>& gh,
                    const GradSeq<T>& gc, const StateSeq<T>& hs, const StateSeq<T>& cs, const T* wsp,
-                   const at::Tensor& w, const at::Tensor& len, std::optional<double> grad_clip, bool track,
-                   at::Tensor& dh, at::Tensor& dc, T* gxp, T* recp, double* qp, const RowsGemm<T>* w_ih,
-                   T* grad_x, int64_t I) {
-  if (B == 0) return;
-  const int64_t GH = G * H;
+                   const at::Tensor& w, const Projection<T>* proj, T* grad_h, const at::Tensor& len,
+                   std::optional<double> grad_clip, bool track, at::Tensor& dh, at::Tensor& dc, T* gxp, T* recp,
+                   double* qp, const RowsGemm<T>* w_ih, T* grad_x, int64_t I) {
+  if (steps.B == 0) return;
+  const int64_t GH = G * H, B = steps.B, T_ = steps.T, Wh = hs.width;
   const bool lstm = cell == Cell::kLstm, gru = cell == Cell::kGru;
-  const RowsGemm<T> step_gemm(w, /*trans_w=*/false, true, parallel_chunk(B, kRowGrain));  // dgates W_hh
+  const RowsGemm<T> step_gemm(w, /*trans_w=*/false, steps.total() >= kTiledMinRows,
+                              parallel_chunk(B, kRowGrain));  // dgates W_hh
   const BackwardRows<T> rows = pick_backward<T>(cell, track);
   const T clip = grad_clip.has_value() ? static_cast<T>(*grad_clip) : std::numeric_limits<T>::infinity();
   const int64_t* lp = len.defined() ? len.const_data_ptr<int64_t>() : nullptr;
+  const auto opts = w.options();
 
   // As in the forward, each thread runs the whole reverse loop over its own batch rows.
-  at::parallel_for(0, B, kRowGrain, [&](int64_t b0, int64_t b1) {
+  for_row_blocks(steps, [&](int64_t b0, int64_t b1) {
     const int64_t nb = b1 - b0;
+    // With a projection the pointwise pass takes dh_t W_hr (H wide) as its dh and zeros as its incoming
+    // gradient; its squared norm of that is not the trace's (which is of dh_t itself).
+    at::Tensor dhf = at::empty({proj ? nb : 0, H}, opts), zeros = at::zeros({proj ? nb : 0, H}, opts);
+    std::vector<double> unused_sq(proj ? nb : 0);
+    T* dh_rows = dh.data_ptr<T>() + b0 * Wh;
     BwdStep<T> st;
     st.H = H;
-    st.dh = dh.data_ptr<T>() + b0 * H;
+    st.dh = proj ? dhf.data_ptr<T>() : dh_rows;
     st.dc = lstm ? dc.data_ptr<T>() + b0 * H : nullptr;
     st.len = lp ? lp + b0 : nullptr;
     st.clip = clip;
     for (int64_t s = T_ - 1; s >= 0; --s) {
-      const int64_t t = position(s, T_, hs.reverse), row = t * B + b0;
+      const int64_t t = position(s, T_, hs.reverse);
+      const int64_t n = std::min(b1, steps.rows(t)) - b0;
+      if (n <= 0) continue;
+      const int64_t row = steps.offset(t) + b0;
       st.t = t;
-      st.gs = gh.at(t) + b0 * H;
-      st.h = hs.at(t) + b0 * H;
-      st.hp = hs.before(t) + b0 * H;
+      st.gs = gh.at(t) + b0 * Wh;
+      st.h = hs.at(t) + b0 * Wh;
+      const PrevRows<T> hp = prev_rows(hs, t, b0, n);
+      PrevRows<T> cp;
       if (lstm) {
         st.gcs = gc.at(t) + b0 * H;
         st.c = cs.at(t) + b0 * H;
-        st.cp = cs.before(t) + b0 * H;
+        cp = prev_rows(cs, t, b0, n);
       }
       if (wsp) st.ws = wsp + row * 4 * H;
       st.gx = gxp + row * GH;
@@ -318,20 +511,76 @@ void backward_loop(Cell cell, int64_t G, int64_t T_, int64_t B, int64_t H, const
         st.gsq_h = qp + t * B + b0;
         if (lstm) st.gsq_c = qp + (T_ + t) * B + b0;
       }
-      rows(st, 0, nb);
-      step_gemm.run(nb, gru ? st.rec : st.gx, GH, /*accumulate=*/true, st.dh, H);
-      if (grad_x) w_ih->run(nb, st.gx, GH, /*accumulate=*/false, grad_x + row * I, I);
+      if (proj) {
+        // dh_t = incoming + recurrent gradient of h_t [P]; a row past its length carries it to h_prev.
+        T* g = grad_h + row * Wh;
+        for (int64_t i = 0; i < n; ++i) {
+          double sq = 0;
+          for (int64_t k = 0; k < Wh; ++k) {
+            g[i * Wh + k] = st.gs[i * Wh + k] + dh_rows[i * Wh + k];
+            sq += static_cast<double>(g[i * Wh + k]) * g[i * Wh + k];
+          }
+          const bool valid = base::row_valid(st.len, t, i);
+          if (valid) {
+            std::fill(dh_rows + i * Wh, dh_rows + (i + 1) * Wh, T(0));
+          } else {
+            std::memcpy(dh_rows + i * Wh, g + i * Wh, sizeof(T) * Wh);
+            std::fill(g + i * Wh, g + (i + 1) * Wh, T(0));
+          }
+          if (qp) st.gsq_h[i] = valid ? sq : 0.0;
+        }
+        proj->gemm->run(n, g, Wh, /*accumulate=*/false, st.dh, H);
+        st.gs = zeros.const_data_ptr<T>();
+        if (qp) st.gsq_h = unused_sq.data();
+      }
+      prev_rows_pass(rows, st, hp, cp, n);
+      step_gemm.run(n, gru ? st.rec : st.gx, GH, /*accumulate=*/true, dh_rows, Wh);
+      if (grad_x) w_ih->run(n, st.gx, GH, /*accumulate=*/false, grad_x + row * I, I);
     }
   });
 }
 
-// The state before each position, in the order of positions, as blocks of rows of `seq` [T, B, H]
-// and `init` [B, H] (what weight_grad takes).
-std::vector<at::Tensor> states_before(const at::Tensor& seq, const at::Tensor& init, bool reverse) {
-  const int64_t T_ = seq.size(0), B = seq.size(1), H = seq.size(2);
-  at::Tensor rest = seq.narrow(0, reverse ? 1 : 0, T_ - 1).view({(T_ - 1) * B, H});
-  if (reverse) return {rest, init};
-  return {init, rest};
+// The state before each row of `seq` [rows, W] (laid out as `steps`), in the order of the rows, as blocks
+// of rows of `seq` and `init` [B, W] (what weight_grad takes); adjacent blocks are merged.
+std::vector<at::Tensor> states_before(const at::Tensor& seq, const at::Tensor& init, const Steps& steps,
+                                      bool reverse) {
+  struct Block {
+    const at::Tensor* src;
+    int64_t start, len;
+  };
+  std::vector<Block> blocks;
+  auto add = [&](const at::Tensor& src, int64_t start, int64_t len) {
+    if (len == 0) return;
+    if (!blocks.empty() && blocks.back().src == &src && blocks.back().start + blocks.back().len == start) {
+      blocks.back().len += len;
+    } else {
+      blocks.push_back({&src, start, len});
+    }
+  };
+  for (int64_t t = 0; t < steps.T; ++t) {
+    const int64_t p = reverse ? t + 1 : t - 1, n = steps.rows(t);
+    const int64_t n_cont = p < 0 || p >= steps.T ? 0 : std::min(n, steps.rows(p));
+    add(seq, n_cont > 0 ? steps.offset(p) : 0, n_cont);
+    add(init, n_cont, n - n_cont);
+  }
+  std::vector<at::Tensor> out;
+  for (const Block& blk : blocks) out.push_back(blk.src->narrow(0, blk.start, blk.len));
+  return out;
+}
+
+// The state after the last position of each sample [B, W] from `seq` [rows, W]: padded, at the last
+// position processed (a row past its length carries its state there); packed, forward at each sample's
+// own last position, reverse at position 0.
+void final_state(const at::Tensor& seq, const Steps& steps, bool reverse, at::Tensor& out) {
+  if (steps.B == 0) return;
+  if (!steps.packed() || reverse) {
+    out.copy_(seq.narrow(0, steps.offset(reverse ? 0 : steps.T - 1), steps.B));
+    return;
+  }
+  for (int64_t t = 0; t < steps.T; ++t) {
+    const int64_t lo = t + 1 < steps.T ? steps.rows(t + 1) : 0, hi = steps.rows(t);
+    if (hi > lo) out.narrow(0, lo, hi - lo).copy_(seq.narrow(0, steps.offset(t) + lo, hi - lo));
+  }
 }
 
 // ---------------------------------------------------------------- rnn_forward / rnn_backward
@@ -357,16 +606,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_forward_cpu(
   const bool has_c0 = c0.has_value() && c0->defined();
   const bool has_b = b_hh.has_value() && b_hh->defined();
   if (m.cell == Cell::kLstm) {
-    TORCH_CHECK_VALUE(has_c0, op, ": c0 [B, H] is required for mode 'lstm'");
+    TORCH_CHECK_VALUE(has_c0, op, ": c0 [B, H] is required for mode 'lstm', got None");
     check_tensor(op, "c0", *c0, dtype, {B, H});
   } else {
-    TORCH_CHECK_VALUE(!has_c0, op, ": c0 must be None for mode '", std::string(mode), "'");
+    TORCH_CHECK_VALUE(!has_c0, op, ": c0 must be None for mode '", std::string(mode), "', got a tensor of shape ",
+                      c0->sizes());
   }
   if (m.cell == Cell::kGru) {
     if (has_b) check_tensor(op, "b_hh", *b_hh, dtype, {GH});
   } else {
     TORCH_CHECK_VALUE(!has_b, op, ": b_hh must be None for mode '", std::string(mode),
-                      "' (add it to xproj)");
+                      "' (add it to xproj), got a tensor of shape ", b_hh->sizes());
   }
   const at::Tensor len = checked_lengths(op, lengths, B, T_);
 
@@ -380,13 +630,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_forward_cpu(
   states.select(0, init).copy_(h0);
   if (lstm) cells.select(0, init).copy_(*c0);
 
+  const Steps steps = padded_steps(T_, B);
   AT_DISPATCH_FLOATING_TYPES(dtype, "rnn_forward", [&] {
     const at::Tensor x = xproj.contiguous();
     InputSide<scalar_t> in;
     in.xproj = x.const_data_ptr<scalar_t>();
-    forward_loop<scalar_t>(m.cell, m.gates, T_, B, H, in, slots<scalar_t>(states, reverse),
-                           lstm ? slots<scalar_t>(cells, reverse) : StateSeq<scalar_t>{}, w_hh.contiguous(),
-                           has_b ? *b_hh : at::Tensor(), len, track,
+    forward_loop<scalar_t>(m.cell, m.gates, steps, H, in, slots<scalar_t>(states, steps, reverse),
+                           lstm ? slots<scalar_t>(cells, steps, reverse) : StateSeq<scalar_t>{}, w_hh.contiguous(),
+                           has_b ? *b_hh : at::Tensor(), nullptr, len, track,
                            gated ? ws.data_ptr<scalar_t>() : nullptr, track ? jac.data_ptr<float>() : nullptr);
   });
   return {states, cells, ws, jac};
@@ -429,6 +680,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   at::Tensor gb = gru && has_b_hh ? at::empty({GH}, opts) : at::empty({0}, opts);
   at::Tensor gsq = grad_sq_buffer(track, lstm, T_, B, opts);
   const int64_t init = reverse ? T_ : 0, first_out = reverse ? 0 : 1;
+  const Steps steps = padded_steps(T_, B);
 
   AT_DISPATCH_FLOATING_TYPES(dtype, "rnn_backward", [&] {
     using T = scalar_t;
@@ -441,11 +693,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     at::Tensor dc = lstm ? at::zeros({B, H}, opts) : at::Tensor();
     // GRU: the gradient of h_prev W_hh^T + b_hh differs from grad_xproj in its n block (d hn = r * d n_pre).
     at::Tensor rec = gru ? at::empty({T_, B, GH}, opts) : at::Tensor();
-    backward_loop<T>(m.cell, m.gates, T_, B, H, grad_seq<T>(gs, first_out, B, H, opts),
-                     lstm ? grad_seq<T>(gcs, first_out, B, H, opts) : GradSeq<T>{}, slots<T>(st, reverse),
-                     lstm ? slots<T>(cs, reverse) : StateSeq<T>{}, ws.defined() ? ws.const_data_ptr<T>() : nullptr,
-                     w_hh.contiguous(), len, grad_clip, track, dh, dc, gx.data_ptr<T>(),
-                     gru ? rec.data_ptr<T>() : nullptr, track ? gsq.data_ptr<double>() : nullptr, nullptr, nullptr, 0);
+    backward_loop<T>(m.cell, m.gates, steps, H, grad_seq<T>(gs, steps, first_out * B, H, opts),
+                     lstm ? grad_seq<T>(gcs, steps, first_out * B, H, opts) : GradSeq<T>{},
+                     slots<T>(st, steps, reverse), lstm ? slots<T>(cs, steps, reverse) : StateSeq<T>{},
+                     ws.defined() ? ws.const_data_ptr<T>() : nullptr, w_hh.contiguous(), nullptr, nullptr, len,
+                     grad_clip, track, dh, dc, gx.data_ptr<T>(), gru ? rec.data_ptr<T>() : nullptr,
+                     track ? gsq.data_ptr<double>() : nullptr, nullptr, nullptr, 0);
     at::add_out(gh0, dh, gs.select(0, init));
     if (lstm) has_gcells ? at::add_out(gc0, dc, gcs.select(0, init)) : gc0.copy_(dc);
     // grad_w_hh = sum over positions of the recurrent pre-activation gradients^T h_prev.
@@ -457,44 +710,114 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 
 // ---------------------------------------------------------------- rnn_layer_forward / rnn_layer_backward
 
+// The shapes of one call of a layer op. Padded: x [T, B, I] and the output [T, B, P]. Packed (batch_sizes
+// given, torch's PackedSequence layout): x [R, I] and the output [R, P] with R = sum(batch_sizes) rows.
+// P = proj_size with w_hr [P, H] (LSTM only), else H.
+struct LayerShape {
+  int64_t T = 0, B = 0, I = 0, H = 0, P = 0, R = 0;
+  bool packed = false, proj = false;
+  at::Tensor sizes;  // owns the batch sizes that steps points to
+  Steps steps;
+  // [rows, width] (packed) or [T, B, width] (padded)
+  std::vector<int64_t> seq(int64_t width) const {
+    return packed ? std::vector<int64_t>{R, width} : std::vector<int64_t>{T, B, width};
+  }
+};
+
+// Checks the arguments the layer ops share and returns their shapes; names the op and the argument.
+LayerShape layer_shape(const char* op, const Mode& m, const at::Tensor& x, const at::Tensor& h0,
+                       const std::optional<at::Tensor>& c0, const at::Tensor& w_ih, const at::Tensor& w_hh,
+                       const std::optional<at::Tensor>& w_hr, const std::optional<at::Tensor>& lengths,
+                       const std::optional<at::Tensor>& batch_sizes, at::ScalarType dtype) {
+  LayerShape s;
+  s.packed = batch_sizes.has_value() && batch_sizes->defined();
+  s.proj = w_hr.has_value() && w_hr->defined();
+  const bool has_lengths = lengths.has_value() && lengths->defined();
+  TORCH_CHECK_VALUE(!(s.packed && has_lengths), op, ": lengths (padded input) and batch_sizes (packed input) ",
+                    "exclude each other, got both");
+  TORCH_CHECK_VALUE(!s.proj || m.cell == Cell::kLstm, op, ": w_hr (a projection) is for mode 'lstm' only");
+  // The sizes come from x (or batch_sizes), w_hh and w_hr; h0 and c0 are checked against them.
+  TORCH_CHECK_VALUE(w_hh.dim() == 2 && w_hh.size(1) >= 1, op, ": w_hh must have shape [G*H, P] with P >= 1, got ",
+                    w_hh.sizes());
+  if (s.proj) {
+    TORCH_CHECK_VALUE(w_hr->dim() == 2 && w_hr->size(1) >= 1, op, ": w_hr must have shape [P, H] with H >= 1, got ",
+                      w_hr->sizes());
+    s.P = w_hr->size(0);
+    s.H = w_hr->size(1);
+    check_tensor(op, "w_hr", *w_hr, dtype, {s.P, s.H});
+  } else {
+    s.P = s.H = w_hh.size(1);
+  }
+  if (s.packed) {
+    s.sizes = batch_sizes->contiguous();
+    s.steps = packed_steps(op, s.sizes);
+    s.B = s.steps.B;
+    s.T = s.steps.T;
+    s.R = s.steps.total();
+    TORCH_CHECK_VALUE(x.dim() == 2 && x.size(0) == s.R && x.size(1) >= 1, op,
+                      ": packed x must have shape [sum(batch_sizes), I] = [", s.R, ", I] with I >= 1, got ",
+                      x.sizes());
+    s.I = x.size(1);
+  } else {
+    TORCH_CHECK_VALUE(x.dim() == 3 && x.size(0) >= 1 && x.size(2) >= 1, op,
+                      ": x must have shape [T, B, I] with T >= 1 and I >= 1, got ", x.sizes());
+    s.T = x.size(0);
+    s.B = x.size(1);
+    s.I = x.size(2);
+    s.R = s.T * s.B;
+    s.steps = padded_steps(s.T, s.B);
+  }
+  const int64_t GH = m.gates * s.H;
+  check_tensor(op, "h0", h0, dtype, {s.B, s.P});
+  check_tensor(op, "w_ih", w_ih, dtype, {GH, s.I});
+  check_tensor(op, "w_hh", w_hh, dtype, {GH, s.P});
+  const bool has_c0 = c0.has_value() && c0->defined();
+  if (m.cell == Cell::kLstm) {
+    TORCH_CHECK_VALUE(has_c0, op, ": c0 [B, H] is required for mode 'lstm', got None");
+    check_tensor(op, "c0", *c0, dtype, {s.B, s.H});
+  } else {
+    TORCH_CHECK_VALUE(!has_c0, op, ": c0 must be None for modes other than 'lstm', got a tensor of shape ",
+                      c0->sizes());
+  }
+  return s;
+}
+
+// Workspace of a layer op, rows laid out as the input (private to this backend): the gated cells' 4H
+// values per row (see the top of this file), then with a projection, as a second block of rows * H
+// values, hf = o * tanh(c) per row.
+int64_t workspace_width(const Mode& m, const LayerShape& s) {
+  if (m.cell != Cell::kLstm && m.cell != Cell::kGru) return 0;
+  return 4 * s.H + (s.proj ? s.H : 0);
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_layer_forward_cpu(
     const at::Tensor& x, const at::Tensor& h0, const std::optional<at::Tensor>& c0, const at::Tensor& w_ih,
     const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh,
-    const std::optional<at::Tensor>& lengths, const std::optional<at::Tensor>& probe, c10::string_view mode,
+    const std::optional<at::Tensor>& w_hr, const std::optional<at::Tensor>& lengths,
+    const std::optional<at::Tensor>& batch_sizes, const std::optional<at::Tensor>& probe, c10::string_view mode,
     bool reverse, bool track, std::optional<double> grad_clip) {
   constexpr const char* op = "vgk::rnn_layer_forward";
   const Mode m = parse_mode(mode);
   TORCH_CHECK(x.device().is_cpu(), op, ": x must be a CPU tensor, got one on ", x.device());
   const auto dtype = x.scalar_type();
   TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kDouble, op, ": x must be float32 or float64, got ", dtype);
-  TORCH_CHECK_VALUE(x.dim() == 3 && x.size(0) >= 1 && x.size(2) >= 1, op,
-                    ": x must have shape [T, B, I] with T >= 1 and I >= 1, got ", x.sizes());
-  TORCH_CHECK_VALUE(h0.dim() == 2 && h0.size(1) >= 1, op, ": h0 must have shape [B, H] with H >= 1, got ",
-                    h0.sizes());
-  const int64_t T_ = x.size(0), B = x.size(1), I = x.size(2), H = h0.size(1), GH = m.gates * H;
+  const LayerShape s = layer_shape(op, m, x, h0, c0, w_ih, w_hh, w_hr, lengths, batch_sizes, dtype);
+  const int64_t B = s.B, I = s.I, H = s.H, P = s.P, R = s.R, GH = m.gates * H;
   const bool lstm = m.cell == Cell::kLstm, gru = m.cell == Cell::kGru, gated = lstm || gru;
-  check_tensor(op, "h0", h0, dtype, {B, H});
-  check_tensor(op, "w_ih", w_ih, dtype, {GH, I});
-  check_tensor(op, "w_hh", w_hh, dtype, {GH, H});
-  const bool has_c0 = c0.has_value() && c0->defined();
-  if (lstm) {
-    TORCH_CHECK_VALUE(has_c0, op, ": c0 [B, H] is required for mode 'lstm'");
-    check_tensor(op, "c0", *c0, dtype, {B, H});
-  } else {
-    TORCH_CHECK_VALUE(!has_c0, op, ": c0 must be None for mode '", std::string(mode), "'");
-  }
   const bool has_bih = b_ih.has_value() && b_ih->defined(), has_bhh = b_hh.has_value() && b_hh->defined();
   if (has_bih) check_tensor(op, "b_ih", *b_ih, dtype, {GH});
   if (has_bhh) check_tensor(op, "b_hh", *b_hh, dtype, {GH});
-  const at::Tensor len = checked_lengths(op, lengths, B, T_);
+  const at::Tensor len = checked_lengths(op, lengths, B, s.T);
 
   const auto opts = x.options();
-  at::Tensor output = cached_empty({T_, B, H}, opts);
-  at::Tensor h_n = at::empty({B, H}, opts);
+  at::Tensor output = cached_empty(s.seq(P), opts);
+  at::Tensor h_n = at::empty({B, P}, opts);
   at::Tensor c_n = lstm ? at::empty({B, H}, opts) : at::empty({0}, opts);
-  at::Tensor cells = lstm ? cached_empty({T_, B, H}, opts) : at::empty({0}, opts);
-  at::Tensor ws = gated ? cached_empty({T_, B, 4 * H}, opts) : at::empty({0}, opts);
-  at::Tensor jac = track ? at::empty({T_, B}, opts.dtype(at::kFloat)) : at::empty({0}, opts.dtype(at::kFloat));
+  at::Tensor cells = lstm ? cached_empty(s.seq(H), opts) : at::empty({0}, opts);
+  at::Tensor ws = gated ? cached_empty(s.seq(workspace_width(m, s)), opts) : at::empty({0}, opts);
+  // Packed: the positions a sample does not hold stay 0.
+  at::Tensor jac = !track ? at::empty({0}, opts.dtype(at::kFloat))
+                   : s.packed ? at::zeros({s.T, B}, opts.dtype(at::kFloat)) : at::empty({s.T, B}, opts.dtype(at::kFloat));
 
   // The bias of the input side: b_ih + b_hh, except for the GRU whose b_hh stays inside r * (...).
   at::Tensor bias = has_bih ? b_ih->contiguous() : at::zeros({GH}, opts);
@@ -504,38 +827,53 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     using T = scalar_t;
     const at::Tensor xc = cached_contiguous(x), h0c = h0.contiguous();
     const at::Tensor c0c = lstm ? c0->contiguous() : at::Tensor();
-    const at::Tensor wih = w_ih.contiguous();
+    const at::Tensor wih = w_ih.contiguous(), whh = w_hh.contiguous();
     // The projection of all steps in one GEMM where it runs on brgemm tiles (an LSTM layer's forward +
     // backward 4% faster than per step on a Zen 5 core, at AVX-512 and at AVX2) and its buffer is at most
     // kWholeProjectionBytes, or where the batch is too small for per-step GEMMs.
-    const TiledGemm<T> whole(wih, /*trans_w=*/true, T_ * B >= kTiledMinRows);
+    const TiledGemm<T> whole(wih, /*trans_w=*/true, R >= kTiledMinRows);
     const bool per_step = B >= kStepProjectionRows &&
                           (whole.path() != GemmPath::kBrgemm ||
-                           T_ * B * GH * static_cast<int64_t>(sizeof(T)) > kWholeProjectionBytes);
-    std::optional<RowsGemm<T>> proj;
+                           R * GH * static_cast<int64_t>(sizeof(T)) > kWholeProjectionBytes);
+    std::optional<RowsGemm<T>> proj_in;
     at::Tensor xproj;
     InputSide<T> in;
     if (per_step) {
       in.x = xc.const_data_ptr<T>();
       in.I = I;
-      in.w_ih = &proj.emplace(wih, /*trans_w=*/true, true, parallel_chunk(B, kRowGrain));
+      in.w_ih = &proj_in.emplace(wih, /*trans_w=*/true, R >= kTiledMinRows, parallel_chunk(B, kRowGrain));
       in.bias = bias.const_data_ptr<T>();
     } else {
-      xproj = cached_empty({T_ * B, GH}, opts);
-      whole.run(T_ * B, xc.const_data_ptr<T>(), I, bias.const_data_ptr<T>(), false, xproj.data_ptr<T>(), GH);
+      xproj = cached_empty({R, GH}, opts);
+      whole.run(R, xc.const_data_ptr<T>(), I, bias.const_data_ptr<T>(), false, xproj.data_ptr<T>(), GH);
       in.xproj = xproj.const_data_ptr<T>();
     }
-    const StateSeq<T> hs{output.data_ptr<T>(), h0c.const_data_ptr<T>(), T_, B * H, reverse};
-    const StateSeq<T> cs = lstm ? StateSeq<T>{cells.data_ptr<T>(), c0c.const_data_ptr<T>(), T_, B * H, reverse}
+    const StateSeq<T> hs{output.data_ptr<T>(), h0c.const_data_ptr<T>(), P, &s.steps, reverse};
+    const StateSeq<T> cs = lstm ? StateSeq<T>{cells.data_ptr<T>(), c0c.const_data_ptr<T>(), H, &s.steps, reverse}
                                 : StateSeq<T>{};
-    forward_loop<T>(m.cell, m.gates, T_, B, H, in, hs, cs, w_hh.contiguous(),
-                    gru && has_bhh ? *b_hh : at::Tensor(), len, track, gated ? ws.data_ptr<T>() : nullptr,
+    Projection<T> pj;
+    std::optional<RowsGemm<T>> proj_out;
+    at::Tensor hf_init, kgram, col_sq;
+    if (s.proj) {
+      const at::Tensor whr = w_hr->contiguous();
+      pj.P = P;
+      pj.gemm = &proj_out.emplace(whr, /*trans_w=*/true, R >= kTiledMinRows, parallel_chunk(B, kRowGrain));
+      hf_init = at::zeros({B, H}, opts);
+      pj.full = {ws.data_ptr<T>() + R * 4 * H, hf_init.const_data_ptr<T>(), H, &s.steps, reverse};
+      if (track) {
+        const at::Tensor q = at::mm(whr.t(), whr);  // W_hr^T W_hr [H, H]
+        kgram = at::mm(whh, whh.t()).mul_(q.repeat({4, 4}));
+        col_sq = q.diagonal().contiguous();
+        pj.kgram = kgram.const_data_ptr<T>();
+        pj.col_sq = col_sq.const_data_ptr<T>();
+      }
+    }
+    forward_loop<T>(m.cell, m.gates, s.steps, H, in, hs, cs, whh, gru && has_bhh ? *b_hh : at::Tensor(),
+                    s.proj ? &pj : nullptr, len, track, gated ? ws.data_ptr<T>() : nullptr,
                     track ? jac.data_ptr<float>() : nullptr);
   });
-  // The state after the last position processed (carried past each sample's length).
-  const int64_t last = reverse ? 0 : T_ - 1;
-  h_n.copy_(output.select(0, last));
-  if (lstm) c_n.copy_(cells.select(0, last));
+  final_state(output.view({R, P}), s.steps, reverse, h_n);
+  if (lstm) final_state(cells.view({R, H}), s.steps, reverse, c_n);
   return {output, h_n, c_n, cells, ws, jac};
 }
 
@@ -547,11 +885,13 @@ at::Tensor optional_grad(const char* op, const char* name, const at::Tensor& g, 
   return cached_contiguous(g);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+           at::Tensor>
 rnn_layer_backward_cpu(const at::Tensor& grad_output, const at::Tensor& grad_h_n, const at::Tensor& grad_c_n,
                        const at::Tensor& x, const at::Tensor& h0, const std::optional<at::Tensor>& c0,
                        const at::Tensor& output, const at::Tensor& cell_states, const at::Tensor& workspace,
-                       const at::Tensor& w_ih, const at::Tensor& w_hh, const std::optional<at::Tensor>& lengths,
+                       const at::Tensor& w_ih, const at::Tensor& w_hh, const std::optional<at::Tensor>& w_hr,
+                       const std::optional<at::Tensor>& lengths, const std::optional<at::Tensor>& batch_sizes,
                        c10::string_view mode, bool reverse, std::optional<double> grad_clip, bool track,
                        bool has_bias, bool grad_input) {
   constexpr const char* op = "vgk::rnn_layer_backward";
@@ -560,41 +900,39 @@ rnn_layer_backward_cpu(const at::Tensor& grad_output, const at::Tensor& grad_h_n
   const auto dtype = output.scalar_type();
   TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kDouble, op,
                    ": output must be float32 or float64, got ", dtype);
-  TORCH_CHECK_VALUE(output.dim() == 3 && output.size(0) >= 1 && output.size(2) >= 1, op,
-                    ": output must have shape [T, B, H] with T >= 1 and H >= 1, got ", output.sizes());
-  TORCH_CHECK_VALUE(x.dim() == 3 && x.size(2) >= 1, op, ": x must have shape [T, B, I] with I >= 1, got ",
-                    x.sizes());
-  const int64_t T_ = output.size(0), B = output.size(1), H = output.size(2), I = x.size(2), GH = m.gates * H;
+  // x must have the rows of the output it gave.
+  TORCH_CHECK_VALUE(output.dim() >= 2 && x.dim() == output.dim() && x.sizes().slice(0, x.dim() - 1) ==
+                    output.sizes().slice(0, output.dim() - 1), op, ": x must have shape [",
+                    output.sizes().slice(0, output.dim() - 1), ", I] like the output, got ", x.sizes());
+  check_tensor(op, "x", x, dtype, x.sizes());
+  const LayerShape s = layer_shape(op, m, x, h0, c0, w_ih, w_hh, w_hr, lengths, batch_sizes, dtype);
+  const int64_t B = s.B, I = s.I, H = s.H, P = s.P, R = s.R, T_ = s.T, GH = m.gates * H;
   const bool lstm = m.cell == Cell::kLstm, gru = m.cell == Cell::kGru;
-  check_tensor(op, "x", x, dtype, {T_, B, I});
-  check_tensor(op, "h0", h0, dtype, {B, H});
-  check_tensor(op, "w_ih", w_ih, dtype, {GH, I});
-  check_tensor(op, "w_hh", w_hh, dtype, {GH, H});
-  const at::Tensor g_out = optional_grad(op, "grad_output", grad_output, dtype, {T_, B, H});
-  const at::Tensor g_hn = optional_grad(op, "grad_h_n", grad_h_n, dtype, {B, H});
+  check_tensor(op, "output", output, dtype, s.seq(P));
+  const at::Tensor g_out = optional_grad(op, "grad_output", grad_output, dtype, s.seq(P));
+  const at::Tensor g_hn = optional_grad(op, "grad_h_n", grad_h_n, dtype, {B, P});
   at::Tensor g_cn;
-  const bool has_c0 = c0.has_value() && c0->defined();
   if (lstm) {
-    TORCH_CHECK_VALUE(has_c0, op, ": c0 [B, H] is required for mode 'lstm'");
-    check_tensor(op, "c0", *c0, dtype, {B, H});
-    check_tensor(op, "cell_states", cell_states, dtype, {T_, B, H});
+    check_tensor(op, "cell_states", cell_states, dtype, s.seq(H));
     g_cn = optional_grad(op, "grad_c_n", grad_c_n, dtype, {B, H});
   }
-  if (lstm || gru) check_tensor(op, "workspace", workspace, dtype, {T_, B, 4 * H});
+  if (lstm || gru) check_tensor(op, "workspace", workspace, dtype, s.seq(workspace_width(m, s)));
   if (grad_clip.has_value()) {
     TORCH_CHECK_VALUE(*grad_clip > 0, op, ": grad_clip must be None or > 0, got ", *grad_clip);
   }
   const at::Tensor len = checked_lengths(op, lengths, B, T_);
 
   const auto opts = output.options();
-  at::Tensor gx = grad_input ? cached_empty({T_, B, I}, opts) : at::empty({0}, opts);
+  at::Tensor gx = grad_input ? cached_empty(x.sizes(), opts) : at::empty({0}, opts);
   at::Tensor gw_ih = cached_empty({GH, I}, opts);  // become .grad, freed by zero_grad: reused
-  at::Tensor gw_hh = cached_empty({GH, H}, opts);
+  at::Tensor gw_hh = cached_empty({GH, P}, opts);
   at::Tensor gb_ih = has_bias ? at::empty({GH}, opts) : at::empty({0}, opts);
   at::Tensor gb_hh = has_bias ? at::empty({GH}, opts) : at::empty({0}, opts);
+  at::Tensor gw_hr = s.proj ? at::empty({P, H}, opts) : at::empty({0}, opts);
   at::Tensor gsq = grad_sq_buffer(track, lstm, T_, B, opts);
+  if (track && s.packed) gsq.zero_();  // the positions a sample does not hold
   // Gradients reaching the last processed state; on exit those of h0 and c0.
-  at::Tensor dh = g_hn.defined() ? g_hn.clone() : at::zeros({B, H}, opts);
+  at::Tensor dh = g_hn.defined() ? g_hn.clone() : at::zeros({B, P}, opts);
   at::Tensor dc = !lstm ? at::empty({0}, opts) : g_cn.defined() ? g_cn.clone() : at::zeros({B, H}, opts);
 
   AT_DISPATCH_FLOATING_TYPES(dtype, "rnn_layer_backward", [&] {
@@ -606,30 +944,42 @@ rnn_layer_backward_cpu(const at::Tensor& grad_output, const at::Tensor& grad_h_n
     const at::Tensor wih = w_ih.contiguous();
     // grad_x: dgates W_ih per step, or one GEMM after the loop (as the forward's projection).
     std::optional<TiledGemm<T>> whole;
-    if (grad_input) whole.emplace(wih, /*trans_w=*/false, T_ * B >= kTiledMinRows);
+    if (grad_input) whole.emplace(wih, /*trans_w=*/false, R >= kTiledMinRows);
     const bool per_step = B >= kStepProjectionRows && (!whole || whole->path() != GemmPath::kBrgemm);
     std::optional<RowsGemm<T>> back_proj;
-    if (grad_input && per_step) back_proj.emplace(wih, /*trans_w=*/false, true, parallel_chunk(B, kRowGrain));
+    if (grad_input && per_step) back_proj.emplace(wih, /*trans_w=*/false, R >= kTiledMinRows, parallel_chunk(B, kRowGrain));
     // The pre-activation gradients; the GRU's recurrent ones differ in their n block (d hn = r * d n_pre).
-    at::Tensor D = cached_empty({T_, B, GH}, opts);
-    at::Tensor rec = gru ? cached_empty({T_, B, GH}, opts) : at::Tensor();
-    const StateSeq<T> hs{const_cast<T*>(out.const_data_ptr<T>()), h0c.const_data_ptr<T>(), T_, B * H, reverse};
+    at::Tensor D = cached_empty({R, GH}, opts);
+    at::Tensor rec = gru ? cached_empty({R, GH}, opts) : at::Tensor();
+    const StateSeq<T> hs{const_cast<T*>(out.const_data_ptr<T>()), h0c.const_data_ptr<T>(), P, &s.steps, reverse};
     const StateSeq<T> cseq = lstm ? StateSeq<T>{const_cast<T*>(cs.const_data_ptr<T>()), c0c.const_data_ptr<T>(),
-                                                T_, B * H, reverse}
+                                                H, &s.steps, reverse}
                                   : StateSeq<T>{};
-    backward_loop<T>(m.cell, m.gates, T_, B, H, grad_seq<T>(g_out, 0, B, H, opts),
-                     lstm ? grad_seq<T>(at::Tensor(), 0, B, H, opts) : GradSeq<T>{},
-                     hs, cseq, ws.defined() ? ws.const_data_ptr<T>() : nullptr, w_hh.contiguous(), len, grad_clip,
-                     track, dh, dc, D.data_ptr<T>(), gru ? rec.data_ptr<T>() : nullptr,
-                     track ? gsq.data_ptr<double>() : nullptr, back_proj ? &*back_proj : nullptr,
-                     grad_input && per_step ? gx.data_ptr<T>() : nullptr, I);
-    const at::Tensor Dx = D.view({T_ * B, GH}), Dh = (gru ? rec : D).view({T_ * B, GH});
-    if (grad_input && !per_step) whole->run(T_ * B, Dx.const_data_ptr<T>(), GH, nullptr, false, gx.data_ptr<T>(), I);
-    weight_grad<T>({xc.view({T_ * B, I})}, Dx, gw_ih, has_bias ? gb_ih : at::Tensor());
-    weight_grad<T>(states_before(out, h0c, reverse), Dh, gw_hh, has_bias && gru ? gb_hh : at::Tensor());
+    Projection<T> pj;
+    std::optional<RowsGemm<T>> proj_back;
+    at::Tensor grad_h, hf;
+    if (s.proj) {
+      pj.P = P;
+      pj.gemm = &proj_back.emplace(w_hr->contiguous(), /*trans_w=*/false, R >= kTiledMinRows,
+                                   parallel_chunk(B, kRowGrain));  // dh_t W_hr
+      grad_h = cached_empty({R, P}, opts);
+      hf = ws.view({-1}).narrow(0, R * 4 * H, R * H).view({R, H});
+    }
+    backward_loop<T>(m.cell, m.gates, s.steps, H, grad_seq<T>(g_out, s.steps, 0, P, opts),
+                     lstm ? grad_seq<T>(at::Tensor(), s.steps, 0, H, opts) : GradSeq<T>{}, hs, cseq,
+                     ws.defined() ? ws.const_data_ptr<T>() : nullptr, w_hh.contiguous(), s.proj ? &pj : nullptr,
+                     s.proj ? grad_h.data_ptr<T>() : nullptr, len, grad_clip, track, dh, dc, D.data_ptr<T>(),
+                     gru ? rec.data_ptr<T>() : nullptr, track ? gsq.data_ptr<double>() : nullptr,
+                     back_proj ? &*back_proj : nullptr, grad_input && per_step ? gx.data_ptr<T>() : nullptr, I);
+    const at::Tensor Dx = D.view({R, GH}), Dh = (gru ? rec : D).view({R, GH});
+    if (grad_input && !per_step) whole->run(R, Dx.const_data_ptr<T>(), GH, nullptr, false, gx.data_ptr<T>(), I);
+    weight_grad<T>({xc.view({R, I})}, Dx, gw_ih, has_bias ? gb_ih : at::Tensor());
+    weight_grad<T>(states_before(out.view({R, P}), h0c, s.steps, reverse), Dh, gw_hh,
+                   has_bias && gru ? gb_hh : at::Tensor());
+    if (s.proj) weight_grad<T>({hf}, grad_h, gw_hr);
     if (has_bias && !gru) gb_hh.copy_(gb_ih);
   });
-  return {gx, dh, dc, gw_ih, gw_hh, gb_ih, gb_hh, gsq};
+  return {gx, dh, dc, gw_ih, gw_hh, gb_ih, gb_hh, gw_hr, gsq};
 }
 
 }  // namespace
@@ -650,15 +1000,18 @@ void define_recurrent_ops(torch::Library& m) {
   // The same layer with its input projection inside: x W_ih^T + b per step in the forward, and in the
   // backward grad_x per step plus grad_w_ih, grad_w_hh and the bias sums after the loop. The forward
   // ignores probe and grad_clip: they are there for the autograd registration.
+  // Packed input: batch_sizes as in torch's PackedSequence, x [sum(batch_sizes), I]. The LSTM's projection
+  // (proj_size P): w_hr [P, H], and the state carried and output is h = (o * tanh(c)) W_hr^T [P].
   m.def(
       "rnn_layer_forward(Tensor x, Tensor h0, Tensor? c0, Tensor w_ih, Tensor w_hh, Tensor? b_ih, "
-      "Tensor? b_hh, Tensor? lengths, Tensor? probe, str mode, bool reverse, bool track, float? grad_clip) -> "
-      "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "Tensor? b_hh, Tensor? w_hr, Tensor? lengths, Tensor? batch_sizes, Tensor? probe, str mode, bool reverse, "
+      "bool track, float? grad_clip) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "rnn_layer_backward(Tensor grad_output, Tensor grad_h_n, Tensor grad_c_n, Tensor x, Tensor h0, "
       "Tensor? c0, Tensor output, Tensor cell_states, Tensor workspace, Tensor w_ih, Tensor w_hh, "
-      "Tensor? lengths, str mode, bool reverse, float? grad_clip, bool track, bool has_bias, "
-      "bool grad_input) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "Tensor? w_hr, Tensor? lengths, Tensor? batch_sizes, str mode, bool reverse, float? grad_clip, "
+      "bool track, bool has_bias, bool grad_input) -> "
+      "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 }  // namespace vgk

@@ -1,7 +1,10 @@
 """Fused gradient statistics: the squared L2 norm and a log10-magnitude histogram of every tensor of a
 list, in one pass over the data (``vgk::grad_stats`` in C++ for CPU tensors, ``vgk::grad_stats_triton``
 for CUDA tensors). The bins and the histogram's columns are documented in
-:mod:`vgkernels.reference.grad_stats`. The ops have no autograd: they read gradients.
+:mod:`vgkernels.reference.grad_stats`. The ops have no autograd: they read gradients. Their results
+are statistics of the values as ``.detach()`` sees them, in every mode: no gradient flows back through
+them, forward-mode AD gives them no tangent (a zero tangent under ``torch.func.jvp``), and ``vmap``
+raises (no batching rule).
 """
 
 from __future__ import annotations
@@ -93,8 +96,9 @@ def grad_stats(
     args = (list(tensors), inv_scale, float(bins.log10_min), float(bins.log10_max), int(bins.bins))
     if backend == "reference":
         return reference.grad_stats(*args)
-    if backend == "cpp":
-        return tuple(torch.ops.vgk.grad_stats(*args))
-    import vgkernels.triton.grad_stats  # noqa: F401  (registers the Triton op)
+    with torch.no_grad():  # statistics, not a differentiable function (and the op has no autograd)
+        if backend == "cpp":
+            return tuple(torch.ops.vgk.grad_stats(*args))
+        import vgkernels.triton.grad_stats  # noqa: F401  (registers the Triton op)
 
-    return tuple(torch.ops.vgk.grad_stats_triton(*args))
+        return tuple(torch.ops.vgk.grad_stats_triton(*args))

@@ -6,6 +6,8 @@ from collections.abc import Sequence
 
 import torch
 
+from vgkernels.reference.backward_clip import clipped
+
 
 def clip_rows(grad: torch.Tensor, normalized_ndim: int, max_norm: float) -> torch.Tensor:
     """Return ``grad`` with each row (its last ``normalized_ndim`` dims) rescaled to L2 norm <= max_norm.
@@ -15,24 +17,36 @@ def clip_rows(grad: torch.Tensor, normalized_ndim: int, max_norm: float) -> torc
     """
     rows = grad.reshape(*grad.shape[: grad.dim() - normalized_ndim], -1)
     norm = torch.linalg.vector_norm(rows, dim=-1, keepdim=True)
-    scale = torch.where(norm > max_norm, max_norm / norm, torch.ones_like(norm))
+    # max_norm / max_norm is exactly 1; dividing by the norm only where it is larger keeps the double
+    # backward of zero rows free of 0 * inf.
+    scale = max_norm / torch.where(norm > max_norm, norm, torch.full_like(norm, max_norm))
     return (rows * scale).reshape(grad.shape)
 
 
-class _ClipRowGrad(torch.autograd.Function):
-    """Identity forward; the backward clips each row of the incoming gradient."""
+def normalize(
+    x: torch.Tensor,
+    normalized_ndim: int,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    eps: float = 1e-5,
+) -> torch.Tensor:
+    """LayerNorm of the last ``normalized_ndim`` dims of ``x``, returned in ``x``'s dtype.
 
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, normalized_ndim: int, max_norm: float) -> torch.Tensor:
-        ctx.normalized_ndim = normalized_ndim
-        ctx.max_norm = max_norm
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        return clip_rows(grad, ctx.normalized_ndim, ctx.max_norm), None, None
-
-
+    The statistics and the normalization are computed in float64, whatever ``x``'s dtype: the squares
+    of float32 values beyond ~1e19 overflow float32 (torch's float32 LayerNorm then returns the bias, or
+    NaN), but not float64, so every finite float32 row has its exact LayerNorm. ``weight`` and ``bias``
+    (shape of the normalized dims, any float dtype) multiply and shift in float64 too.
+    """
+    dims = tuple(range(x.dim() - normalized_ndim, x.dim()))
+    xd = x.to(torch.float64)
+    mean = xd.mean(dim=dims, keepdim=True)
+    var = (xd - mean).square().mean(dim=dims, keepdim=True)
+    y = (xd - mean) * torch.rsqrt(var + eps)
+    if weight is not None:
+        y = y * weight.to(torch.float64)
+    if bias is not None:
+        y = y + bias.to(torch.float64)
+    return y.to(x.dtype)
 def layer_norm(
     input: torch.Tensor,
     normalized_shape: Sequence[int],
@@ -44,20 +58,16 @@ def layer_norm(
 ) -> torch.Tensor:
     """LayerNorm over the trailing ``normalized_shape`` dims of ``input`` (any float dtype).
 
-    Statistics are computed in float32 (float64 for float64 input). ``weight`` and ``bias`` have shape
-    ``normalized_shape``. With ``grad_clip=c`` the gradient reaching ``input`` is rescaled per row
+    Computed by :func:`normalize` (float64 statistics). ``weight`` and ``bias`` have shape
+    ``normalized_shape``, in the input's dtype or, for float16/bfloat16 input, float32 (as
+    ``F.layer_norm`` accepts). With ``grad_clip=c`` the gradient reaching ``input`` is rescaled per row
     (the normalized dims flattened) to L2 norm at most c; the weight and bias gradients are unchanged.
     Returns a tensor of ``input``'s shape and dtype.
     """
     k = len(normalized_shape)
-    x = input if grad_clip is None else _ClipRowGrad.apply(input, k, float(grad_clip))
-    dims = tuple(range(x.dim() - k, x.dim()))
-    xf = x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
-    mean = xf.mean(dim=dims, keepdim=True)
-    var = (xf - mean).square().mean(dim=dims, keepdim=True)
-    y = (xf - mean) * torch.rsqrt(var + eps)
-    if weight is not None:
-        y = y * weight
-    if bias is not None:
-        y = y + bias
-    return y.to(input.dtype)
+    if grad_clip is None:
+        x = input
+    else:
+        clip = float(grad_clip)
+        x = clipped(input, lambda grad: clip_rows(grad, k, clip), "grad_clip")
+    return normalize(x, k, weight, bias, eps)

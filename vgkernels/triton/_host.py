@@ -1,8 +1,104 @@
-"""Host-side helpers shared by the Triton op modules."""
+"""Host-side helpers shared by the Triton op modules: launch, device facts, buffers.
+
+Every kernel launch of the package goes through :func:`launch`. Normally it launches; while
+:mod:`vgkernels.triton.aot` captures (no GPU needed), it records the launch instead, and the
+launchers plan for the captured GPU (its SM count, its fp32 dot precision) on ``meta`` tensors.
+"""
+
+from __future__ import annotations
 
 import contextlib
+import dataclasses
 
 import torch
+from torch.library import wrap_triton
+
+
+@dataclasses.dataclass(frozen=True)
+class GPU:
+    """What a launch plan needs to know of a GPU."""
+
+    name: str
+    sms: int
+    tf32: bool = False  # the fp32 dot precision the captured launches assume
+
+
+@dataclasses.dataclass
+class Launch:
+    """One recorded kernel launch: the JIT function, its grid and its arguments."""
+
+    kernel: object
+    grid: tuple
+    args: tuple
+    kwargs: dict
+
+
+_capturing: list[Launch] | None = None
+_captured_gpu: GPU | None = None
+
+
+@contextlib.contextmanager
+def capture(gpu: GPU):
+    """Within this block launches are recorded, not run, and plans are made for ``gpu``.
+
+    The launchers then take tensors on the ``meta`` device, so no memory is allocated.
+    """
+    global _capturing, _captured_gpu
+    if _capturing is not None:
+        raise RuntimeError("capture: launches are already being captured")
+    _capturing, _captured_gpu = [], gpu
+    try:
+        yield _capturing
+    finally:
+        _capturing, _captured_gpu = None, None
+
+
+def capturing() -> bool:
+    return _capturing is not None
+
+
+def launch(kernel, grid: tuple, *args, **kwargs) -> None:
+    """``kernel[grid](*args, **kwargs)`` through ``wrap_triton`` (so torch.compile traces it)."""
+    if _capturing is not None:
+        _capturing.append(Launch(kernel, tuple(grid), args, kwargs))
+        return
+    wrap_triton(kernel)[tuple(grid)](*args, **kwargs)
+
+
+def on_gpu(device: torch.device) -> bool:
+    """True where launches go to a GPU (or are captured for one); False under the interpreter."""
+    return device.type == "cuda" or (_capturing is not None and device.type == "meta")
+
+
+def sm_count(device: torch.device) -> int | None:
+    """The GPU's multiprocessor count, or None under the interpreter."""
+    if _capturing is not None and device.type == "meta":
+        return _captured_gpu.sms
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return None
+
+
+def fp32_dot_tf32(device: torch.device) -> bool:
+    """Whether float32 recurrent dots use TF32 tensor cores on this device.
+
+    They follow the switch that torch applies to its own recurrent layers on cuDNN:
+    ``torch.backends.cudnn.rnn.fp32_precision`` ("tf32" by default, also set through
+    ``torch.backends.cudnn.allow_tf32``), or ``torch.backends.cudnn.allow_tf32`` on a torch without
+    it. IEEE float32 otherwise, and always under the interpreter.
+    """
+    if _capturing is not None and device.type == "meta":
+        return _captured_gpu.tf32
+    if device.type != "cuda":
+        return False
+    rnn = getattr(torch.backends.cudnn, "rnn", None)
+    value = getattr(rnn, "fp32_precision", None)
+    if value in ("tf32", "ieee"):
+        return value == "tf32"
+    try:  # "none" (inherit) or an older torch: the legacy switch
+        return bool(torch.backends.cudnn.allow_tf32)
+    except RuntimeError:  # torch refuses to answer when the legacy and new switches disagree
+        return False
 
 
 def device_ctx(device: torch.device):

@@ -22,13 +22,13 @@ implementations give shapes only); the public clipping functions call them eager
 
 from __future__ import annotations
 
-import contextlib
-
 import numpy as np
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
+
+from vgkernels.triton import _host
 
 TILE = 4096  # elements per tile; tests lower it to cover several tiles on tiny tensors
 DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -151,13 +151,10 @@ def _meta(tensors: list[torch.Tensor], device: torch.device) -> tuple[torch.Tens
 
 
 def _programs(n_tiles: int, device: torch.device) -> int:
-    if device.type == "cuda":
-        return max(1, min(n_tiles, 4 * torch.cuda.get_device_properties(device).multi_processor_count))
+    sms = _host.sm_count(device)
+    if sms is not None:
+        return max(1, min(n_tiles, 4 * sms))
     return max(1, min(n_tiles, 4))  # interpreter: a few programs, enough to exercise the striding
-
-
-def _device_ctx(device: torch.device):
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def _kind(norm_type: float) -> int:
@@ -178,22 +175,27 @@ def multi_tensor_norm_triton(tensors: list[torch.Tensor], norm_type: float) -> t
     shapes; checked by :mod:`vgkernels.ops.clip_grad`. Non-contiguous tensors are read through a
     contiguous copy.
     """
+    return norm_launch(tensors, norm_type)
+
+
+def norm_launch(tensors, norm_type):
+    """The launches behind :func:`multi_tensor_norm_triton` (also called directly by the AOT check)."""
     data = [t if t.is_contiguous() else t.contiguous() for t in tensors]
     device, dtype = data[0].device, data[0].dtype
     acc_dtype = torch.float64 if dtype == torch.float64 else torch.float32
     kind = _kind(norm_type)
     out = torch.empty((), dtype=dtype, device=device)
-    with _device_ctx(device):
+    with _host.device_ctx(device):
         meta, n_tiles, aligned = _meta(data, device)
         programs = _programs(n_tiles, device)
         partials = torch.zeros(programs, dtype=acc_dtype, device=device)
         if n_tiles > 0:
-            wrap_triton(_norm_partial_kernel)[(programs,)](
-                meta, data[0], partials, len(data), n_tiles, float(norm_type), KIND=kind, TILE=TILE,
-                ALIGNED=aligned, num_warps=8,
+            _host.launch(
+                _norm_partial_kernel, (programs,), meta, data[0], partials, len(data), n_tiles,
+                float(norm_type), KIND=kind, TILE=TILE, ALIGNED=aligned, num_warps=8,
             )
-        wrap_triton(_norm_finish_kernel)[(1,)](
-            partials, out, programs, 1.0 / float(norm_type), KIND=kind,
+        _host.launch(
+            _norm_finish_kernel, (1,), partials, out, programs, 1.0 / float(norm_type), KIND=kind,
             BLOCK=triton.next_power_of_2(programs),
         )
     return out
@@ -207,6 +209,11 @@ def _(tensors, norm_type):
 @triton_op("vgk::multi_tensor_scale_triton_", mutates_args={"tensors"})
 def multi_tensor_scale_triton_(tensors: list[torch.Tensor], scale: torch.Tensor) -> None:
     """In place: every tensor of ``tensors`` (one dtype, one device) *= ``scale`` (one element there)."""
+    scale_launch(tensors, scale)
+
+
+def scale_launch(tensors, scale):
+    """The launches behind :func:`multi_tensor_scale_triton_` (also called directly by the AOT check)."""
     if not tensors:
         return
     dense = [t for t in tensors if t.is_contiguous()]
@@ -216,11 +223,12 @@ def multi_tensor_scale_triton_(tensors: list[torch.Tensor], scale: torch.Tensor)
     if not dense:
         return
     device = dense[0].device
-    with _device_ctx(device):
+    with _host.device_ctx(device):
         meta, n_tiles, aligned = _meta(dense, device)
         if n_tiles > 0:
-            wrap_triton(_scale_kernel)[(_programs(n_tiles, device),)](
-                meta, dense[0], scale, len(dense), n_tiles, TILE=TILE, F64=dense[0].dtype == torch.float64,
+            _host.launch(
+                _scale_kernel, (_programs(n_tiles, device),), meta, dense[0], scale, len(dense), n_tiles,
+                TILE=TILE, F64=dense[0].dtype == torch.float64,
                 ALIGNED=aligned, num_warps=8,
             )
 

@@ -14,17 +14,17 @@ No atomics: the result is deterministic.
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
+
+from vgkernels.triton import _host
 
 BLOCK = 1024
 BLOCKS_PER_CHUNK = 16
 CHUNK = BLOCK * BLOCKS_PER_CHUNK
-LOG10_2 = 0.30102999566398120
+LOG10_2: tl.constexpr = tl.constexpr(0.30102999566398120)  # a global read in a kernel must be constexpr
 
 # dtype codes for the kernel's constexpr DTYPE
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
@@ -117,6 +117,11 @@ def grad_stats_triton(
     ``inv_scale`` is None or a one-element tensor on that device. Arguments are checked by
     :func:`vgkernels.ops.grad_stats.grad_stats`.
     """
+    return grad_stats_launch(tensors, inv_scale, log10_min, log10_max, bins)
+
+
+def grad_stats_launch(tensors, inv_scale, log10_min, log10_max, bins):
+    """The launches behind :func:`grad_stats_triton` (also called directly by the AOT check)."""
     device = tensors[0].device
     n = len(tensors)
     ncol = bins + 4
@@ -153,18 +158,18 @@ def grad_stats_triton(
     has_scale = inv_scale is not None
     scale = inv_scale.reshape(1) if has_scale else sumsq
     per_unit = bins / (log10_max - log10_min)
-    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+    with _host.device_ctx(device):
         for code, first, count in groups:
             if count == 0:
                 continue
-            wrap_triton(_chunk_kernel)[(count,)](
-                meta, scale, part_sumsq, part_hist,
+            _host.launch(
+                _chunk_kernel, (count,), meta, scale, part_sumsq, part_hist,
                 n, n_chunks, first, log10_min, log10_max, per_unit,
                 BINS=bins, DTYPE=code, HAS_SCALE=has_scale,
-                BLOCK=BLOCK, CHUNK=CHUNK, NCOL_PAD=ncol_pad,
+                BLOCK=BLOCK, CHUNK=CHUNK, NCOL_PAD=ncol_pad, num_warps=8,
             )
-        wrap_triton(_finalize_kernel)[(n,)](
-            meta, part_sumsq, part_hist, sumsq, hist, n, NCOL=ncol, NCOL_PAD=ncol_pad,
+        _host.launch(
+            _finalize_kernel, (n,), meta, part_sumsq, part_hist, sumsq, hist, n, NCOL=ncol, NCOL_PAD=ncol_pad,
         )
     return sumsq, hist
 

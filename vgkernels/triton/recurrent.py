@@ -16,12 +16,15 @@ Kernels. One fused kernel does a time step for a block of batch rows and a tile 
 Two loops drive it. The *persistent* loop launches once: each program owns a block of batch rows,
 walks over all hidden tiles of a step, and then to the next step; all its data dependencies stay
 inside the program (a block barrier separates the steps), so no grid-wide synchronisation is needed.
-The *step* loop launches once per step with one program per (batch block, hidden tile), which spreads
-a step over many more SMs but pays a launch per step. ``VGK_RNN_TRITON_LOOP`` = ``persistent`` |
-``step`` | ``auto`` (default) picks one; ``auto`` takes the persistent loop when a step is small (a
-first guess, not yet tuned on a GPU). No CUDA graph is built in: the GPU benchmark
-(bench/bench_recurrent_gpu.py) times both loops and a CUDA-graph capture of the step loop's forward
-and backward, to settle which launch strategy wins.
+It runs on ceil(B / 16) SMs. The *step* loop launches once per step with a grid of (batch block,
+hidden tile, K split) programs, sized by :func:`plan` to keep at least 100 of an H200's 132 SMs busy;
+where even 16 x 16 tiles are too few (small B * H), several programs share a tile's K range and the
+last to arrive sums their partials in a fixed order (no atomics on data, deterministic). On CUDA the
+step loop's launches are replayed from CUDA graphs over static buffers (:mod:`._graphs`), so a step
+costs no host launch. ``VGK_RNN_TRITON_LOOP`` = ``persistent`` | ``step`` | ``auto`` (default: the
+step loop on a GPU unless a step is tiny or the batch alone fills the GPU, the persistent loop under
+the interpreter); ``VGK_RNN_TRITON_GRAPH=0`` launches step by step. bench/results/perf_model.md has
+the estimate behind these choices and bench/results/aot_*.md every launch's registers and grid.
 
 The input projection is the caller's GEMM; the weight gradient is one GEMM after the time loop.
 
@@ -30,21 +33,25 @@ intermediate buffers are float64 for float64 inputs and float32 otherwise; the o
 ``cell_states``, ``workspace`` and the gradients are returned in the input dtype (``grad_w_hh`` in
 w_hh's), ``jac_sq`` always in float32 and ``grad_sq`` in float64 (a float32 square of a gradient below
 ~1e-19 underflows to 0). The recurrent dots take half-precision operands (tensor cores, float32
-accumulation) for half inputs and IEEE float32/float64 otherwise. (The Triton interpreter computes
-bfloat16 dots wrongly, so there bfloat16 dots run on float32 operands.)
+accumulation) for half inputs, IEEE float64 for float64, and for float32 TF32 where torch's switch
+for its own recurrent layers on cuDNN allows it (``torch.backends.cudnn.rnn.fp32_precision`` /
+``torch.backends.cudnn.allow_tf32``, on by default, like cuDNN) and IEEE float32 otherwise. (The
+Triton interpreter computes bfloat16 dots wrongly, so there bfloat16 dots run on float32 operands;
+it always computes float32 dots in IEEE.)
 
 Workspace layout (private to this backend): LSTM [T, B, 4H] activated gates (i, f, g, o); GRU
 [T, B, 4H] (r, z, n, W_hn h + b_hn); Elman RNN: empty, the derivative follows from h.
 """
 
+import math
 import os
 
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
-from vgkernels.triton import _host
+from vgkernels.triton import _graphs, _host
 from vgkernels.triton._host import acc_dtype as _acc_dtype
 from vgkernels.triton._host import device_ctx as _device_ctx
 
@@ -68,9 +75,11 @@ def _sigmoid(x):
 
 @triton.jit
 def _tanh(x):
-    # From one exp of a non-positive argument: no overflow, exact limits.
+    # From one exp of a non-positive argument: no overflow, exact limits. 1 - 2e / (1 + e) rather than
+    # (1 - e) / (1 + e): near saturation the latter rounds to 1 where torch's correctly rounded tanh is
+    # still 0.99999994 (|x| near 9).
     e = tl.exp(-2.0 * tl.abs(x))
-    t = (1.0 - e) / (1.0 + e)
+    t = 1.0 - 2.0 * e / (1.0 + e)
     return tl.where(x < 0, -t, t)
 
 
@@ -107,17 +116,49 @@ def _quad3(u0, u1, u2, gram_ptr, cols, col_ok, G: tl.constexpr, ACC: tl.constexp
 
 
 @triton.jit
-def _dot(a, b, acc, DOT: tl.constexpr):
-    # IEEE for float32/float64 operands (TF32 would cost ~1e-3 relative error); half operands take
-    # the default (tensor cores, float32 accumulation).
+def _dot(a, b, acc, DOT: tl.constexpr, PRECISION: tl.constexpr):
+    # float32 operands take PRECISION ("ieee" or "tf32", see _host.fp32_dot_tf32); float64 operands
+    # "ieee"; half operands the default (tensor cores). The result keeps acc's dtype: triton 3.6
+    # would return float32 for a float64 accumulator. One return: 3.6 type-checks every branch.
     if DOT == tl.float32 or DOT == tl.float64:
-        return tl.dot(a.to(DOT), b.to(DOT), acc, input_precision="ieee")
-    return tl.dot(a.to(DOT), b.to(DOT), acc)
+        out = tl.dot(a.to(DOT), b.to(DOT), acc, input_precision=PRECISION, out_dtype=acc.dtype)
+    else:
+        out = tl.dot(a.to(DOT), b.to(DOT), acc, out_dtype=acc.dtype)
+    return out
 
 
 @triton.jit
-def _gate_dot(hk, w_ptrs, w_mask, acc, DOT: tl.constexpr):
-    return _dot(hk, tl.load(w_ptrs, mask=w_mask, other=0.0), acc, DOT)
+def _gate_dot(hk, w_ptrs, w_mask, acc, DOT: tl.constexpr, PRECISION: tl.constexpr):
+    return _dot(hk, tl.load(w_ptrs, mask=w_mask, other=0.0), acc, DOT, PRECISION)
+
+
+@triton.jit
+def _split_sum(part_ptr, offs, m, split_stride, SPLIT: tl.constexpr):
+    """Sum of the SPLIT partial tiles at part_ptr + s * split_stride + offs, in split order.
+
+    Read past the L1 cache (".cg"): other programs wrote them, and this SM's L1 may hold an older step's.
+    """
+    total = tl.load(part_ptr + offs, mask=m, other=0.0, cache_modifier=".cg")
+    for s in tl.static_range(1, SPLIT):
+        total += tl.load(part_ptr + s * split_stride + offs, mask=m, other=0.0, cache_modifier=".cg")
+    return total
+
+
+@triton.jit
+def _arrive(cnt_ptr, tile, lanes, SPLIT: tl.constexpr):
+    """Counts this program in for its tile; per lane of ``lanes`` (an arange), True for the last of the
+    SPLIT programs to arrive.
+
+    The partials each program stored before are then visible to the last one (a block barrier, then
+    an acquire-release atomic), which sums them and resets the counter for the next step. No program
+    waits for another, so this needs no grid-wide synchronisation. (The result is a vector, not a
+    scalar: the interpreter cannot combine a scalar mask with a block.)
+    """
+    tl.debug_barrier()
+    ticket = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")
+    last = (lanes * 0 + ticket) == SPLIT - 1
+    tl.store(cnt_ptr + tile + lanes * 0, lanes * 0, mask=last & (lanes == 0))
+    return last
 
 
 @triton.jit
@@ -162,18 +203,18 @@ def _step(s, T, BH, row_ok, lens, REVERSE: tl.constexpr, HAS_LEN: tl.constexpr):
 
 
 @triton.jit
-def _rec_dot(d_ptr, w_ptr, rows, row_ok, cols, col_ok, k_end, K, H, acc, DOT: tl.constexpr,
-             BLOCK_K: tl.constexpr):
-    """acc + d[rows, :k_end] @ w[:k_end, cols]: the recurrent term of the backward.
+def _rec_dot(d_ptr, w_ptr, rows, row_ok, cols, col_ok, k_begin, k_end, K, H, acc, DOT: tl.constexpr,
+             PRECISION: tl.constexpr, BLOCK_K: tl.constexpr):
+    """acc + d[rows, k_begin:k_end] @ w[k_begin:k_end, cols]: the recurrent term of the backward.
 
     d rows have K entries, w = W_hh [K, H]; k_end <= K (0 for the last processed step).
     """
-    for k0 in range(0, k_end, BLOCK_K):
+    for k0 in range(k_begin, k_end, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < K
         d = tl.load(d_ptr + rows[:, None] * K + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         w = tl.load(w_ptr + ks[:, None] * H + cols[None, :], mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        acc = _dot(d, w, acc, DOT)
+        acc = _dot(d, w, acc, DOT, PRECISION)
     return acc
 
 
@@ -205,11 +246,11 @@ def _gru_gate_grads(dh, r, z, n, hn, h_prev, keep, clip, HAS_CLIP: tl.constexpr)
 
 @triton.jit(do_not_specialize=["s0"])
 def _forward_kernel(
-    x_ptr, st_ptr, cs_ptr, ws_ptr, wt_ptr, bhh_ptr, len_ptr, gram_ptr, diag_ptr, jac_ptr,
-    T, B, H, s0, n_steps, tiles_per_prog,
+    x_ptr, st_ptr, cs_ptr, ws_ptr, wt_ptr, bhh_ptr, len_ptr, gram_ptr, diag_ptr, jac_ptr, part_ptr, cnt_ptr,
+    T, B, H, s0, n_steps, tiles_per_prog, k_chunk,
     MODE: tl.constexpr, G: tl.constexpr, REVERSE: tl.constexpr, HAS_LEN: tl.constexpr,
-    HAS_BHH: tl.constexpr, TRACK: tl.constexpr, DOT_F32: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_BHH: tl.constexpr, TRACK: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
+    SPLIT: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Processing steps s0 .. s0+n_steps-1 for one batch block and ``tiles_per_prog`` hidden tiles.
 
@@ -217,6 +258,11 @@ def _forward_kernel(
     gram [H, G*G]; diag [H, 3]; jac [n_tile_programs, T, B] partial sums over this program's tiles.
     Arithmetic runs in the dtype of st (float32 or float64); the dots take W_hh's dtype, or float32
     with DOT_F32.
+
+    Split K (SPLIT > 1, one step per launch): program (b, j, k) sums h_{t-1} W_hh^T over rows
+    k*k_chunk .. of W_hh^T into part [SPLIT, B, G*H]; the last of a tile's programs to arrive (counter
+    cnt [tiles]) adds the partials in order and finishes the tile, so the result does not depend on the
+    order of arrival.
     """
     ACC = st_ptr.dtype.element_ty
     if DOT_F32:
@@ -225,16 +271,20 @@ def _forward_kernel(
         DOT = wt_ptr.dtype.element_ty
     pid_b = tl.program_id(0)
     pid_j = tl.program_id(1)
+    pid_k = tl.program_id(2)
     rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
     row_ok = rows < B
     GH = G * H
     BH = tl.cast(B, tl.int64) * H
+    k_begin = pid_k * k_chunk
+    k_stop = tl.minimum(k_begin + k_chunk, H)
     lens = _row_lengths(len_ptr, rows, row_ok, HAS_LEN)
     for s in range(s0, s0 + n_steps):
         pos, _, in_base, out_base, valid = _step(s, T, BH, row_ok, lens, REVERSE, HAS_LEN)
         x_base = tl.cast(pos, tl.int64) * B * GH
         ws_base = tl.cast(pos, tl.int64) * B * (4 * H)
         jac_row = tl.zeros([BLOCK_B], dtype=ACC)
+        row_out = row_ok  # the rows this program writes the step's norms of
         for q in range(tiles_per_prog):
             cols = (pid_j * tiles_per_prog + q) * BLOCK_J + tl.arange(0, BLOCK_J)
             col_ok = cols < H
@@ -244,19 +294,41 @@ def _forward_kernel(
             acc1 = tl.zeros([BLOCK_B, BLOCK_J], dtype=ACC)
             acc2 = tl.zeros([BLOCK_B, BLOCK_J], dtype=ACC)
             acc3 = tl.zeros([BLOCK_B, BLOCK_J], dtype=ACC)
-            for k0 in range(0, H, BLOCK_K):
+            for k0 in range(k_begin, k_stop, BLOCK_K):
                 ks = k0 + tl.arange(0, BLOCK_K)
-                k_ok = ks < H
+                k_ok = ks < k_stop
                 hk = tl.load(st_ptr + in_base + rows[:, None] * H + ks[None, :],
                              mask=row_ok[:, None] & k_ok[None, :], other=0.0)
                 w_mask = k_ok[:, None] & col_ok[None, :]
                 w_ptrs = wt_ptr + ks[:, None] * GH + cols[None, :]
-                acc0 = _gate_dot(hk, w_ptrs, w_mask, acc0, DOT)
+                acc0 = _gate_dot(hk, w_ptrs, w_mask, acc0, DOT, PRECISION)
                 if G > 1:
-                    acc1 = _gate_dot(hk, w_ptrs + H, w_mask, acc1, DOT)
-                    acc2 = _gate_dot(hk, w_ptrs + 2 * H, w_mask, acc2, DOT)
+                    acc1 = _gate_dot(hk, w_ptrs + H, w_mask, acc1, DOT, PRECISION)
+                    acc2 = _gate_dot(hk, w_ptrs + 2 * H, w_mask, acc2, DOT, PRECISION)
                 if G > 3:
-                    acc3 = _gate_dot(hk, w_ptrs + 3 * H, w_mask, acc3, DOT)
+                    acc3 = _gate_dot(hk, w_ptrs + 3 * H, w_mask, acc3, DOT, PRECISION)
+            if SPLIT > 1:
+                # Partials out, and the last program of the tile takes their sum; the others' stores
+                # below are masked off.
+                poff = (tl.cast(pid_k, tl.int64) * B + rows[:, None]) * GH + cols[None, :]
+                tl.store(part_ptr + poff, acc0, mask=m2)
+                if G > 1:
+                    tl.store(part_ptr + poff + H, acc1, mask=m2)
+                    tl.store(part_ptr + poff + 2 * H, acc2, mask=m2)
+                if G > 3:
+                    tl.store(part_ptr + poff + 3 * H, acc3, mask=m2)
+                last = _arrive(cnt_ptr, pid_b * tl.num_programs(1) + pid_j, tl.arange(0, BLOCK_B), SPLIT)
+                m2 = m2 & last[:, None]
+                keep = keep & last[:, None]
+                row_out = row_ok & last
+                sum_off = rows[:, None] * GH + cols[None, :]
+                split_stride = tl.cast(B, tl.int64) * GH
+                acc0 = _split_sum(part_ptr, sum_off, m2, split_stride, SPLIT)
+                if G > 1:
+                    acc1 = _split_sum(part_ptr, sum_off + H, m2, split_stride, SPLIT)
+                    acc2 = _split_sum(part_ptr, sum_off + 2 * H, m2, split_stride, SPLIT)
+                if G > 3:
+                    acc3 = _split_sum(part_ptr, sum_off + 3 * H, m2, split_stride, SPLIT)
             hoff = rows[:, None] * H + cols[None, :]
             x_ptrs = x_ptr + x_base + rows[:, None] * GH + cols[None, :]
             ws_ptrs = ws_ptr + ws_base + rows[:, None] * (4 * H) + cols[None, :]
@@ -324,7 +396,7 @@ def _forward_kernel(
                     h = _tanh(pre)
                     deriv = 1.0 - h * h
                 elif MODE == 3:
-                    h = tl.maximum(pre, 0.0)
+                    h = tl.where(pre < 0.0, 0.0, pre)  # keeps NaN, as torch's relu (maximum may not)
                     deriv = tl.where(pre > 0.0, 1.0, 0.0)
                 else:
                     h = _sigmoid(pre)
@@ -337,7 +409,7 @@ def _forward_kernel(
             if TRACK:
                 jac_row += tl.sum(tl.where(keep, term, 0.0), axis=1)
         if TRACK:
-            tl.store(jac_ptr + (tl.cast(pid_j, tl.int64) * T + pos) * B + rows, jac_row, mask=row_ok)
+            tl.store(jac_ptr + (tl.cast(pid_j, tl.int64) * T + pos) * B + rows, jac_row, mask=row_out)
         # The next step reads the states this step wrote, from every tile of the block.
         tl.debug_barrier()
 
@@ -345,9 +417,11 @@ def _forward_kernel(
 @triton.jit(do_not_specialize=["s_hi"])
 def _backward_kernel(
     gs_ptr, gcs_ptr, st_ptr, cs_ptr, ws_ptr, w_ptr, len_ptr, dx_ptr, dr_ptr, ch_ptr, cc_ptr, gsq_ptr,
-    T, B, H, s_hi, n_steps, tiles_per_prog, clip,
+    part_ptr, cnt_ptr,
+    T, B, H, s_hi, n_steps, tiles_per_prog, clip, k_chunk,
     MODE: tl.constexpr, G: tl.constexpr, NSQ: tl.constexpr, REVERSE: tl.constexpr,
     HAS_LEN: tl.constexpr, HAS_CLIP: tl.constexpr, TRACK: tl.constexpr, DOT_F32: tl.constexpr,
+    PRECISION: tl.constexpr, SPLIT: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Processing steps s_hi down to s_hi-n_steps+1 of the backward.
@@ -356,6 +430,8 @@ def _backward_kernel(
     input projection; dr [T, B, G*H] gradient of the recurrent pre-activations (dx itself but for the
     GRU); ch, cc [2, B, H] ping-pong buffers of the direct gradient carried to the previous state;
     gsq [n_tile_programs, NSQ, T, B] float64 partial squared norms. Arithmetic runs in the dtype of gs.
+    Split K (SPLIT > 1) as in the forward: program (b, j, k) takes rows k*k_chunk .. of W_hh, partials
+    in part [SPLIT, B, H], counters cnt [tiles].
     """
     ACC = gs_ptr.dtype.element_ty
     if DOT_F32:
@@ -364,10 +440,12 @@ def _backward_kernel(
         DOT = w_ptr.dtype.element_ty
     pid_b = tl.program_id(0)
     pid_j = tl.program_id(1)
+    pid_k = tl.program_id(2)
     rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
     row_ok = rows < B
     GH = G * H
     BH = tl.cast(B, tl.int64) * H
+    k_begin = pid_k * k_chunk
     lens = _row_lengths(len_ptr, rows, row_ok, HAS_LEN)
     for i in range(n_steps):
         s = s_hi - i
@@ -381,14 +459,24 @@ def _backward_kernel(
         wr = tl.cast(s % 2, tl.int64) * BH
         sq_h = tl.zeros([BLOCK_B], dtype=tl.float64)
         sq_c = tl.zeros([BLOCK_B], dtype=tl.float64)
+        row_out = row_ok  # the rows this program writes the step's norms of
         for q in range(tiles_per_prog):
             cols = (pid_j * tiles_per_prog + q) * BLOCK_J + tl.arange(0, BLOCK_J)
             col_ok = cols < H
             m2 = row_ok[:, None] & col_ok[None, :]
             keep = valid[:, None] & col_ok[None, :]
-            acc = _rec_dot(dr_ptr + next_base, w_ptr, rows, row_ok, cols, col_ok, k_end, GH, H,
-                           tl.zeros([BLOCK_B, BLOCK_J], dtype=ACC), DOT, BLOCK_K)
+            acc = _rec_dot(dr_ptr + next_base, w_ptr, rows, row_ok, cols, col_ok, k_begin,
+                           tl.minimum(k_end, k_begin + k_chunk), GH, H,
+                           tl.zeros([BLOCK_B, BLOCK_J], dtype=ACC), DOT, PRECISION, BLOCK_K)
             hoff = rows[:, None] * H + cols[None, :]
+            if SPLIT > 1:
+                poff = tl.cast(pid_k, tl.int64) * BH + hoff
+                tl.store(part_ptr + poff, acc, mask=m2)
+                last = _arrive(cnt_ptr, pid_b * tl.num_programs(1) + pid_j, tl.arange(0, BLOCK_B), SPLIT)
+                m2 = m2 & last[:, None]
+                keep = keep & last[:, None]
+                row_out = row_ok & last
+                acc = _split_sum(part_ptr, hoff, m2, BH, SPLIT)
             dh = _ld(gs_ptr + out_base + hoff, m2, ACC) + _ld(ch_ptr + rd + hoff, m2, ACC) + acc
             if TRACK:
                 sq_h += _row_sq(dh, keep)
@@ -431,19 +519,20 @@ def _backward_kernel(
             else:  # Elman RNN: the activation derivative from h
                 h = _ld(st_ptr + out_base + hoff, m2, ACC)
                 if MODE == 2:
-                    deriv = 1.0 - h * h
+                    d_pre = dh * (1.0 - h * h)
                 elif MODE == 3:
-                    deriv = tl.where(h > 0.0, 1.0, 0.0)
+                    # relu selects, as torch's threshold_backward: 0 where h <= 0 even for an inf or NaN dh.
+                    d_pre = tl.where(h <= 0.0, 0.0, dh)
                 else:
-                    deriv = h * (1.0 - h)
-                tl.store(dx_ptr + d_ptrs, tl.where(keep, _clamp(dh * deriv, clip, HAS_CLIP), 0.0), mask=m2)
+                    d_pre = dh * (h * (1.0 - h))
+                tl.store(dx_ptr + d_ptrs, tl.where(keep, _clamp(d_pre, clip, HAS_CLIP), 0.0), mask=m2)
                 carry = tl.where(keep, 0.0, dh)
             tl.store(ch_ptr + wr + hoff, carry, mask=m2)
         if TRACK:
             sq_base = (tl.cast(pid_j, tl.int64) * NSQ * T + pos) * B + rows
-            tl.store(gsq_ptr + sq_base, sq_h, mask=row_ok)
+            tl.store(gsq_ptr + sq_base, sq_h, mask=row_out)
             if NSQ == 2:
-                tl.store(gsq_ptr + sq_base + T * B, sq_c, mask=row_ok)
+                tl.store(gsq_ptr + sq_base + T * B, sq_c, mask=row_out)
         # The next step reads the gate gradients and carries this step wrote, from every tile.
         tl.debug_barrier()
 
@@ -453,46 +542,122 @@ def _backward_kernel(
 
 
 def _interpreted(device: torch.device) -> bool:
-    return device.type != "cuda"
+    return not _host.on_gpu(device)
 
 
 def _pow2_between(n: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, triton.next_power_of_2(n)))
 
 
-def _plan(B: int, H: int, G: int, device: torch.device, dtype: torch.dtype = torch.float32) -> dict:
-    """Loop kind and block sizes. tl.dot needs every block dimension >= 16 on a GPU."""
-    loop = os.environ.get(LOOP_ENV, "auto")
+# Tests set this to plan interpreted launches as if for a GPU with that many SMs (to cover split K).
+_INTERPRETER_SMS: int | None = None
+MAX_SPLIT = 8  # most programs sharing one tile's K range (more partials cost more than they spread)
+# Accumulator words (4 bytes) of a program, G * BLOCK_B * BLOCK_J (twice that for float64): at most
+# ACC_WORDS, and 8 warps above WARP_WORDS (and for float64), keep the step kernels free of spills; the
+# persistent kernels carry more live state per tile and get PERSISTENT_WORDS and 8 warps
+# (bench/results/aot_*.md has the registers of every launch).
+ACC_WORDS = 8192
+WARP_WORDS = 2048
+PERSISTENT_WORDS = 2048
+# Without a register limit ptxas may spill a few bytes to fit more blocks per SM; these kernels run
+# about one block per SM, so they may take every register a thread can have.
+MAXNREG = 255
+# A step's grid should keep at least 100 of an H200's 132 SMs busy: this fraction of the SMs.
+MIN_BUSY = 100 / 132
+
+
+def plan(B: int, H: int, G: int, dtype: torch.dtype, sms: int | None, loop: str = "auto") -> dict:
+    """Loop kind, tiles, split and warps for a layer of batch B, hidden size H and G gates.
+
+    ``sms``: the GPU's multiprocessor count, None under the interpreter. ``loop``: "auto",
+    "persistent" or "step". tl.dot needs every block dimension >= 16 on a GPU.
+
+    The step loop launches a grid of ceil(B / BLOCK_B) x ceil(H / BLOCK_J) x SPLIT programs per step.
+    Among the tiles whose grid covers every SM, it takes the one that reads least: per step the
+    programs read the state block and the weight tiles, in all B * H * K * (1/BLOCK_J + G/BLOCK_B)
+    elements (forward; the backward likewise). Where even 16 x 16 tiles leave SMs idle (small B * H),
+    SPLIT programs share each tile's K range, so that the grid still covers the SMs
+    (bench/results/perf_model.md weighs this against fewer, longer programs).
+    """
     if loop not in ("auto", "persistent", "step"):
         raise ValueError(f"{LOOP_ENV}: expected 'auto', 'persistent' or 'step', got {loop!r}")
-    # Shorter K tiles for float32/float64 FMA dots keep the pipelined weight tiles of all gates
-    # well inside shared memory (float64 LSTM with 64 would need 278 KB on sm_90).
-    block_k = _pow2_between(H, 16, 64 if dtype in (torch.bfloat16, torch.float16) else 32)
+    half = dtype in (torch.bfloat16, torch.float16)
+    # Shorter K tiles for float32/float64 dots keep the pipelined weight tiles of all gates well
+    # inside shared memory (float64 LSTM with 64 would need 278 KB on sm_90).
+    block_k = _pow2_between(H, 16, 64 if half else 32)
     if loop == "auto":
-        if _interpreted(device):
-            loop = "persistent"
-        else:
-            sms = torch.cuda.get_device_properties(device).multi_processor_count
-            # One program per 16 rows does a whole step: worth it while a step is small or while
-            # the batch alone fills the GPU.
-            loop = "persistent" if G * H * H <= 65536 or triton.cdiv(B, 16) >= sms else "step"
+        # One program per 16 rows does a whole step: worth it while a step is tiny (its launches would
+        # cost more than its work) or while the batch alone fills the GPU.
+        small = G * H * H <= 16384
+        loop = "persistent" if sms is None or small or triton.cdiv(B, 16) >= sms else "step"
+    word = 2 if dtype == torch.float64 else 1
     if loop == "persistent":
-        return {"loop": loop, "BLOCK_B": 16, "BLOCK_J": _pow2_between(H, 16, 64), "BLOCK_K": block_k,
-                "num_warps": 4}
-    block_b = 16 if B <= 16 else (32 if B <= 128 else 64)
-    block_j = _pow2_between(H, 16, 64)
-    sms = 1 if _interpreted(device) else torch.cuda.get_device_properties(device).multi_processor_count
-    # Spread a step over the SMs, and keep the G accumulators of a tile within the registers.
-    while block_j > 16 and (triton.cdiv(B, block_b) * triton.cdiv(H, block_j) < sms
-                            or block_b * block_j * G > 8192):
-        block_j //= 2
+        block_j = 32 if H > 16 and G * 16 * 32 * word <= PERSISTENT_WORDS else 16
+        if word == 2:
+            block_k = 16  # float64 LSTM with lengths and tracking spills with 32
+        # No software pipelining of the K loop: its prefetched tiles, live across the loops over tiles
+        # and steps, would spill (float64 LSTM with tracking).
+        return {"loop": loop, "BLOCK_B": 16, "BLOCK_J": block_j, "BLOCK_K": block_k,
+                "SPLIT_FWD": 1, "SPLIT_BWD": 1, "num_warps": 8, "num_stages": 1}
+    target = math.ceil(MIN_BUSY * sms) if sms else 1
+    candidates = []
+    for block_b in (16, 32, 64):
+        for block_j in (16, 32, 64):
+            if block_b > max(16, triton.next_power_of_2(B)) or block_j > max(16, triton.next_power_of_2(H)):
+                continue
+            if G * block_b * block_j * word > ACC_WORDS:
+                continue
+            programs = triton.cdiv(B, block_b) * triton.cdiv(H, block_j)
+            reads = 1 / block_j + G / block_b
+            # Covering the SMs first, then the fewest reads; short of covering, the most programs.
+            rank = (0, reads, -block_b) if programs >= target else (1, -programs, reads)
+            candidates.append((rank, block_b, block_j, programs))
+    _, block_b, block_j, programs = min(candidates)
+
+    # A power of two: with H a power of two every program then gets an equal share of the K range,
+    # in whole K tiles (shorter ones where the forward's K = H would not give every program one).
+    wanted = 1
+    if programs < target:
+        wanted = min(triton.next_power_of_2(triton.cdiv(target, programs)), MAX_SPLIT)
+    if wanted > 1:
+        block_k = max(16, min(block_k, triton.next_power_of_2(H // wanted + 1) // 2))
+
+    def split(k: int) -> int:
+        return max(1, min(wanted, triton.cdiv(k, block_k)))
+
+    num_warps = 8 if word == 2 or G * block_b * block_j > WARP_WORDS else 4
+    if num_warps == 4 and block_b * block_j >= 2048:
+        block_k = 16  # a wide tile of few gates (the RNN at large B, H): 32-row K tiles spill
     return {"loop": loop, "BLOCK_B": block_b, "BLOCK_J": block_j, "BLOCK_K": block_k,
-            "num_warps": 8 if block_b * block_j * G >= 8192 else 4}
+            "SPLIT_FWD": split(H), "SPLIT_BWD": split(G * H), "num_warps": num_warps, "num_stages": 3}
+
+
+def _plan(B: int, H: int, G: int, device: torch.device, dtype: torch.dtype = torch.float32) -> dict:
+    """:func:`plan` for a launch on ``device``, with the loop kind from ``VGK_RNN_TRITON_LOOP``."""
+    sms = _host.sm_count(device)
+    if sms is None:
+        sms = _INTERPRETER_SMS
+        # Under the interpreter auto stays persistent (fast there); split K only where asked for.
+        loop = os.environ.get(LOOP_ENV, "auto")
+        if loop == "auto":
+            loop = "persistent"
+        return plan(B, H, G, dtype, sms, loop)
+    return plan(B, H, G, dtype, sms, os.environ.get(LOOP_ENV, "auto"))
+
+
+def _k_chunk(K: int, split: int, block_k: int) -> int:
+    """Rows of the K range per split program: a multiple of BLOCK_K."""
+    return triton.cdiv(triton.cdiv(K, split), block_k) * block_k
 
 
 def _dot_f32(dtype: torch.dtype, device: torch.device) -> bool:
     # The interpreter computes bfloat16 dots wrongly; there they run on float32 operands.
     return dtype == torch.bfloat16 and _interpreted(device)
+
+
+def _precision(dtype: torch.dtype, device: torch.device) -> str:
+    """tl.dot input precision of float32 operands: "tf32" where torch's switch allows it, else "ieee"."""
+    return "tf32" if dtype == torch.float32 and _host.fp32_dot_tf32(device) else "ieee"
 
 
 def _alloc(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -505,6 +670,11 @@ def _alloc(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
 
 def _fail(op: str, cls, message: str):
     raise cls(f"{op}: {message}")
+
+
+def _given(t) -> str:
+    """What an argument that should be None was, for a message."""
+    return f"a tensor of shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
 
 
 def _check_tensor(op, name, t, shape, dtype, device) -> None:
@@ -532,7 +702,7 @@ def _kernels_interpreted() -> bool:
 
 
 def _check_device(op: str, device: torch.device) -> None:
-    if device.type == "cuda":
+    if device.type == "cuda" or (device.type == "meta" and _host.capturing()):
         return
     if device.type == "cpu" and _kernels_interpreted():
         return
@@ -614,51 +784,83 @@ def _forward_impl(xproj, h0, c0, w_hh, b_hh, lengths, mode, reverse, track):
     _check_tensor(op, "h0", h0, (B, H), dtype, device)
     if mode == "lstm":
         if c0 is None:
-            _fail(op, ValueError, "c0 is required for mode 'lstm'")
+            _fail(op, ValueError, "c0 is required for mode 'lstm', got None")
         _check_tensor(op, "c0", c0, (B, H), dtype, device)
     elif c0 is not None:
-        _fail(op, ValueError, f"c0 must be None for mode {mode!r}")
+        _fail(op, ValueError, f"c0 must be None for mode {mode!r}, got {_given(c0)}")
     if b_hh is not None:
         if mode != "gru":
-            _fail(op, ValueError, f"b_hh must be None for mode {mode!r} (fold it into xproj)")
+            _fail(op, ValueError,
+                  f"b_hh must be None for mode {mode!r} (fold it into xproj), got {_given(b_hh)}")
         _check_tensor(op, "b_hh", b_hh, (G * H,), dtype, device)
     _check_lengths(op, lengths, B)
 
     acc = _acc_dtype(dtype)
     plan = _plan(B, H, G, device, dtype)
-    xproj = xproj.contiguous()
-    wt = w_hh.t().contiguous()
-    states, cells = _initial_states(T, h0, c0, reverse, acc)
-    ws = _alloc((T, B, 4 * H), acc, device) if mode in ("lstm", "gru") else states.new_empty(0)
-    if track:
-        gram, diag = _gram_terms(w_hh, mode)
-    else:
-        gram = diag = states.new_empty(0)
-    n_tiles = triton.cdiv(H, plan["BLOCK_J"])
     persistent = plan["loop"] == "persistent"
-    jac_part = _alloc((1 if persistent else n_tiles, T, B), acc, device) if track else states.new_empty(0)
-    len_dev = lengths.to(device) if lengths is not None else states.new_empty(0)
-    bhh = b_hh.contiguous() if b_hh is not None else states.new_empty(0)
+    n_b = triton.cdiv(B, plan["BLOCK_B"])
+    n_tiles = triton.cdiv(H, plan["BLOCK_J"])
+    split = plan["SPLIT_FWD"]
     meta = dict(
         MODE=_MODE_ID[mode], G=G, REVERSE=bool(reverse), HAS_LEN=lengths is not None,
         HAS_BHH=b_hh is not None, TRACK=bool(track), DOT_F32=_dot_f32(dtype, device),
-        BLOCK_B=plan["BLOCK_B"], BLOCK_J=plan["BLOCK_J"], BLOCK_K=plan["BLOCK_K"],
-        num_warps=plan["num_warps"],
+        PRECISION=_precision(dtype, device), SPLIT=split, BLOCK_B=plan["BLOCK_B"], BLOCK_J=plan["BLOCK_J"],
+        BLOCK_K=plan["BLOCK_K"], num_warps=plan["num_warps"], num_stages=plan["num_stages"],
+        maxnreg=MAXNREG,
     )
-    args = (xproj, states, cells, ws, wt, bhh, len_dev, gram, diag, jac_part)
-    n_b = triton.cdiv(B, plan["BLOCK_B"])
-    kernel = wrap_triton(_forward_kernel)
-    with _device_ctx(device):
-        if persistent:
-            kernel[(n_b, 1)](*args, T, B, H, 0, T, n_tiles, **meta)
-        else:
-            for s in range(T):
-                kernel[(n_b, n_tiles)](*args, T, B, H, s, 1, 1, **meta)
+    key = None if persistent else ("fwd", T, B, H, dtype, device, tuple(sorted(meta.items())))
+    loop = _graphs.StepLoop(key, device, {})
+    empty = xproj.new_empty(0, dtype=acc)
+    x = loop.copy_in("xproj", xproj)
+    wt = loop.copy_in("wt", w_hh.t())
+    init = T if reverse else 0
+    states = loop.buffer("states", lambda: _alloc((T + 1, B, H), acc, device))
+    states[init] = h0
+    if mode == "lstm":
+        cells = loop.buffer("cells", lambda: _alloc((T + 1, B, H), acc, device))
+        cells[init] = c0
+    else:
+        cells = xproj.new_empty(0, dtype=acc)  # outputs may not alias each other
+    ws = loop.buffer("ws", lambda: _alloc((T, B, 4 * H), acc, device)) if mode in ("lstm", "gru") \
+        else xproj.new_empty(0, dtype=acc)
+    if track:
+        gram, diag = (loop.copy_in(name, t) for name, t in zip(("gram", "diag"), _gram_terms(w_hh, mode),
+                                                                strict=True))
+        jac_part = loop.buffer("jac", lambda: _alloc((1 if persistent else n_tiles, T, B), acc, device))
+    else:
+        gram = diag = jac_part = empty
+    len_dev = loop.copy_in("lengths", lengths.to(device)) if lengths is not None else empty
+    bhh = loop.copy_in("b_hh", b_hh) if b_hh is not None else empty
+    part, counters = _split_buffers(loop, split, (split, B, G * H), n_b * n_tiles, acc, device)
+    args = (x, states, cells, ws, wt, bhh, len_dev, gram, diag, jac_part, part, counters)
+
+    def launch_all():
+        with _device_ctx(device):
+            if persistent:
+                _host.launch(_forward_kernel, (n_b, 1, 1), *args, T, B, H, 0, T, n_tiles, H, **meta)
+            else:
+                chunk = _k_chunk(H, split, plan["BLOCK_K"])
+                for s in range(T):
+                    _host.launch(_forward_kernel, (n_b, n_tiles, split), *args, T, B, H, s, 1, 1, chunk,
+                                 **meta)
+
+    loop.run(launch_all)
     if track:
         jac_sq = jac_part.sum(0, dtype=torch.float32) if jac_part.shape[0] > 1 else jac_part[0].float()
     else:
         jac_sq = states.new_empty(0, dtype=torch.float32)
     return states.to(dtype), cells.to(dtype), ws.to(dtype), jac_sq
+
+
+def _split_buffers(loop, split: int, shape: tuple, tiles: int, acc: torch.dtype, device: torch.device):
+    """Partials [split, ...] and zeroed arrival counters [tiles] of a split-K step loop (empty without)."""
+    if split == 1:
+        empty = torch.empty(0, dtype=acc, device=device)
+        return empty, empty.to(torch.int32)
+    part = loop.buffer("part", lambda: torch.empty(shape, dtype=acc, device=device))
+    # The last program of each tile resets its counter, so they are zero again after every step.
+    counters = loop.buffer("counters", lambda: torch.zeros(tiles, dtype=torch.int32, device=device))
+    return part, counters
 
 
 @triton_op("vgk::rnn_forward_triton", mutates_args=())
@@ -733,42 +935,61 @@ def _backward_impl(grad_states, grad_cell_states, states, cell_states, workspace
     _check_lengths(op, lengths, B)
     _check_grad_clip(op, grad_clip)
     if has_b_hh and mode != "gru":
-        _fail(op, ValueError, f"has_b_hh is for mode 'gru' only, got mode {mode!r}")
+        _fail(op, ValueError, f"has_b_hh is for mode 'gru' only, got has_b_hh=True with mode {mode!r}")
 
     acc = _acc_dtype(dtype)
     plan = _plan(B, H, G, device, dtype)
     persistent = plan["loop"] == "persistent"
+    n_b = triton.cdiv(B, plan["BLOCK_B"])
     n_tiles = triton.cdiv(H, plan["BLOCK_J"])
+    split = plan["SPLIT_BWD"]
     nsq = 2 if mode == "lstm" else 1
-    gs = grad_states.to(acc).contiguous()
-    gcs = grad_cell_states.to(acc).contiguous() if mode == "lstm" else gs.new_empty(0)
+    clip = float(grad_clip) if grad_clip is not None else 0.0
+    meta = dict(
+        MODE=_MODE_ID[mode], G=G, NSQ=nsq, REVERSE=bool(reverse), HAS_LEN=lengths is not None,
+        HAS_CLIP=grad_clip is not None, TRACK=bool(track), DOT_F32=_dot_f32(dtype, device),
+        PRECISION=_precision(dtype, device), SPLIT=split, BLOCK_B=plan["BLOCK_B"], BLOCK_J=plan["BLOCK_J"],
+        BLOCK_K=plan["BLOCK_K"], num_warps=plan["num_warps"], num_stages=plan["num_stages"],
+        maxnreg=MAXNREG,
+    )
     st = states.contiguous()
     cs = cell_states.contiguous() if mode == "lstm" else st.new_empty(0)
     ws = workspace.contiguous() if mode in ("lstm", "gru") else st.new_empty(0)
     w = w_hh.contiguous()
-    dx = _alloc((T, B, G * H), acc, device)
-    dr = _alloc((T, B, G * H), acc, device) if mode == "gru" else dx
-    carry_h = torch.zeros(2, B, H, dtype=acc, device=device)
-    carry_c = torch.zeros(2, B, H, dtype=acc, device=device) if mode == "lstm" else carry_h
-    gsq_part = (_alloc((1 if persistent else n_tiles, nsq, T, B), torch.float64, device) if track
-                else gs.new_empty(0))
-    len_dev = lengths.to(device) if lengths is not None else gs.new_empty(0)
-    meta = dict(
-        MODE=_MODE_ID[mode], G=G, NSQ=nsq, REVERSE=bool(reverse), HAS_LEN=lengths is not None,
-        HAS_CLIP=grad_clip is not None, TRACK=bool(track), DOT_F32=_dot_f32(dtype, device),
-        BLOCK_B=plan["BLOCK_B"], BLOCK_J=plan["BLOCK_J"], BLOCK_K=plan["BLOCK_K"],
-        num_warps=plan["num_warps"],
-    )
-    clip = float(grad_clip) if grad_clip is not None else 0.0
-    args = (gs, gcs, st, cs, ws, w, len_dev, dx, dr, carry_h, carry_c, gsq_part)
-    n_b = triton.cdiv(B, plan["BLOCK_B"])
-    kernel = wrap_triton(_backward_kernel)
-    with _device_ctx(device):
-        if persistent:
-            kernel[(n_b, 1)](*args, T, B, H, T - 1, T, n_tiles, clip, **meta)
-        else:
-            for s in range(T - 1, -1, -1):
-                kernel[(n_b, n_tiles)](*args, T, B, H, s, 1, 1, clip, **meta)
+    len_dev = lengths.to(device) if lengths is not None else st.new_empty(0, dtype=acc)
+    # The forward's outputs and the weights are read in place: a graph captured on them replays for
+    # the backward of every forward that returned the same buffers.
+    adopted = {"states": st, "cells": cs, "ws": ws, "w": w, "lengths": len_dev}
+    key = None if persistent else ("bwd", T, B, H, dtype, device, clip, tuple(sorted(meta.items())))
+    loop = _graphs.StepLoop(key, device, adopted)
+    gs = loop.copy_in("gs", grad_states.to(acc))
+    gcs = loop.copy_in("gcs", grad_cell_states.to(acc)) if mode == "lstm" else gs.new_empty(0)
+    dx = loop.buffer("dx", lambda: _alloc((T, B, G * H), acc, device))
+    dr = loop.buffer("dr", lambda: _alloc((T, B, G * H), acc, device)) if mode == "gru" else dx
+    carry_h = loop.buffer("carry_h", lambda: torch.empty(2, B, H, dtype=acc, device=device))
+    carry_h.zero_()
+    if mode == "lstm":
+        carry_c = loop.buffer("carry_c", lambda: torch.empty(2, B, H, dtype=acc, device=device))
+        carry_c.zero_()
+    else:
+        carry_c = carry_h
+    gsq_part = loop.buffer("gsq", lambda: _alloc((1 if persistent else n_tiles, nsq, T, B), torch.float64,
+                                                 device)) if track else gs.new_empty(0)
+    part, counters = _split_buffers(loop, split, (split, B, H), n_b * n_tiles, acc, device)
+    args = (gs, gcs, st, cs, ws, w, len_dev, dx, dr, carry_h, carry_c, gsq_part, part, counters)
+
+    def launch_all():
+        with _device_ctx(device):
+            if persistent:
+                _host.launch(_backward_kernel, (n_b, 1, 1), *args, T, B, H, T - 1, T, n_tiles, clip, G * H,
+                             **meta)
+            else:
+                chunk = _k_chunk(G * H, split, plan["BLOCK_K"])
+                for s in range(T - 1, -1, -1):
+                    _host.launch(_backward_kernel, (n_b, n_tiles, split), *args, T, B, H, s, 1, 1, clip,
+                                 chunk, **meta)
+
+    loop.run(launch_all)
 
     # The step processed first (s = 0) leaves the gradient of the initial state.
     first, init = (T - 1, T) if reverse else (0, 0)

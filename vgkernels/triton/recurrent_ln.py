@@ -29,7 +29,8 @@ internal buffers are float64 for float64 inputs and float32 otherwise. ``states`
 the gradients are returned in the input dtype; the ``workspace`` stays in that accumulation dtype
 (float32 for half inputs) so that the backward sees the normalized values unrounded; ``jac_sq`` is
 float32 and ``grad_sq`` float64. The recurrent dots take half-precision operands (tensor cores, float32
-accumulation) for half inputs and IEEE float32/float64 otherwise.
+accumulation) for half inputs, and float32 dots follow torch's cuDNN TF32 switch as in
+:mod:`vgkernels.triton.recurrent`.
 
 Workspace layout (the C++ backend's): LSTM [T, B, 10H+2] = (si, sf, tg, so | yh (4H) | ch | tl | rstd |
 rstd_c); GRU [T, B, 7H+1] = (r, z, n, hn | yh (3H) | rstd).
@@ -38,10 +39,13 @@ rstd_c); GRU [T, B, 7H+1] = (r, z, n, hn | yh (3H) | rstd).
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
+from vgkernels.triton import _host
 from vgkernels.triton import recurrent as _plain
+from vgkernels.triton.layer_norm import _row_scale
 from vgkernels.triton.recurrent import (
+    MAXNREG,
     _dot,
     _gru_gate_grads,
     _ld,
@@ -84,7 +88,8 @@ def _ln_forward_kernel(
     x_ptr, st_ptr, cs_ptr, ws_ptr, y_ptr, wt_ptr, gam_ptr, sh_ptr, gc_ptr, bc_ptr, len_ptr, eps_ptr,
     T, B, H,
     LSTM: tl.constexpr, REVERSE: tl.constexpr, HAS_LEN: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     """All T steps for one block of batch rows.
 
@@ -110,6 +115,7 @@ def _ln_forward_kernel(
         ws_base = tl.cast(pos, tl.int64) * B * WS
         # y = h_prev W^T into the scratch rows, and its row sums.
         sum_y = tl.zeros([BLOCK_B], dtype=ACC)
+        max_y = tl.zeros([BLOCK_B], dtype=ACC)
         for n0 in range(0, N, BLOCK_N):
             cols = n0 + tl.arange(0, BLOCK_N)
             col_ok = cols < N
@@ -121,19 +127,24 @@ def _ln_forward_kernel(
                              mask=row_ok[:, None] & k_ok[None, :], other=0.0)
                 wk = tl.load(wt_ptr + ks[:, None] * N + cols[None, :], mask=k_ok[:, None] & col_ok[None, :],
                              other=0.0)
-                acc = _dot(hk, wk, acc, DOT)
+                acc = _dot(hk, wk, acc, DOT, PRECISION)
             m = row_ok[:, None] & col_ok[None, :]
             tl.store(y_ptr + rows[:, None] * N + cols[None, :], acc, mask=m)
             sum_y += tl.sum(tl.where(m, acc, 0.0), axis=1)
+            max_y = tl.maximum(max_y, tl.max(tl.where(m, tl.abs(acc), 0.0), axis=1))
         mean = sum_y / N
+        # The variance of (y - mean) / max|y| where max|y| > 2^50 (large W_hh): float32 squares of
+        # values beyond ~1e19 overflow. 1 for other rows, which changes nothing.
+        inv = _row_scale(max_y)
         tl.debug_barrier()
         ssq = tl.zeros([BLOCK_B], dtype=ACC)
         for n0 in range(0, N, BLOCK_N):
             cols = n0 + tl.arange(0, BLOCK_N)
             m = row_ok[:, None] & (cols < N)[None, :]
             d = tl.where(m, _ld(y_ptr + rows[:, None] * N + cols[None, :], m, ACC) - mean[:, None], 0.0)
+            d = d * inv[:, None]
             ssq += tl.sum(d * d, axis=1)
-        rstd = 1.0 / tl.sqrt(ssq / N + eps)
+        rstd = inv / tl.sqrt(ssq / N + eps * inv * inv)
         # Gates and new state, a tile of hidden units at a time.
         sum_c = tl.zeros([BLOCK_B], dtype=ACC)
         for j0 in range(0, H, BLOCK_J):
@@ -238,7 +249,7 @@ def _ln_backward_kernel(
     gx_ptr, dl_ptr, dy_ptr, dh_ptr, ch_ptr, cc_ptr, gsq_ptr, clip_ptr,
     T, B, H,
     LSTM: tl.constexpr, REVERSE: tl.constexpr, HAS_LEN: tl.constexpr, HAS_CLIP: tl.constexpr,
-    TRACK: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
+    TRACK: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """All T steps of the backward, in reverse processing order, for one block of batch rows.
@@ -292,8 +303,8 @@ def _ln_backward_kernel(
             m = row_ok[:, None] & col_ok[None, :]
             keep = valid[:, None] & col_ok[None, :]
             hoff = rows[:, None] * H + cols[None, :]
-            rec = _rec_dot(dy_ptr + next_base, w_ptr, rows, row_ok, cols, col_ok, k_end, N, H,
-                           tl.zeros([BLOCK_B, BLOCK_J], dtype=ACC), DOT, BLOCK_K)
+            rec = _rec_dot(dy_ptr + next_base, w_ptr, rows, row_ok, cols, col_ok, 0, k_end, N, H,
+                           tl.zeros([BLOCK_B, BLOCK_J], dtype=ACC), DOT, PRECISION, BLOCK_K)
             dh = _ld(gs_ptr + out_base + hoff, m, ACC) + _ld(ch_ptr + rd + hoff, m, ACC) + rec
             if TRACK:
                 sq_h += _row_sq(dh, keep)
@@ -607,15 +618,20 @@ def _ln_jacobian_kernel(
 
 
 def _plan(H: int, G: int, dtype: torch.dtype) -> dict:
-    """Block sizes. tl.dot needs every block dimension >= 16 on a GPU, so all are at least 16."""
+    """Block sizes. tl.dot needs every block dimension >= 16 on a GPU, so all are at least 16.
+
+    A program keeps all G gates of its tile live through the gate update: tiles of 32 columns (16 for
+    float64) over 8 warps keep it within the registers (bench/results/aot_*.md).
+    """
     half = dtype in (torch.bfloat16, torch.float16)
-    return {"BLOCK_B": 16, "BLOCK_N": _pow2_between(G * H, 16, 64), "BLOCK_J": _pow2_between(H, 16, 64),
-            "BLOCK_K": _pow2_between(H, 16, 64 if half else 32), "num_warps": 4}
+    cols = 16 if dtype == torch.float64 else 32
+    return {"BLOCK_B": 16, "BLOCK_N": _pow2_between(G * H, 16, cols), "BLOCK_J": _pow2_between(H, 16, cols),
+            "BLOCK_K": _pow2_between(H, 16, 64 if half else 32), "num_warps": 8}
 
 
 def _dot_tl(dtype: torch.dtype, device: torch.device):
     # The interpreter computes bfloat16 dots wrongly; there they run on float32 operands.
-    if dtype == torch.bfloat16 and device.type != "cuda":
+    if dtype == torch.bfloat16 and not _host.on_gpu(device):
         return tl.float32
     return _TL[dtype]
 
@@ -630,10 +646,11 @@ def _check_ln_mode(op: str, mode: str) -> int:
 def _check_optional(op, name, t, required, mode, shape, dtype, device) -> None:
     if required:
         if t is None:
-            _plain._fail(op, ValueError, f"{name} of shape {tuple(shape)} is required for mode {mode!r}")
+            _plain._fail(op, ValueError,
+                         f"{name} of shape {tuple(shape)} is required for mode {mode!r}, got None")
         _plain._check_tensor(op, name, t, shape, dtype, device)
     elif t is not None:
-        _plain._fail(op, ValueError, f"{name} must be None for mode {mode!r}")
+        _plain._fail(op, ValueError, f"{name} must be None for mode {mode!r}, got {_plain._given(t)}")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -668,7 +685,6 @@ def _jacobian_sq(ws, states, cells, w_hh, gamma, gamma_c, lengths, mode, reverse
     jac = torch.empty(T, B, dtype=torch.float64, device=device)
     steps = max(1, _JAC_CHUNK_BYTES // (8 * K * B * N))
     len_dev = lengths.to(device) if lengths is not None else jac.new_empty(0)
-    kernel = wrap_triton(_ln_jacobian_kernel)
     for t0 in range(0, T, steps):
         t1 = min(T, t0 + steps)
         R = (t1 - t0) * B
@@ -687,11 +703,12 @@ def _jacobian_sq(ws, states, cells, w_hh, gamma, gamma_c, lengths, mode, reverse
         q = v @ wd.t()  # [K, R, N]
         hp = (prev_c if lstm else prev)[t0:t1].reshape(R, H).contiguous()
         grid = (triton.cdiv(R, 16),)
-        kernel[grid](wsc.contiguous(), hp, hp, gamma.contiguous(),
+        _host.launch(_ln_jacobian_kernel, grid, wsc.contiguous(), hp, hp, gamma.contiguous(),
                      gamma_c.contiguous() if lstm else gamma.contiguous(), v.contiguous(), q.contiguous(),
                      u.contiguous(), wu, gram, diag, len_dev, jac[t0:t1].view(-1),
                      R, B, H, t0,
-                     LSTM=lstm, HAS_LEN=lengths is not None, BLOCK_R=16, BLOCK_J=_pow2_between(H, 16, 64))
+                     LSTM=lstm, HAS_LEN=lengths is not None, BLOCK_R=16, BLOCK_J=16, num_warps=8,
+                     maxnreg=MAXNREG)
     return jac.to(torch.float32)
 
 
@@ -703,7 +720,8 @@ def _forward_impl(xproj, h0, c0, w_hh, b_hh, ln_hh_weight, ln_hh_bias, ln_cell_w
     device, dtype = _plain._check_leading(op, "xproj", xproj, "[T, B, G*H]")
     T, B, N = xproj.shape
     if not isinstance(w_hh, torch.Tensor) or w_hh.dim() != 2:
-        _plain._fail(op, ValueError, "w_hh must be a 2-D tensor [G*H, H]")
+        got = f"shape {tuple(w_hh.shape)}" if isinstance(w_hh, torch.Tensor) else type(w_hh).__name__
+        _plain._fail(op, ValueError, f"w_hh must be a 2-D tensor [G*H, H], got {got}")
     H = w_hh.shape[1]
     if T < 1 or B < 1 or H < 1:
         _plain._fail(op, ValueError, f"T, B and H must be positive, got T={T}, B={B}, H={H}")
@@ -719,7 +737,8 @@ def _forward_impl(xproj, h0, c0, w_hh, b_hh, ln_hh_weight, ln_hh_bias, ln_cell_w
     _check_optional(op, "ln_cell_bias", ln_cell_bias, lstm, mode, (H,), dtype, device)
     if b_hh is not None:
         if lstm:
-            _plain._fail(op, ValueError, "b_hh must be None for mode 'lstm' (add it to xproj)")
+            _plain._fail(op, ValueError,
+                         f"b_hh must be None for mode 'lstm' (add it to xproj), got {_plain._given(b_hh)}")
         _plain._check_tensor(op, "b_hh", b_hh, (G * H,), dtype, device)
     _plain._check_lengths(op, lengths, B)
 
@@ -734,12 +753,14 @@ def _forward_impl(xproj, h0, c0, w_hh, b_hh, ln_hh_weight, ln_hh_bias, ln_cell_w
     bc = ln_cell_bias.contiguous() if lstm else states.new_empty(0)
     len_dev = lengths.to(device) if lengths is not None else states.new_empty(0, dtype=torch.int64)
     with _plain._device_ctx(device):
-        wrap_triton(_ln_forward_kernel)[(triton.cdiv(B, plan["BLOCK_B"]),)](
-            xproj.contiguous(), states, cells, ws, y, w_hh.t().contiguous(), ln_hh_weight.contiguous(),
+        _host.launch(
+            _ln_forward_kernel, (triton.cdiv(B, plan["BLOCK_B"]),), xproj.contiguous(), states, cells, ws, y,
+            w_hh.t().contiguous(), ln_hh_weight.contiguous(),
             shift.contiguous(), gc, bc, len_dev, torch.tensor([eps], dtype=acc, device=device), T, B, H,
             LSTM=lstm, REVERSE=bool(reverse), HAS_LEN=lengths is not None, ACC=_TL[acc],
-            DOT=_dot_tl(dtype, device), BLOCK_B=plan["BLOCK_B"], BLOCK_N=plan["BLOCK_N"],
-            BLOCK_J=plan["BLOCK_J"], BLOCK_K=plan["BLOCK_K"], num_warps=plan["num_warps"],
+            DOT=_dot_tl(dtype, device), PRECISION=_plain._precision(dtype, device), BLOCK_B=plan["BLOCK_B"],
+            BLOCK_N=plan["BLOCK_N"],
+            BLOCK_J=plan["BLOCK_J"], BLOCK_K=plan["BLOCK_K"], num_warps=plan["num_warps"], maxnreg=MAXNREG,
         )
         if track:
             jac_sq = _jacobian_sq(ws, states, cells, w_hh, ln_hh_weight, ln_cell_weight, lengths, mode,
@@ -820,7 +841,8 @@ def _backward_impl(grad_states, grad_cell_states, states, cell_states, workspace
     _plain._check_lengths(op, lengths, B)
     _plain._check_grad_clip(op, grad_clip)
     if has_b_hh and lstm:
-        _plain._fail(op, ValueError, "has_b_hh is for mode 'gru' only (the LSTM's b_hh is in xproj)")
+        _plain._fail(op, ValueError, "has_b_hh is for mode 'gru' only (the LSTM's b_hh is in xproj), got "
+                     "has_b_hh=True with mode 'lstm'")
 
     plan = _plan(H, G, dtype)
     alloc = _plain._alloc
@@ -840,14 +862,16 @@ def _backward_impl(grad_states, grad_cell_states, states, cell_states, workspace
     len_dev = lengths.to(device) if lengths is not None else gs.new_empty(0, dtype=torch.int64)
     gc = ln_cell_weight.contiguous() if lstm else gs.new_empty(0)
     with _plain._device_ctx(device):
-        wrap_triton(_ln_backward_kernel)[(triton.cdiv(B, plan["BLOCK_B"]),)](
-            gs, gcs, st, cs, ws, w, ln_hh_weight.contiguous(), gc, len_dev, gx, dl, dy, dh, carry_h, carry_c,
+        _host.launch(
+            _ln_backward_kernel, (triton.cdiv(B, plan["BLOCK_B"]),), gs, gcs, st, cs, ws, w,
+            ln_hh_weight.contiguous(), gc, len_dev, gx, dl, dy, dh, carry_h, carry_c,
             gsq, torch.tensor([grad_clip if grad_clip is not None else 0.0], dtype=acc, device=device),
             T, B, H,
             LSTM=lstm, REVERSE=bool(reverse), HAS_LEN=lengths is not None, HAS_CLIP=grad_clip is not None,
-            TRACK=bool(track), ACC=_TL[acc], DOT=_dot_tl(dtype, device), BLOCK_B=plan["BLOCK_B"],
+            TRACK=bool(track), ACC=_TL[acc], DOT=_dot_tl(dtype, device),
+            PRECISION=_plain._precision(dtype, device), BLOCK_B=plan["BLOCK_B"],
             BLOCK_N=plan["BLOCK_N"], BLOCK_J=plan["BLOCK_J"], BLOCK_K=plan["BLOCK_K"],
-            num_warps=plan["num_warps"],
+            num_warps=plan["num_warps"], maxnreg=MAXNREG,
         )
     # The step processed first leaves its dy for the initial state.
     first, init = (T - 1, T) if reverse else (0, 0)

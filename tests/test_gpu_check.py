@@ -1,0 +1,95 @@
+"""bench/gpu_check.sh, the one prepared script for a GPU machine, checked on a machine without one:
+it parses, it stops at once without a GPU, and its summary (bench/gpu_summary.py) states a verdict
+for every GPU target from recorded results. Also the performance model it quotes
+(bench/perf_model.py). Exact checks, no tolerances (the model's figures only by their relations).
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+import gpu_summary  # noqa: E402
+import perf_model  # noqa: E402
+
+
+def test_script_parses():
+    subprocess.run(["bash", "-n", str(ROOT / "bench" / "gpu_check.sh")], check=True)
+
+
+def test_script_stops_without_a_gpu(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh"), str(tmp_path / "out")], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "no CUDA device" in proc.stderr and not (tmp_path / "out").exists()
+
+
+def _row(dtype, ours, cudnn, eager=None, **extra):
+    row = {"case": f"lstm T=100 B=64 H=512 {dtype} fwd+bwd", "mode": "lstm", "B": 64, "H": 512,
+           "dtype": dtype, "auto_loop": "step", "vgkernels median ms": ours, "cudnn median ms": cudnn,
+           "vgkernels_persistent median ms": 9.0, "vgkernels_step_nograph median ms": 4.0}
+    if eager:
+        row["eager_cell_loop median ms"] = eager
+    row.update(extra)
+    return row
+
+
+def test_summary_states_every_verdict(tmp_path):
+    results = tmp_path / "results"
+    out = tmp_path / "out"
+    results.mkdir()
+    out.mkdir()
+    rows = [_row("fp32-tf32", 2.0, 1.8, eager=20.0), _row("bf16", 3.0, 2.0)]
+    (results / "recurrent_gpu_Test_GPU.json").write_text(json.dumps({"results": rows}))
+    other = {"results": [{"case": "layer_norm (4096, 1024)", "target fraction": ">= 0.8",
+                          "vgkernels fraction of copy bandwidth": 0.91}]}
+    (results / "layer_norm_Test_GPU.json").write_text(json.dumps(other))
+    text = gpu_summary.summarize(out, "passed", "Test GPU", results)
+    assert (out / "summary.md").read_text() == text
+    assert (out / "recurrent_gpu_Test_GPU.json").exists()
+    assert "- GPU tests (pytest -m gpu): passed" in text
+    assert ("fp32-tf32: tracked vgkernels / cuDNN = 1.111 (2.000 ms against 1.800 ms; goal <= 1.25: met)"
+            in text)
+    assert ("bf16: tracked vgkernels / cuDNN = 1.500 (3.000 ms against 2.000 ms; goal <= 1.25: NOT met)"
+            in text)
+    assert "eager tracked cell loop / vgkernels = 10.00 (goal >= 5: met)" in text
+    assert "fp32-ieee: not measured" in text
+    assert "the model estimated" in text
+    assert "vgkernels fraction of copy bandwidth = 0.91 (goal >= 0.8)" in text
+    assert "| lstm T=100 B=64 H=512 fp32-tf32 fwd+bwd | step  | 9.000 | 4.000 | 2.000 | vgkernels |" in text
+
+
+def test_summary_without_results(tmp_path):
+    text = gpu_summary.summarize(tmp_path, "FAILED or timed out (exit 1)", "Test GPU", tmp_path)
+    assert "GPU tests (pytest -m gpu): FAILED" in text and "no results were recorded" in text
+
+
+def test_perf_model_report_states_it_is_an_estimate():
+    text, acceptance = perf_model.report()
+    assert "An estimate from first principles, not a measurement" in text
+    for field in ("l2_bytes", "graph_gap_s", "tf32_flops", "hbm_bytes", "sms"):
+        assert f"`{field}`" in text
+    assert set(acceptance) >= {"bf16", "fp32, IEEE everywhere (both TF32 switches off)"}
+    c = perf_model.Case("lstm", 64, 512, precision="tf32")
+    # the graph saves the host's launch cost; the persistent loop runs on 4 SMs and is the slowest
+    assert perf_model.ours(c)["total"] < perf_model.ours(c, graph=False)["total"]
+    assert perf_model.ours(c, loop="persistent")["total"] > perf_model.ours(c)["total"]
+    assert perf_model.ours(c)["sms_busy"] >= 100
+    # more L2 bandwidth never makes anything slower
+    fast = perf_model.Machine(l2_bytes=12e12)
+    assert perf_model.ours(c, fast)["total"] <= perf_model.ours(c)["total"]
+
+
+@pytest.mark.parametrize("precision", ["tf32", "bf16", "ieee", "fp64"])
+def test_perf_model_parts_add_up(precision):
+    c = perf_model.Case("gru", 16, 256, precision=precision)
+    o = perf_model.ours(c)
+    assert o["total"] == pytest.approx(o["recurrence"] + o["gemms"] + o["elementwise"], rel=1e-12)
+    assert all(o[k] > 0 for k in ("recurrence", "gemms", "elementwise"))

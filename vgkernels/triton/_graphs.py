@@ -1,0 +1,140 @@
+"""Step loops replayed from CUDA graphs: one graph per loop shape, over buffers that stay put.
+
+A step loop launches one kernel per time step (hundreds per layer and training step); replaying them
+from a captured CUDA graph removes the host's launch cost per step. A graph replays on the buffers it
+was captured with, so a :class:`StepLoop` hands its launcher *static* buffers that the graph owns:
+
+- ``buffer(name, ...)``: a buffer the loop writes (or the host fills before it). The launcher gets a
+  view of the static tensor; every tensor returned to the caller aliases it through such a view.
+- ``copy_in(name, tensor)``: an input whose content is copied into a static buffer on every call.
+- ``adopt(name, tensor)``: a read-only input used in place. The graph reads it at its address, so an
+  entry is reused only for a call whose adopted inputs sit at the same addresses with the same layout
+  (the backward adopts the forward's outputs, which do).
+
+An entry is busy while any tensor aliasing one of its buffers is alive (its storage's use count is
+above the entry's own), e.g. while autograd holds the forward's outputs for the backward; a call then
+takes another entry of the pool, captures a new one, or, past ``POOL`` entries per shape, launches
+without a graph. The first call of an entry runs the launches eagerly (its own results; it also
+compiles the kernels), then captures them.
+
+``VGK_RNN_TRITON_GRAPH`` = ``1`` (default) | ``0`` switches graphs on CUDA; ``replay`` (tests only)
+launches on the static buffers instead of replaying a graph, so that the interpreter exercises the
+buffer handling. Nothing changes for CPU tensors otherwise, and nothing inside torch.compile (it has its
+own CUDA graphs: ``mode="reduce-overhead"``).
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+from collections.abc import Callable
+
+import torch
+
+ENV = "VGK_RNN_TRITON_GRAPH"
+POOL = 4  # entries per loop shape: alternating training steps and several equal layers
+MAX_SHAPES = 16  # loop shapes kept (least recently used dropped)
+
+_entries: collections.OrderedDict[tuple, list[_Entry]] = collections.OrderedDict()
+
+
+def mode(device: torch.device) -> str:
+    """"graph", "replay" or "off" for a launch on ``device``."""
+    value = os.environ.get(ENV, "1")
+    if value not in ("0", "1", "replay"):
+        raise ValueError(f"{ENV}: expected '0', '1' or 'replay', got {value!r}")
+    if value == "0" or torch.compiler.is_compiling():
+        return "off"
+    if value == "replay":
+        return "replay"
+    return "graph" if device.type == "cuda" else "off"
+
+
+def _use_count(t: torch.Tensor) -> int:
+    return torch._C._storage_Use_Count(t.untyped_storage()._cdata)
+
+
+def _layout(t: torch.Tensor) -> tuple:
+    return (t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype, t.device)
+
+
+class _Entry:
+    def __init__(self) -> None:
+        self.static: dict[str, torch.Tensor] = {}
+        self.own_count: dict[str, int] = {}
+        self.adopted: dict[str, tuple] = {}
+        self.replay: Callable[[], None] | None = None
+
+    def busy(self) -> bool:
+        return any(_use_count(t) > self.own_count[name] for name, t in self.static.items())
+
+
+class StepLoop:
+    """The buffers and the launches of one step loop; see the module docstring.
+
+    ``key`` must determine every shape, dtype and launch parameter of the loop (None: no graph, e.g.
+    for a single launch); ``adopted`` are the read-only inputs used in place.
+    """
+
+    def __init__(self, key: tuple | None, device: torch.device, adopted: dict[str, torch.Tensor]) -> None:
+        self.kind = mode(device) if key is not None else "off"
+        self.entry: _Entry | None = None
+        self.fresh = False
+        if self.kind == "off":
+            return
+        pool = _entries.setdefault(key, [])
+        _entries.move_to_end(key)
+        layouts = {name: _layout(t) for name, t in adopted.items()}
+        for entry in pool:
+            if entry.adopted == layouts and not entry.busy():
+                self.entry = entry
+                return
+        if len(pool) < POOL:
+            self.entry, self.fresh = _Entry(), True
+            self.entry.adopted = layouts
+            pool.append(self.entry)
+            while len(_entries) > MAX_SHAPES:
+                _entries.popitem(last=False)
+
+    def buffer(self, name: str, make: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """A buffer the loop writes: ``make()`` without a graph, else a view of the static one."""
+        if self.entry is None:
+            return make()
+        if self.fresh:
+            t = make()
+            self.entry.static[name] = t
+            self.entry.own_count[name] = _use_count(t)
+        return self.entry.static[name].view(self.entry.static[name].shape)
+
+    def copy_in(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """An input copied into a static buffer (without a graph: the tensor, made contiguous)."""
+        if self.entry is None:
+            return tensor.contiguous()
+        buf = self.buffer(name, lambda: torch.empty_like(tensor, memory_format=torch.contiguous_format))
+        buf.copy_(tensor)
+        return buf
+
+    def run(self, launch_all: Callable[[], None]) -> None:
+        """Runs the loop's launches: eagerly, or from the entry's graph."""
+        entry = self.entry
+        if entry is None:
+            launch_all()
+            return
+        if self.kind == "replay":
+            # The launches again, on the entry's buffers and adopted inputs (the addresses a graph would
+            # replay on); nothing kept that would hold views of the buffers.
+            launch_all()
+            return
+        if not self.fresh:
+            entry.replay()
+            return
+        launch_all()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            launch_all()
+        entry.replay = graph.replay
+
+
+def clear() -> None:
+    """Drops every captured loop and its buffers."""
+    _entries.clear()
