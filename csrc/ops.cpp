@@ -12,6 +12,7 @@
 
 TORCH_LIBRARY(vgk, m) {
   vgk::define_recurrent_ops(m);
+  vgk::define_recurrent_autograd_ops(m);
   vgk::define_recurrent_ln_ops(m);
   vgk::define_layer_norm_ops(m);
   vgk::define_clip_grad_ops(m);
