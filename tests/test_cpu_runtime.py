@@ -126,9 +126,9 @@ def test_rss_stops_growing_under_changing_shapes():
 # --------------------------------------------------------------------------------- instruction-set levels
 
 # Forward and backward of every cell through the layer ops, float32 and float64, with lengths, tracking
-# and clipping (the LSTM with and without a projection): 33 rows (T * B: below brgemm's minimum for the products of all rows, per-step GEMMs
-# excluded) and 176 rows (brgemm's row tiles, two full and a partial one; one partial weight-gradient
-# chunk).
+# and clipping (the LSTM with and without a projection): 33 rows (T * B: below brgemm's minimum for the
+# products of all rows, per-step GEMMs excluded) and 176 rows (brgemm's row tiles, two full and a
+# partial one; one partial weight-gradient chunk).
 KERNELS_SCRIPT = """
 import json, sys, torch
 import vgkernels
@@ -151,11 +151,11 @@ for dtype in (torch.float32, torch.float64):
             for w_hr in (None, torch.randn(5, H, dtype=dtype) * H ** -0.5) if mode == "lstm" else (None,):
                 h = h0 if w_hr is None else h0[:, :5].contiguous()
                 whh = w_hh if w_hr is None else w_hh[:, :5].contiguous()
-                fwd = ops.rnn_layer_forward(x, h, c0, w_ih, whh, b, b, w_hr, lens, None, None, mode, False, True,
-                                            None)
+                fwd = ops.rnn_layer_forward(x, h, c0, w_ih, whh, b, b, w_hr, lens, None, None, mode, False,
+                                            True, None)
                 grads = [torch.randn_like(t) for t in fwd[:3]]
-                bwd = ops.rnn_layer_backward(*grads, x, h, c0, fwd[0], fwd[3], fwd[4], w_ih, whh, w_hr, lens, None,
-                                             mode, False, 0.5, True, True, True)
+                bwd = ops.rnn_layer_backward(*grads, x, h, c0, fwd[0], fwd[3], fwd[4], w_ih, whh, w_hr, lens,
+                                             None, mode, False, 0.5, True, True, True)
                 out += [t.double().tolist() for t in (*fwd, *bwd) if t.numel()]
 print(json.dumps({"isa": _C.cpu_isa()["in_effect"], "aten": torch.backends.cpu.get_cpu_capability(),
                   "out": out}))
@@ -275,7 +275,8 @@ w_hh = torch.randn(4 * H, H, dtype=torch.float64) * H ** -0.5
 res = {}
 for dtype in (torch.float64, torch.float32):
     args = [t.to(dtype) for t in (x, h0, c0, w_ih, w_hh)]
-    fwd = torch.ops.vgk.rnn_layer_forward(*args, None, None, None, None, None, None, "lstm", False, False, None)
+    fwd = torch.ops.vgk.rnn_layer_forward(*args, None, None, None, None, None, None, "lstm", False, False,
+                                          None)
     g = torch.ones_like(fwd[0])
     bwd = torch.ops.vgk.rnn_layer_backward(g, torch.zeros_like(fwd[1]), torch.zeros_like(fwd[2]), args[0],
                                            args[1], args[2], fwd[0], fwd[3], fwd[4], args[3], args[4], None,
