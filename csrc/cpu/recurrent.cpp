@@ -332,13 +332,10 @@ T projected_lstm_jacobian_terms(int64_t H, const T* w, const T* cp, const T* c, 
   return static_cast<T>(acc);
 }
 
-// first_rec (nullptr: none): h0 W_hh^T [B, G*H] of the first processed step, computed before the loop by
-// the caller (padded input only, where every row starts from h0).
 template <typename T>
 void forward_loop(Cell cell, int64_t G, const Steps& steps, int64_t H, const InputSide<T>& in,
                   const StateSeq<T>& hs, const StateSeq<T>& cs, const at::Tensor& w, const at::Tensor& bhh,
-                  const Projection<T>* proj, const at::Tensor& len, bool track, T* wsp, float* jp,
-                  const T* first_rec = nullptr) {
+                  const Projection<T>* proj, const at::Tensor& len, bool track, T* wsp, float* jp) {
   if (steps.B == 0) return;
   const int64_t GH = G * H, B = steps.B, Wh = hs.width;  // Wh: P with a projection, else H
   const bool gru = cell == Cell::kGru, lstm = cell == Cell::kLstm, fused = in.w_ih != nullptr;
@@ -379,31 +376,18 @@ void forward_loop(Cell cell, int64_t G, const Steps& steps, int64_t H, const Inp
       if (n <= 0) continue;  // packed: the block's samples have all ended
       const int64_t row = steps.offset(t) + b0;
       const PrevRows<T> hp = prev_rows(hs, t, b0, n);
-      // hh (+)= h_prev W_hh^T
-      auto recurrent_product = [&](bool accumulate) {
-        if (s > 0 || first_rec == nullptr) {
-          prev_rows_gemm(step_gemm, hp, n, Wh, accumulate, hhp, GH);
-          return;
-        }
-        const T* src = first_rec + b0 * GH;
-        if (!accumulate) {
-          std::copy_n(src, n * GH, hhp);
-          return;
-        }
-        for (int64_t i = 0; i < n * GH; ++i) hhp[i] += src[i];
-      };
       if (!fused) {
-        recurrent_product(/*accumulate=*/false);
+        prev_rows_gemm(step_gemm, hp, n, Wh, /*accumulate=*/false, hhp, GH);
         st.x = in.xproj + row * GH;
         st.xs = GH;
       } else if (gru) {
         in.w_ih->run(n, in.x + row * in.I, in.I, /*accumulate=*/false, xrows.data_ptr<T>(), GH);
-        recurrent_product(/*accumulate=*/false);
+        prev_rows_gemm(step_gemm, hp, n, Wh, /*accumulate=*/false, hhp, GH);
         st.x = xrows.data_ptr<T>();
         st.xs = GH;
       } else {
         in.w_ih->run(n, in.x + row * in.I, in.I, /*accumulate=*/false, hhp, GH);
-        recurrent_product(/*accumulate=*/true);
+        prev_rows_gemm(step_gemm, hp, n, Wh, /*accumulate=*/true, hhp, GH);
         st.x = in.bias;
         st.xs = 0;
       }
@@ -846,11 +830,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor wih = w_ih.contiguous(), whh = w_hh.contiguous();
     // The projection of all steps in one GEMM where it runs on brgemm tiles (an LSTM layer's forward +
     // backward 4% faster than per step on a Zen 5 core, at AVX-512 and at AVX2) and its buffer is at most
-    // kWholeProjectionBytes, or where the batch is too small for per-step GEMMs, or in short calls (fewer
-    // than kTiledMinRows rows: a decoder's T = 1), where per-step GEMMs on each thread's rows would each
-    // read the whole of W_ih, and one GEMM over the threads reads it once.
+    // kWholeProjectionBytes, or where the batch is too small for per-step GEMMs.
     const TiledGemm<T> whole(wih, /*trans_w=*/true, R >= kTiledMinRows);
-    const bool per_step = B >= kStepProjectionRows && R >= kTiledMinRows &&
+    const bool per_step = B >= kStepProjectionRows &&
                           (whole.path() != GemmPath::kBrgemm ||
                            R * GH * static_cast<int64_t>(sizeof(T)) > kWholeProjectionBytes);
     std::optional<RowsGemm<T>> proj_in;
@@ -886,17 +868,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
         pj.col_sq = col_sq.const_data_ptr<T>();
       }
     }
-    // Short calls, padded: the first step's h0 W_hh^T as one GEMM over the threads (each thread's rows
-    // would read the whole of W_hh; at T = 1 that is the call's largest memory traffic).
-    at::Tensor first_rec;
-    if (!s.packed && B > 0 && R < kTiledMinRows) {
-      first_rec = at::empty({B, GH}, opts);
-      gemm<T>(false, true, B, GH, P, h0c.const_data_ptr<T>(), P, whh.const_data_ptr<T>(), P, T(0),
-              first_rec.data_ptr<T>(), GH);
-    }
     forward_loop<T>(m.cell, m.gates, s.steps, H, in, hs, cs, whh, gru && has_bhh ? *b_hh : at::Tensor(),
                     s.proj ? &pj : nullptr, len, track, gated ? ws.data_ptr<T>() : nullptr,
-                    track ? jac.data_ptr<float>() : nullptr, first_rec.defined() ? first_rec.data_ptr<T>() : nullptr);
+                    track ? jac.data_ptr<float>() : nullptr);
   });
   final_state(output.view({R, P}), s.steps, reverse, h_n);
   if (lstm) final_state(cells.view({R, H}), s.steps, reverse, c_n);
@@ -968,11 +942,10 @@ rnn_layer_backward_cpu(const at::Tensor& grad_output, const at::Tensor& grad_h_n
     const at::Tensor c0c = lstm ? c0->contiguous() : at::Tensor();
     const at::Tensor ws = lstm || gru ? cached_contiguous(workspace) : at::Tensor();
     const at::Tensor wih = w_ih.contiguous();
-    // grad_x: dgates W_ih per step, or one GEMM after the loop (where the forward's projection is one).
+    // grad_x: dgates W_ih per step, or one GEMM after the loop (as the forward's projection).
     std::optional<TiledGemm<T>> whole;
     if (grad_input) whole.emplace(wih, /*trans_w=*/false, R >= kTiledMinRows);
-    const bool per_step =
-        B >= kStepProjectionRows && R >= kTiledMinRows && (!whole || whole->path() != GemmPath::kBrgemm);
+    const bool per_step = B >= kStepProjectionRows && (!whole || whole->path() != GemmPath::kBrgemm);
     std::optional<RowsGemm<T>> back_proj;
     if (grad_input && per_step) back_proj.emplace(wih, /*trans_w=*/false, R >= kTiledMinRows, parallel_chunk(B, kRowGrain));
     // The pre-activation gradients; the GRU's recurrent ones differ in their n block (d hn = r * d n_pre).
