@@ -46,7 +46,7 @@ def test_smoke_table_compiles_for_sm80_and_sm90_without_spills(tmp_path):
     # every kernel family of the package is in the smoke table
     assert {"_forward_kernel", "_backward_kernel", "_ln_forward_kernel", "_ln_backward_kernel",
             "_ln_fwd_dot_kernel", "_ln_fwd_gates_kernel", "_ln_fwd_cell_kernel", "_ln_bwd_dot_kernel",
-            "_ln_bwd_cell_kernel", "_ln_bwd_dy_kernel", "_ln_jacobian_kernel",
+            "_ln_bwd_cell_kernel", "_ln_bwd_dy_kernel", "_ln_jacobian_kernel", "_mm_kernel",
             "_cell_forward_kernel", "_cell_backward_kernel", "_forward_fused_kernel",
             "_backward_fused_kernel", "_norm_partial_kernel", "_scale_kernel", "_chunk_kernel",
             "_finalize_kernel"} <= kernels
@@ -133,7 +133,8 @@ def test_full_table_covers_the_recurrent_grid():
 
 
 def test_default_launches_keep_100_sms_busy():
-    """Every launch of the recurrent layers (plain and layer-normalized, forward and backward) and of the
+    """Every launch of the recurrent layers (plain and layer-normalized, forward and backward, the products
+    around the loop included) and of the
     cells that the package makes by default for the full table (B >= 16) runs at least 100 programs on an
     H200."""
     families = {"recurrent", "recurrent-ln", "cell"}
@@ -148,7 +149,7 @@ def test_default_launches_keep_100_sms_busy():
             assert programs >= 100, (config.name, launch.kernel.__name__, launch.grid)
             seen.add(launch.kernel.__name__)
     assert {"_ln_fwd_dot_kernel", "_ln_fwd_gates_kernel", "_ln_fwd_cell_kernel", "_ln_bwd_dot_kernel",
-            "_ln_bwd_cell_kernel", "_ln_bwd_dy_kernel", "_ln_jacobian_kernel",
+            "_ln_bwd_cell_kernel", "_ln_bwd_dy_kernel", "_ln_jacobian_kernel", "_mm_kernel",
             "_cell_forward_kernel", "_cell_backward_kernel", "_forward_kernel", "_backward_kernel"} <= seen
 
 

@@ -65,7 +65,9 @@ def _meta(*shape, dtype=torch.float32):
 
 def _recurrent(mode: str, B: int, H: int, dtype: torch.dtype, track: bool, layer_norm: bool,
                features: bool) -> Callable[[], None]:
-    """Forward and backward of one layer-direction, as the recurrent op calls them."""
+    """Forward and backward of one layer-direction (input size H), as the recurrent op calls them: the
+    input projection and its gradients, the layer's kernels."""
+    from vgkernels.triton import gemm
     from vgkernels.triton import recurrent as tr
     from vgkernels.triton import recurrent_ln as trl
 
@@ -75,7 +77,10 @@ def _recurrent(mode: str, B: int, H: int, dtype: torch.dtype, track: bool, layer
     clip = 1.0 if features else None
 
     def run():
-        x = _meta(T, B, G * H, dtype=dtype)
+        inputs, w_ih = _meta(T * B, H, dtype=dtype), _meta(G * H, H, dtype=dtype)
+        x = gemm.mm(inputs, w_ih.t(), _meta(G * H, dtype=dtype)).reshape(T, B, G * H)
+        gemm.mm(x.reshape(T * B, G * H), w_ih)
+        gemm.mm(x.reshape(T * B, G * H).t(), inputs)
         h0 = _meta(B, H, dtype=dtype)
         c0 = _meta(B, H, dtype=dtype) if lstm else None
         w = _meta(G * H, H, dtype=dtype)
@@ -127,7 +132,8 @@ def recurrent_configs(table: str) -> list[Config]:
                     configs.append(Config("recurrent-ln" if layer_norm else "recurrent", name,
                                           _recurrent(mode, B, H, dtype, track, layer_norm, features),
                                           {LOOP_ENV: loop}, auto=loop == "step"))
-    # fp32 with TF32 dots, as torch's default for cuDNN's recurrent layers allows.
+    # fp32 with TF32 dots, as torch's default for cuDNN's recurrent layers allows: the products around the
+    # loop then run the Triton GEMM (torch's matmul switch is IEEE by default).
     shapes = list(itertools.product((16, 64, 256), (256, 512, 1024))) if table == "full" else [(64, 512)]
     for mode, layer_norm, (B, H) in itertools.product(("lstm", "gru"), (False, True), shapes):
         name = f"{mode}{'-ln' if layer_norm else ''} B={B} H={H} fp32-tf32 track=on loop=step"

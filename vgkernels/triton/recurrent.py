@@ -26,7 +26,8 @@ step loop on a GPU unless a step is tiny or the batch alone fills the GPU, the p
 the interpreter); ``VGK_RNN_TRITON_GRAPH=0`` launches step by step. bench/results/perf_model.md has
 the estimate behind these choices and bench/results/aot_*.md every launch's registers and grid.
 
-The input projection is the caller's GEMM; the weight gradient is one GEMM after the time loop.
+The input projection is the caller's GEMM; the weight gradient is one GEMM after the time loop
+(:func:`vgkernels.triton.gemm.mm`: for float32 in the precision of the recurrent dots).
 
 Dtypes: float32, float64, bfloat16 and float16 inputs (all inputs in one dtype). Arithmetic and the
 intermediate buffers are float64 for float64 inputs and float32 otherwise; the outputs ``states``,
@@ -51,6 +52,7 @@ import triton.language as tl
 from torch.library import triton_op
 
 from vgkernels.triton import _graphs, _host
+from vgkernels.triton import gemm as _gemm
 from vgkernels.triton._host import acc_dtype as _acc_dtype
 from vgkernels.triton._host import device_ctx as _device_ctx
 
@@ -1105,11 +1107,12 @@ def _backward_impl(grad_states, grad_cell_states, states, cell_states, workspace
 
     # The step processed first (s = 0) leaves the gradient of the initial state.
     first, init = (T - 1, T) if reverse else (0, 0)
-    grad_h0 = gs[init] + carry_h[0] + dr[first] @ w.to(acc)
+    grad_h0 = gs[init] + carry_h[0] + _gemm.mm(dr[first], w.to(acc))
     grad_c0 = (carry_c[0] + gcs[init]).to(dtype) if mode == "lstm" else st.new_empty(0)
     h_prev = st[1:] if reverse else st[:-1]
-    # One GEMM over all steps, in the input dtype (tensor cores for half inputs).
-    grad_w_hh = (dr.reshape(T * B, G * H).t().to(dtype) @ h_prev.reshape(T * B, H)).to(w_hh.dtype)
+    # One GEMM over all steps, in the input dtype (tensor cores for half inputs; float32 in the precision
+    # of the recurrent dots).
+    grad_w_hh = _gemm.mm(dr.reshape(T * B, G * H).t().to(dtype), h_prev.reshape(T * B, H)).to(w_hh.dtype)
     grad_b_hh = dr.sum((0, 1)).to(dtype) if has_b_hh else st.new_empty(0)
     if track:
         grad_sq = gsq_part.sum(0) if gsq_part.shape[0] > 1 else gsq_part[0]

@@ -29,7 +29,8 @@ need:
   ``auto`` and ``VGK_RNN_TRITON_GRAPH`` act as for the plain cells.
 
 Both loops run the same tile functions below (one piece of code per pass). grad_w_hh is one GEMM after
-the loop, the gains' and shifts' gradients are sums over all rows after the loop (deterministic).
+the loop (:func:`vgkernels.triton.gemm.mm`), the gains' and shifts' gradients are sums over all rows
+after the loop (deterministic).
 
 Jacobian norms (track=True only; exact, see recurrent_ln.cpp for the derivation): after the forward,
 over chunks of positions, the left operands Z (yh / N; for the LSTM also rstd P(gamma alpha) and
@@ -56,6 +57,7 @@ import triton.language as tl
 from torch.library import triton_op
 
 from vgkernels.triton import _graphs, _host
+from vgkernels.triton import gemm as _gemm
 from vgkernels.triton import recurrent as _plain
 from vgkernels.triton.recurrent import (
     MAXNREG,
@@ -1335,11 +1337,11 @@ def _backward_impl(grad_states, grad_cell_states, states, cell_states, workspace
     # The step processed first leaves its dy for the initial state.
     first, init = (T - 1, T) if reverse else (0, 0)
     w_acc = w.to(acc)
-    grad_h0 = gs[init] + carry_h[0] + dy[first] @ w_acc
+    grad_h0 = gs[init] + carry_h[0] + _gemm.mm(dy[first], w_acc)
     grad_c0 = (gcs[init] + carry_c[0]).to(dtype) if lstm else st.new_empty(0, dtype=dtype)
     h_prev = st[1:] if reverse else st[:-1]
     # One GEMM over all steps for grad_w_hh; the gains and shifts: sums over all rows.
-    grad_w_hh = dy.reshape(T * B, N).t() @ h_prev.reshape(T * B, H).to(acc)
+    grad_w_hh = _gemm.mm(dy.reshape(T * B, N).t(), h_prev.reshape(T * B, H).to(acc))
     ln_grad = (gx if lstm else dl).reshape(T * B, N)
     ws2 = ws.reshape(T * B, -1)
     g_gamma = (ln_grad * ws2[:, 4 * H: 4 * H + N]).sum(0)
