@@ -468,6 +468,7 @@ def test_per_step_losses_state_no_horizon_and_the_last_step_measurement_is_exact
 
 def test_per_step_losses_are_detected_with_spectral_norms():
     model, tokens, _, trace = traced_lm()
+    trace._output_probe = None  # as a trace without the output's gradient: the step-norm bound decides
     spectral = vgkernels.diagnostics.spectral_norms(model.rnn, model.emb(tokens), layer=None)
     report = trace_report(trace, spectral=spectral)
     assert report.rows[1].injected and not report.informative
@@ -594,3 +595,67 @@ def test_packed_sequences_get_no_batch_bound():
     assert row.spec_mean is not None and row.horizon is not None
     unknown = trace_report(rnn.trace, spectral=spectral)  # the full-length sample alone is checked
     assert not unknown.rows[0].injected
+
+
+# ---------------------------------------------------------------------------------------------------
+# Loss steps measured from the gradient reaching the module's output (rtol 1e-5 against retain_grad).
+
+
+def _per_step_lm(loss_at):
+    torch.manual_seed(0)
+    lstm = vgkernels.nn.LSTM(6, 8, num_layers=2, track=True)
+    x = torch.randn(12, 3, 6)
+    out, (h_n, _) = lstm(x)
+    out.retain_grad()
+    if loss_at == "all":
+        loss = out.pow(2).sum()
+    elif loss_at == "h_n":
+        loss = h_n[-1].pow(2).sum()
+    else:
+        loss = out[loss_at].pow(2).sum()
+    loss.backward()
+    return lstm.trace, out.grad
+
+
+@pytest.mark.parametrize("loss_at", ["all", 11, 5, "h_n"])
+def test_output_grad_norm_equals_the_gradient_of_the_output(loss_at):
+    trace, grad = _per_step_lm(loss_at)
+    grad = torch.zeros(12, 3, 8) if grad is None else grad  # the loss read h_n only
+    torch.testing.assert_close(trace.output_grad_norm_per_sample, grad.norm(dim=-1), rtol=1e-5, atol=0)
+    torch.testing.assert_close(trace.output_grad_norm, grad.flatten(1).norm(dim=-1), rtol=1e-5, atol=0)
+
+
+def test_report_measures_per_step_losses_and_states_no_horizon():
+    trace, _ = _per_step_lm("all")
+    report = trace_report(trace)
+    assert report.loss_steps_measured and report.loss_steps == list(range(12))
+    assert [r.horizon_text(report.assumed) for r in report.rows] == ["n/a", "n/a"]
+    assert not report.informative and "Every step carries a loss" in str(report)
+    assert "†" not in str(report)
+
+
+@pytest.mark.parametrize("loss_at,expected", [(11, [11]), (5, [5]), ("h_n", [11])])
+def test_report_measures_a_single_loss_step(loss_at, expected):
+    trace, _ = _per_step_lm(loss_at)
+    report = trace_report(trace)
+    assert report.loss_steps_measured and report.loss_steps == expected
+    assert report.rows == trace_report(trace, loss_steps=expected[0]).rows
+    assert report.rows[-1].horizon is not None
+
+
+def test_measured_loss_steps_on_packed_input_and_after_pickling():
+    import pickle
+
+    torch.manual_seed(0)
+    gru = vgkernels.nn.GRU(4, 5, track=True)
+    seqs = [torch.randn(n, 4) for n in (3, 7, 5)]
+    packed = torch.nn.utils.rnn.pack_sequence(seqs, enforce_sorted=False)
+    out, _ = gru(packed)
+    padded, lengths = torch.nn.utils.rnn.pad_packed_sequence(out)
+    padded.retain_grad()
+    padded[2].pow(2).sum().backward()  # a loss on position 2 of every sequence
+    want = padded.grad.norm(dim=-1)
+    torch.testing.assert_close(gru.trace.output_grad_norm_per_sample, want, rtol=1e-5, atol=0)
+    assert trace_report(gru.trace).loss_steps == [2]
+    copy = pickle.loads(pickle.dumps(gru.trace))
+    torch.testing.assert_close(copy.output_grad_norm_per_sample, want, rtol=1e-5, atol=0)

@@ -1,6 +1,12 @@
-"""The compiled extension must be present: a missing build is a failure, never a skip."""
+"""The compiled extension must be present: a missing build is a failure, never a skip. The build
+directory persists, so that reinstalling without source changes compiles nothing."""
 
+import filecmp
+import importlib.util
 import platform
+import shutil
+import subprocess
+from pathlib import Path
 
 import torch
 
@@ -43,3 +49,59 @@ def test_bench_command_quick(capsys):
     pinned = platform.libc_ver()[0] == "glibc"
     assert ("mmap threshold 32 MiB" in out) == pinned
     assert ("heap of 256 MiB faulted in" in out) == pinned
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def setup_script():
+    """setup.py as a module (its setup() call runs only as __main__)."""
+    spec = importlib.util.spec_from_file_location("vgkernels_setup", ROOT / "setup.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_build_directory_is_persistent_and_keyed(monkeypatch):
+    """One directory under build/ per environment: the same each time, another for another torch,
+    compiler or build type (whose objects must not be reused)."""
+    setup = setup_script()
+    here = setup.build_dir()
+    assert here.parent == ROOT / "build" and here == setup.build_dir()
+    assert f"torch{torch.__version__.replace('+', '_')}" in here.name
+    monkeypatch.setattr(torch, "__version__", torch.__version__ + ".other")
+    other_torch = setup.build_dir()
+    monkeypatch.undo()
+    monkeypatch.setenv("VGK_BUILD_TYPE", "Debug")
+    debug = setup.build_dir()
+    monkeypatch.undo()
+    monkeypatch.setenv("CXX", "/nonexistent/c++")
+    other_compiler = setup.build_dir()
+    assert len({here, other_torch, debug, other_compiler}) == 4
+
+
+def test_unchanged_sources_rebuild_nothing():
+    """The loaded extension is the product of this environment's build directory, and a build there
+    (what a second `pip install -e .` runs) has nothing to compile or link: ninja's dry run lists no
+    step beyond re-checking the source globs."""
+    directory = setup_script().build_dir()
+    cache = directory / "CMakeCache.txt"
+    assert cache.exists(), f"the extension was not built in {directory}"
+    assert "CMAKE_GENERATOR:INTERNAL=Ninja" in cache.read_text()
+    assert filecmp.cmp(_library._C.__file__, directory / Path(_library._C.__file__).name, shallow=False)
+    ninja = shutil.which("ninja")
+    assert ninja, "ninja is not on the PATH"
+    dry_run = subprocess.run([ninja, "-C", str(directory), "-n"], capture_output=True, text=True, check=True)
+    plan = dry_run.stdout
+    steps = [line for line in plan.splitlines() if "Building" in line or "Linking" in line]
+    assert not steps, f"the sources changed since the build (rebuild it): {steps}"
+
+
+def test_ci_runs_the_readme_test_command_as_written():
+    """.ci/run holds the README's setup-and-test command verbatim, so CI runs what a new user runs."""
+    readme = (ROOT / "README.md").read_text()
+    commands = [block.split("```")[0].strip() for block in readme.split("```bash\n")[1:3]]
+    demo, tests = commands
+    assert demo.startswith("python -m venv .venv && . .venv/bin/activate && ") and "vgkernels demo" in demo
+    assert tests.endswith('python -m pytest -q -m "not slow and not gpu"')
+    assert tests in (ROOT / ".ci" / "run").read_text()

@@ -124,8 +124,8 @@ def test_report_sections_and_tables(quick_run):
     per_step = table_rows(section(text, 4), "model")
     assert len(per_step) == 2 * demo.QUICK.lm_layers
     for row in per_step:
-        assert row[2].endswith("†") and row[3] == "n/a"  # assumed without loss steps; none with 'all'
-        assert re.fullmatch(r"(>= )?\d+", row[5])  # the last step's loss alone: a horizon
+        assert row[2] == "n/a" and row[3] == "n/a"  # loss steps measured from the output's gradient; 'all'
+        assert re.fullmatch(r"(>= )?\d+", row[4])  # the last step's loss alone: a horizon
 
     verdict = section(text, 5)
     assert verdict.count("\n- ") >= 8
@@ -160,9 +160,10 @@ def fake_row(ratio: float = 1.0, horizon: int | None = 5, *, label: str = "layer
     return TraceRow(**{**fields, **extra})
 
 
-def fake_report(name: str, *rows: TraceRow, loss_steps: list[int] | None = (9,), spectral: bool = False):
+def fake_report(name: str, *rows: TraceRow, loss_steps: list[int] | None = (9,), spectral: bool = False,
+                measured: bool = False):
     steps = None if loss_steps is None else list(loss_steps)
-    return TraceReport(name, "rnn_tanh", 10, 1, 1e-3, list(rows), None, steps, spectral)
+    return TraceReport(name, "rnn_tanh", 10, 1, 1e-3, list(rows), None, steps, spectral, measured)
 
 
 def fake_bptt(ratios: dict[str, float]):
@@ -225,11 +226,9 @@ def fake_per_step():
     rows = lambda **kw: [fake_row(label=f"layer {k}", **kw) for k in (0, 1)]  # noqa: E731
     return [demo.PerStepResult(
         name="LSTM (2 layers)",
-        unknown=fake_report("u", *rows(horizon=9, horizon_full=True), loss_steps=None),
+        unknown=fake_report("u", *rows(horizon=0, horizon_cut=True), loss_steps=list(range(10)),
+                            measured=True),
         every=fake_report("e", *rows(horizon=0, horizon_cut=True), loss_steps=list(range(10))),
-        detected=fake_report("d", fake_row(label="layer 0", horizon=None),
-                             fake_row(label="layer 1", horizon=None, injected=True, loss_before_t=6),
-                             loss_steps=None),
         last=fake_report("l", fake_row(label="layer 0", horizon=7), fake_row(label="layer 1", horizon=4)),
     )]
 
@@ -276,9 +275,9 @@ def test_verdict_names_what_vanished_and_why():
     assert "went GRU from 3 to 19 steps and RNN-tanh from 3 to 8 steps" in text
     assert "the gradient of RNN-tanh never did" in text  # 8 steps back: short of the marker at 10
     # a loss at every step
-    assert "horizons, layer by layer, of >= 9† and >= 9† for the LSTM (2 layers)" in text
-    assert "Told loss_steps='all', it states no horizon at all" in text
-    assert "gradient enters before the last step (LSTM (2 layers) at t = 6)" in text
+    assert "measured them from the gradient that reached the layers' output at every step, and stated " \
+           "horizons of n/a and n/a for the LSTM (2 layers): none" in text
+    assert "Told loss_steps='all', it states none either" in text
     assert "reaches back 7 and 4 steps in the LSTM (2 layers), of 9 possible" in text
 
 
@@ -296,10 +295,11 @@ def test_verdict_changes_with_the_numbers():
     calm = {cell: (first, min(top, 10.0), last) for cell, (first, top, last) in DEPTH.items()}
     text = "\n".join(demo._verdict(fake_bptt(CLASSIC), fake_grid("mlp", calm), None, [], [], demo.QUICK))
     assert "hide an explosion" not in text
-    detected = fake_per_step()
-    detected[0].detected.rows[1].injected = False
-    text = "\n".join(demo._verdict(fake_bptt(CLASSIC), None, None, [], detected, demo.QUICK))
-    assert "found no gradient above the bound this time" in text
+    assumed = fake_per_step()
+    assumed[0].unknown = fake_report("u", *[fake_row(label=f"layer {k}", horizon=9, horizon_full=True)
+                                            for k in (0, 1)], loss_steps=None)
+    text = "\n".join(demo._verdict(fake_bptt(CLASSIC), None, None, [], assumed, demo.QUICK))
+    assert "the report stated horizons of >= 9† and >= 9† for the LSTM (2 layers)" in text
 
 
 def test_run_demo_bad_arguments(tmp_path):

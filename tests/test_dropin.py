@@ -254,6 +254,16 @@ def test_quantize_dynamic_refuses_loudly(spec):
             torch.ao.quantization.quantize_dynamic(model, spec, dtype=torch.qint8)
 
 
+@pytest.mark.parametrize("cell", ["LSTMCell", "GRUCell", "RNNCell"])
+def test_quantize_dynamic_refuses_cells_loudly(cell):
+    model = nn.Sequential(getattr(vgk.nn, cell)(4, 8))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        expected = rf"module '0' is a vgkernels.nn.cell.{cell} .* floating"
+        with pytest.raises(NotImplementedError, match=expected):
+            torch.ao.quantization.quantize_dynamic(model, None, dtype=torch.qint8)
+
+
 def test_quantize_dynamic_of_other_layers_leaves_ours_working():
     model = nn.ModuleDict({"lstm": vgk.nn.LSTM(4, 8, track=True), "fc": nn.Linear(8, 2)})
     with warnings.catch_warnings():

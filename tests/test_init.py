@@ -268,7 +268,7 @@ def test_init_recurrent_reproducible_and_torch_vgk_agree(scheme):
 
 
 def test_init_recurrent_bad_inputs():
-    with pytest.raises(ValueError, match="unknown init scheme 'glorot'"):
+    with pytest.raises(ValueError, match="scheme: expected parts joined by .*, got .glorot. with the unkn"):
         vinit.init_recurrent_(torch.nn.RNN(2, 3), "glorot")
     with pytest.raises(ValueError, match="non-empty"):
         vinit.init_recurrent_(torch.nn.RNN(2, 3), "")

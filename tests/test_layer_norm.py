@@ -8,11 +8,14 @@ torch's unclipped gradients rescaled row by row, and the eager reference.
 
 Tolerances: float32 output atol 1e-5 (rtol 0); float32 gradients atol 1e-4, rtol 1e-4; float64
 gradcheck with torch's defaults; float16/bfloat16 against float32 on the same (rounded) values:
-atol 1e-2 / 4e-2 on the output, normwise relative error 1e-2 / 2e-2 on the gradients; clipped rows
+atol 1e-2 / 4e-2 on the output, normwise relative error 1e-2 / 2e-2 on the gradients (also with
+float32 parameters, and under autocast against torch.nn.LayerNorm there); a scripted module equals the
+eager one exactly; clipped rows
 have norm c to rtol 1e-5. Triton outputs are allocated NaN-filled, so an element a kernel fails to
 write shows up.
 """
 
+import io
 import math
 import os
 
@@ -187,6 +190,67 @@ def test_half_types(backend, dtype, out_atol, grad_tol):
         assert normwise(g, r) < grad_tol
 
 
+HALF = [(torch.float16, 1e-2, 1e-2), (torch.bfloat16, 4e-2, 2e-2)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype,out_atol,grad_tol", HALF)
+@pytest.mark.parametrize("affine", ("weight_bias", "weight", "bias"))
+def test_half_input_with_float32_parameters(backend, dtype, out_atol, grad_tol, affine):
+    """F.layer_norm's mixed precision: the output in the input's dtype, each gradient in its tensor's.
+    Torch's own backward fails for a bias without a weight, so the oracle is float32 on the rounded
+    values (and torch itself wherever it runs)."""
+    x, w, b = make((5, 3, 37), (37,), affine=affine)
+    x = x.detach().to(dtype).requires_grad_()
+    out = layer_norm(x, 37, w, b, backend=backend)
+    assert out.dtype == dtype == F.layer_norm(x, (37,), w, b).dtype
+    x32, w32, b32 = (None if t is None else t.detach().float().requires_grad_() for t in (x, w, b))
+    want = F.layer_norm(x32, (37,), w32, b32)
+    torch.testing.assert_close(out.float(), want, atol=out_atol, rtol=0)
+    upstream = torch.randn_like(want)
+    got = grads(out, (x, w, b), upstream.to(dtype))
+    ref = grads(want, (x32, w32, b32), upstream)
+    for g, r, t in zip(got, ref, (x, w, b), strict=True):
+        assert (g is None) == (t is None)
+        if g is not None:
+            assert g.dtype == t.dtype
+            assert normwise(g, r) < grad_tol
+    if w is not None:
+        theirs = grads(F.layer_norm(x, (37,), w, b), (x, w, b), upstream.to(dtype))
+        for g, t in zip(got, theirs, strict=True):
+            assert (g is None) == (t is None)
+            if g is not None:
+                assert g.dtype == t.dtype and normwise(g, t) < grad_tol
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype,out_atol,grad_tol", HALF)
+def test_autocast_cpu_matches_torch(backend, dtype, out_atol, grad_tol):
+    """Under torch.autocast("cpu") torch leaves layer_norm alone: a half activation meets float32
+    parameters. The module runs there as torch.nn.LayerNorm does."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(8, 37)
+    theirs = torch.nn.LayerNorm(37)
+    ours = vgk.nn.LayerNorm(37, backend=backend)
+    with torch.no_grad():
+        theirs.weight.normal_()
+        theirs.bias.normal_()
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(4, 6, 8)
+    results = []
+    for norm in (ours, theirs):
+        with torch.autocast("cpu", dtype=dtype):
+            out = norm(linear(x))
+        params = [*norm.parameters(), *linear.parameters()]
+        results.append((out, torch.autograd.grad(out.float().square().sum(), params)))
+    (out, got), (want, ref) = results
+    assert out.dtype == want.dtype == dtype
+    torch.testing.assert_close(out.float(), want.float(), atol=out_atol, rtol=0)
+    for g, r in zip(got, ref, strict=True):
+        assert g.dtype == r.dtype == torch.float32
+        assert normwise(g, r) < grad_tol
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_empty_batch(backend):
     x, w, b = make((0, 37), (37,))
@@ -353,6 +417,38 @@ def test_module_dtype_and_device_keywords():
     assert m(torch.randn(2, 8, dtype=torch.float64)).dtype == torch.float64
 
 
+def test_torchscript_module_matches_eager():
+    """torch.jit.script works as for torch.nn.LayerNorm; the scripted module runs the C++ op."""
+    for kwargs in ({}, {"elementwise_affine": False}, {"bias": False}, {"grad_clip": 0.5, "eps": 1e-3}):
+        eager = vgk.nn.LayerNorm((3, 37), **kwargs)
+        with torch.no_grad():
+            for p in eager.parameters():
+                p.normal_()
+        buffer = io.BytesIO()
+        torch.jit.save(torch.jit.script(eager), buffer)
+        buffer.seek(0)
+        scripted = torch.jit.load(buffer)
+        x = torch.randn(2, 3, 37, requires_grad=True)
+        upstream = torch.randn(2, 3, 37) * 10
+        got = grads(scripted(x), (x, *scripted.parameters()), upstream)
+        want = grads(eager(x), (x, *eager.parameters()), upstream)
+        for g, w in zip(got, want, strict=True):
+            torch.testing.assert_close(g, w, atol=0, rtol=0)
+        half = x.detach().bfloat16()
+        torch.testing.assert_close(scripted(half), eager(half), atol=0, rtol=0)
+        # An error raised in TorchScript reaches Python as torch.jit.Error, with the message.
+        with pytest.raises(torch.jit.Error, match=r"trailing dims must equal normalized_shape=\(3, 37\), "
+                                                  r"got input shape \[2, 37\]"):
+            scripted(torch.randn(2, 37))
+
+
+def test_torchscript_module_refuses_what_it_cannot_run():
+    scripted = torch.jit.script(vgk.nn.LayerNorm(5, backend="reference"))
+    with pytest.raises(torch.jit.Error, match=r"scripted module runs the C\+\+ kernels on CPU tensors only.*"
+                                              r"got backend=reference, input on cpu"):
+        scripted(torch.randn(2, 5))
+
+
 def test_compile_fullgraph_matches_eager():
     torch.manual_seed(0)
     model = torch.nn.Sequential(
@@ -404,8 +500,14 @@ def test_bad_input(backend):
          lambda: layer_norm(x, 5, torch.ones(4), backend=backend)),
         (ValueError, r"bias must have shape",
          lambda: layer_norm(x, 5, w5, torch.ones(5, 1), backend=backend)),
-        (TypeError, r"weight must have the input's dtype torch.float32, got torch.float64",
+        (TypeError, r"weight must have dtype torch.float32, the input being torch.float32; got torch.float64",
          lambda: layer_norm(x, 5, w5.double(), backend=backend)),
+        (TypeError, r"bias must have dtype torch.float32 \(with a float16/bfloat16 input: the input's "
+                    r"dtype, or float32 for weight and bias both\), the input being torch.bfloat16; "
+                    r"got torch.bfloat16",
+         lambda: layer_norm(x.bfloat16(), 5, w5, w5.bfloat16(), backend=backend)),
+        (TypeError, r"weight must have dtype torch.float16.*got torch.bfloat16",
+         lambda: layer_norm(x.half(), 5, w5.bfloat16(), backend=backend)),
         (TypeError, r"bias must be a tensor", lambda: layer_norm(x, 5, w5, 1.0, backend=backend)),
         (RuntimeError, r"weight must be on the input's device cpu, got meta",
          lambda: layer_norm(x, 5, torch.ones(5, device="meta"), backend=backend)),
@@ -455,6 +557,42 @@ def test_gpu_matches_torch(dtype, atol, shape):
     _, dw, db = grads(out, (x, w, b), upstream)
     _, dw_t, db_t = grads(want, (x, w, b), upstream)
     assert normwise(dw, dw_t) < max(atol, 1e-5) and normwise(db, db_t) < max(atol, 1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16))
+def test_gpu_autocast_matches_torch(dtype):
+    """Under torch.autocast("cuda") torch casts layer_norm to float32: so does the module."""
+    assert CUDA and torch.cuda.is_available()
+    linear = torch.nn.Linear(8, 64).cuda()
+    theirs = torch.nn.LayerNorm(64).cuda()
+    ours = vgk.nn.LayerNorm(64).cuda()
+    x = torch.randn(16, 8, device="cuda")
+    results = []
+    for norm in (ours, theirs):
+        with torch.autocast("cuda", dtype=dtype):
+            out = norm(linear(x))
+        params = [*norm.parameters(), *linear.parameters()]
+        results.append((out, torch.autograd.grad(out.square().sum(), params)))
+    (out, got), (want, ref) = results
+    assert out.dtype == want.dtype == torch.float32
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+    for g, r in zip(got, ref, strict=True):
+        assert g.dtype == r.dtype and normwise(g, r) < 1e-4
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16))
+def test_gpu_half_input_with_float32_parameters(dtype):
+    assert CUDA and torch.cuda.is_available()
+    x, w, b = make((64, 1500), (1500,), device="cuda")
+    x = x.detach().to(dtype).requires_grad_()
+    out, want = layer_norm(x, 1500, w, b), F.layer_norm(x, (1500,), w, b)
+    assert out.dtype == want.dtype == dtype
+    torch.testing.assert_close(out.float(), want.float(), atol=4e-2, rtol=0)
+    upstream = torch.randn_like(out)
+    for g, t in zip(grads(out, (x, w, b), upstream), grads(want, (x, w, b), upstream), strict=True):
+        assert g.dtype == t.dtype and normwise(g, t) < 2e-2
 
 
 @pytest.mark.gpu

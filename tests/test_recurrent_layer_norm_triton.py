@@ -106,6 +106,15 @@ def test_step_loop_gradcheck_float64(mode, gpu_plans):
     assert gradcheck_layer(mode, "triton", reverse=True, fast_mode=True)
 
 
+@pytest.mark.parametrize("mode", ["lstm", "gru"])
+def test_step_loop_weight_scale_sweep(mode, gpu_plans):
+    """W_hh scaled up to 1e30: the row statistics combined from many tiles scale the squares that would
+    overflow float32, as the persistent loop and the C++ kernels do (tolerances of test_extreme_values)."""
+    from test_extreme_values import FAST_EXPONENTS, run_sweep
+
+    run_sweep(mode, True, "triton", FAST_EXPONENTS)
+
+
 def test_graph_buffers_replay_and_stay_untouched_while_held(monkeypatch):
     """The step loop over the static buffers a CUDA graph replays (re-launched instead of replayed here):
     right results, and an entry whose outputs are still held is not reused."""

@@ -73,7 +73,7 @@ def test_adding_marker_positions_cover_each_half():
         ({"batch_size": 0, "seq_len": 4}, ValueError, "batch_size"),
         ({"batch_size": 2, "seq_len": 1}, ValueError, "seq_len must be >= 2"),
         ({"batch_size": 2.0, "seq_len": 4}, TypeError, "batch_size"),
-        ({"batch_size": 2, "seq_len": 4, "seed": 1, "generator": torch.Generator()}, ValueError, "either"),
+        ({"batch_size": 2, "seq_len": 4, "seed": 1, "generator": torch.Generator()}, ValueError, "at most"),
         ({"batch_size": 2, "seq_len": 4, "seed": "1"}, TypeError, "seed"),
         ({"batch_size": 2, "seq_len": 4, "dtype": torch.int32}, TypeError, "floating"),
     ],

@@ -7,6 +7,8 @@ import os
 
 import torch
 
+from vgkernels._library import require_cpp
+
 BACKENDS = ("cpp", "triton", "reference")
 ENV_VAR = "VGK_BACKEND"
 
@@ -35,12 +37,13 @@ def resolve_backend(backend: str | None, device: torch.device, op: str = "vgkern
     if backend is None:
         backend = os.environ.get(ENV_VAR) or None
     if backend is None:
-        return "triton" if device.type == "cuda" else "cpp"
+        backend = "triton" if device.type == "cuda" else "cpp"
+        if backend == "cpp":
+            require_cpp()  # a missing build says so here, not as an unknown operator later
+        return backend
     if backend not in BACKENDS:
         raise ValueError(f"{op}: backend must be one of {BACKENDS} or None, got {backend!r}")
     if backend == "cpp":
-        from vgkernels._library import require_cpp
-
         require_cpp()
         if device.type != "cpu":
             raise RuntimeError(

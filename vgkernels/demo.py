@@ -344,9 +344,8 @@ class PerStepResult:
     """What the reports say about one language model's trace with a loss at every step."""
 
     name: str
-    unknown: TraceReport  # loss_steps not given
+    unknown: TraceReport  # loss_steps not given: measured from the gradient reaching the output
     every: TraceReport  # loss_steps="all"
-    detected: TraceReport  # loss_steps not given, spectral norms given
     last: TraceReport  # last_step_traces, loss_steps="last"
 
 
@@ -378,7 +377,6 @@ def _per_step_losses(cfg: DemoConfig, device: str, seed: int) -> list[PerStepRes
                 name=name,
                 unknown=trace_report(trace, name=f"{name}, loss at every step"),
                 every=trace_report(trace, loss_steps="all", name=name),
-                detected=trace_report(trace, spectral=spectral, name=name),
                 last=trace_report(last, loss_steps="last", spectral=spectral, name=f"{name}, last loss"),
             )
         )
@@ -595,7 +593,6 @@ def _per_step_table(results: list[PerStepResult], fmt: str) -> str:
         "layer",
         "horizon, losses not given",
         "loss_steps='all'",
-        "spectral norms given",
         "last step's loss alone",
         "‖J‖₂ allows (top layer)",
     )
@@ -608,7 +605,6 @@ def _per_step_table(results: list[PerStepResult], fmt: str) -> str:
                     row.label,
                     row.horizon_text(r.unknown.assumed),
                     r.every.rows[k].horizon_text(),
-                    r.detected.rows[k].horizon_text(r.detected.assumed),
                     r.last.rows[k].horizon_text(),
                     r.last.rows[k].bound_horizon_text(),
                 ]
@@ -833,22 +829,18 @@ def _verdict_per_step(results: list[PerStepResult]) -> list[str]:
         return []
     naive = "; ".join(f"{_names([row.horizon_text(r.unknown.assumed) for row in r.unknown.rows])} for the "
                       f"{r.name}" for r in results)
-    detected = [f"{r.name} at t = {next(row.loss_before_t for row in r.detected.rows if row.injected)}"
-                for r in results if any(row.injected for row in r.detected.rows)]
+    measured = all(r.unknown.loss_steps_measured for r in results)
     travelled = "; ".join(f"{_names([row.horizon_text() for row in r.last.rows])} steps in the {r.name}"
                           for r in results)
     T = results[0].unknown.seq_len
     return [
-        f"**A loss at every step.** Read without being told where the losses are, the traces of the language "
-        f"models show horizons, layer by layer, of {naive}: the gradient at each step is mostly that step's "
-        f"own loss, "
-        f"so the number says where the losses sit, not how far gradient travels; the report marks it † and "
-        f"says so. Told loss_steps='all', it states no horizon at all. "
-        + (f"Given the spectral norms, it finds by itself that gradient enters before the last step "
-           f"({_names(detected)}) and states none either. " if detected else
-           "Given the spectral norms, it found no gradient above the bound this time. ")
-        + f"The gradient of the last step's loss alone (last_step_traces: one extra forward and backward) "
-        f"reaches back {travelled}, of {T - 1} possible."
+        "**A loss at every step.** There the gradient at each step is mostly that step's own loss, so a "
+        "horizon read off the trace would say where the losses sit, not how far gradient travels. "
+        + (f"Not told where the losses are, the report measured them from the gradient that reached the "
+           f"layers' output at every step, and stated horizons of {naive}: none. " if measured else
+           f"Not told where the losses are, the report stated horizons of {naive}. ")
+        + f"Told loss_steps='all', it states none either. The gradient of the last step's loss alone "
+        f"(last_step_traces: one extra forward and backward) reaches back {travelled}, of {T - 1} possible."
     ]
 
 
@@ -955,10 +947,10 @@ def _report_markdown(
         f"A word-level language model at initialization: embedding {cfg.lm_embed}, a {cfg.lm_layers}-layer "
         f"vgkernels LSTM or GRU of hidden size {cfg.lm_hidden}, a linear decoder over {cfg.lm_vocab} tokens; "
         f"random tokens, T = {cfg.lm_seq_len}, batch {cfg.lm_batch}, and the loss of every step's next-token "
-        f"prediction (the mean cross-entropy), as in training. The same trace, reported three ways: without "
-        f"saying where the losses are (the horizon is marked † as an assumption), with `loss_steps='all'`, "
-        f"and with the spectral norms, which let the report prove that gradient enters before the last "
-        f"step. The last column is the measurement that answers how far gradient travels: "
+        f"prediction (the mean cross-entropy), as in training. The same trace, reported two ways: without "
+        f"saying where the losses are (the report measures them from the gradient that reaches the layers' "
+        f"output at each step, the trace's `output_grad_norm`) and with `loss_steps='all'`. The last "
+        f"column is the measurement that answers how far gradient travels: "
         f"`vgkernels.diagnostics.last_step_traces` runs one extra forward and backward from the last "
         f"step's loss alone."
     )

@@ -346,7 +346,8 @@ def lstm_forget_bias_(module: torch.nn.Module, value: float = 1.0) -> torch.nn.M
                 biases.setdefault(name.replace("bias_ih", "").replace("bias_hh", ""), []).append(p)
         if not biases:
             raise ValueError(
-                f"{type(m).__name__} has no biases (bias=False): cannot set the forget-gate bias"
+                f"module: setting the forget-gate bias needs an LSTM with biases, got {type(m).__name__} "
+                "with bias=False"
             )
         H = m.hidden_size
         for pair in biases.values():
@@ -460,7 +461,8 @@ def init_recurrent_(
     for part in parts:
         if part not in _WEIGHT_SCHEMES and not _FORGET.match(part):
             raise ValueError(
-                f"unknown init scheme {part!r} in {scheme!r}; expected one of {RECURRENT_SCHEMES}"
+                f"scheme: expected parts joined by '+' from {RECURRENT_SCHEMES}, got {scheme!r} with the "
+                f"unknown part {part!r}"
             )
     modules = _recurrent_modules(module)
     for part in parts:

@@ -74,7 +74,7 @@ def _check_size(name: str, value: object, minimum: int) -> None:
 
 def _generator(seed: int | None, generator: torch.Generator | None) -> torch.Generator | None:
     if seed is not None and generator is not None:
-        raise ValueError("pass either seed or generator, not both")
+        raise ValueError(f"seed, generator: expected at most one of them, got seed={seed!r} and a generator")
     if seed is not None:
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise TypeError(f"seed must be an int, got {type(seed).__name__}")

@@ -15,6 +15,24 @@ import torch
 GradSource = torch.Tensor | Callable[[], "torch.Tensor | None"] | None
 
 
+def new_probe(shape: tuple[int, ...], device: torch.device, owner: str) -> torch.Tensor | None:
+    """A zero float64 leaf of ``shape`` that requires grad, whose gradient a tracked op's backward fills
+    with squared gradient norms; None without autograd (nothing to record).
+
+    Raises RuntimeError inside torch.compile: the probe must be a fresh leaf, which Dynamo cannot create
+    in a graph. ``owner`` says what is tracked, for that message.
+    """
+    if not torch.is_grad_enabled():
+        return None
+    if torch.compiler.is_compiling():
+        raise RuntimeError(
+            f"track: {owner} is not supported inside torch.compile; compile the "
+            "model with track=False, run tracked steps eagerly, or trace the forward only under "
+            "torch.no_grad()"
+        )
+    return torch.zeros(shape, dtype=torch.float64, device=device, requires_grad=True)
+
+
 class BPTTTrace:
     """Per-step gradient and Jacobian norms of one recurrent module's last forward.
 
@@ -43,6 +61,7 @@ class BPTTTrace:
         grad_sources: Sequence[GradSource],
         lengths: torch.Tensor | None = None,
         batch_index: torch.Tensor | None = None,
+        output_probe: torch.Tensor | None = None,
     ) -> None:
         self.mode = mode
         self.num_layers = num_layers
@@ -55,14 +74,18 @@ class BPTTTrace:
         self.jacobian_norm_per_sample = jacobian_norm_per_sample
         self._grad_sources = list(grad_sources)
         self._batch_index = batch_index
+        self._output_probe = output_probe
 
     def __getstate__(self) -> dict:
         # Pickling (torch.save, copy.deepcopy) keeps what backward has recorded so far, as tensors:
         # pickle drops a tensor's .grad, and a callable source would not pickle at all.
         recorded = self._squared_stored()
+        output_sq = self._output_squared_stored()
         state = self.__dict__.copy()
         state["_grad_sources"] = None
         state["_recorded"] = None if recorded is None else recorded.detach()
+        state["_output_probe"] = None
+        state["_output_recorded"] = None if output_sq is None else output_sq.detach()
         return state
 
     def __setstate__(self, state: dict) -> None:
@@ -74,7 +97,7 @@ class BPTTTrace:
         if self._batch_index is not None:
             raise ValueError("batch_index: this trace already reads its samples through one")
         return BPTTTrace(self.mode, self.num_layers, self.num_directions, self.jacobian_norm_per_sample,
-                         self._grad_sources, self.lengths, batch_index)
+                         self._grad_sources, self.lengths, batch_index, self._output_probe)
 
     @property
     def seq_len(self) -> int:
@@ -115,6 +138,36 @@ class BPTTTrace:
         if sq is not None and self._batch_index is not None:
             sq = sq.index_select(3, self._batch_index.to(sq.device))
         return sq
+
+    def _output_squared_stored(self) -> torch.Tensor | None:
+        """float64 [T, B] squared norms of the gradient reaching the output, stored order; or None."""
+        if self._grad_sources is None:  # unpickled
+            return getattr(self, "_output_recorded", None)
+        probe = getattr(self, "_output_probe", None)
+        if probe is None:
+            return None
+        if probe.grad is None and self._squared_stored() is not None:
+            # backward reached the layers but not the output: no gradient entered through it
+            return torch.zeros(probe.shape, dtype=torch.float64, device=probe.device)
+        return probe.grad
+
+    @property
+    def output_grad_norm_per_sample(self) -> torch.Tensor | None:
+        """[T, B]: ‖∂loss/∂output_t‖₂ per sample: the gradient that enters the module through its output
+        at position t (from a loss on that step, or the layers after the module), as opposed to gradient
+        that travelled back through time. ``None`` before backward, or when it reached no output."""
+        sq = self._output_squared_stored()
+        if sq is None:
+            return None
+        if self._batch_index is not None:
+            sq = sq.index_select(1, self._batch_index.to(sq.device))
+        return self._norm(sq)
+
+    @property
+    def output_grad_norm(self) -> torch.Tensor | None:
+        """[T]: ‖∂loss/∂output_t‖₂ over batch and features (see :attr:`output_grad_norm_per_sample`)."""
+        sq = self._output_squared_stored()
+        return None if sq is None else self._norm(sq.sum(-1))
 
     @staticmethod
     def _norm(sq: torch.Tensor) -> torch.Tensor:

@@ -179,7 +179,7 @@ std::vector<Chunk> make_chunks(const std::vector<int64_t>& numels) {
 }
 
 void check_group(at::TensorList tensors, const char* op) {
-  TORCH_CHECK(!tensors.empty(), "vgk::", op, ": tensors must not be empty");
+  TORCH_CHECK(!tensors.empty(), "vgk::", op, ": tensors must hold at least one tensor, got an empty list");
   const auto dtype = tensors[0].scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16,
               "vgk::", op, ": tensors must be float32, float64, float16 or bfloat16, got ", dtype);
@@ -200,8 +200,9 @@ at::Tensor multi_tensor_norm_cpu(at::TensorList tensors, double norm_type) {
   data.reserve(tensors.size());
   numels.reserve(tensors.size());
   for (const auto& t : tensors) {
-    TORCH_CHECK(kind != NormKind::kInf || t.numel() > 0, "vgk::multi_tensor_norm: the infinity norm of an "
-                "empty tensor is undefined (the maximum has no identity)");
+    TORCH_CHECK(kind != NormKind::kInf || t.numel() > 0, "vgk::multi_tensor_norm: norm_type=inf: the infinity "
+                "norm of an empty tensor is undefined (the maximum has no identity), got a tensor of shape ",
+                t.sizes());
     data.push_back(t.contiguous());
     numels.push_back(t.numel());
   }

@@ -12,6 +12,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "cpu/block_cache.h"
@@ -55,6 +57,41 @@ std::vector<int64_t> leading_shape(const at::Tensor& input, int64_t normalized_n
 }
 
 // ---------------------------------------------------------------------------------------------------
+// Rows whose float32 squares overflow. A float beyond ~1.8e19 has no float square, so the variance of a
+// row with such values (or of long rows a little below) is inf, and the output would be the bias. The
+// fast float passes detect it (a sum of squares that is not finite) and hand the row to these scalar
+// double versions, in which every finite float's square is finite. Such rows are rare; NaN and inf
+// rows take this path too, with the same NaN result.
+
+// Mean and variance of a float row, two passes in double.
+void moments_double(const float* x, int64_t n, double& mean, double& var) {
+  double s = 0;
+  for (int64_t i = 0; i < n; ++i) s += x[i];
+  mean = s / static_cast<double>(n);
+  double sq = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const double d = x[i] - mean;
+    sq += d * d;
+  }
+  var = sq / static_cast<double>(n);
+}
+
+void forward_row_double(const float* x, float* y, const float* w, const float* b, int64_t n, float eps,
+                        float* mean_out, float* rstd_out) {
+  double mean, var;
+  moments_double(x, n, mean, var);
+  const double rstd = 1.0 / std::sqrt(var + eps);
+  for (int64_t i = 0; i < n; ++i) {
+    double v = (x[i] - mean) * rstd;
+    if (w) v *= w[i];
+    if (b) v += b[i];
+    y[i] = static_cast<float>(v);
+  }
+  *mean_out = static_cast<float>(mean);
+  *rstd_out = static_cast<float>(rstd);
+}
+
+// ---------------------------------------------------------------------------------------------------
 // Forward
 
 template <typename T, bool W, bool B>
@@ -71,6 +108,11 @@ VGK_INLINE void forward_row(const T* x, T* y, const T* w, const T* b, int64_t n,
     const auto d = O::load(x + i) - mean;
     return std::array<typename O::V, 1>{d * d};
   })[0];
+  if constexpr (std::is_same_v<T, float>) {
+    if (!(sq <= std::numeric_limits<float>::max())) {
+      return forward_row_double(x, y, W ? w : nullptr, B ? b : nullptr, n, eps, mean_out, rstd_out);
+    }
+  }
   const T rstd = T(1) / std::sqrt(sq / static_cast<T>(n) + eps);
   const bool stream = simd::streamable(y, n);
   simd::for_each<T>(n, [&](auto ops, int64_t i) VGK_STEP {
@@ -166,9 +208,47 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_forward_cpu(
 // next_dy/next_x: the next row, fetched into the cache while this row's dx is computed from the cache
 // (nullptr: none). The hardware prefetchers stop at 4 KB page boundaries, so the memory would otherwise
 // idle during that pass; in randomized A/B runs at (4096, 1024) the backward got 5-24% faster.
+// The backward of a row that took forward_row_double (or whose float std is beyond 2^60 anyway): in
+// double, from the row's double mean; rstd is the stored one unless it is subnormal (std beyond ~8e37),
+// where the double one is recomputed (eps, not known here, is negligible against such a variance).
+template <bool W, bool DW, bool DB>
+void backward_row_double(const float* dy, const float* x, const float* w, float rstd_f, int64_t n, float clip,
+                         float* dx, float* dw_acc, float* db_acc) {
+  double mean, var;
+  moments_double(x, n, mean, var);
+  const double rstd = rstd_f >= std::numeric_limits<float>::min() ? rstd_f : 1.0 / std::sqrt(var);
+  double sum_g = 0, sum_gx = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const double xh = (x[i] - mean) * rstd;
+    const double g = W ? double(dy[i]) * w[i] : double(dy[i]);
+    sum_g += g;
+    sum_gx += g * xh;
+    if constexpr (DW) dw_acc[i] += static_cast<float>(dy[i] * xh);
+    if constexpr (DB) db_acc[i] += dy[i];
+  }
+  const double a = sum_g / static_cast<double>(n), c = sum_gx / static_cast<double>(n);
+  const auto dx_at = [&](int64_t i) {
+    const double g = W ? double(dy[i]) * w[i] : double(dy[i]);
+    return (g - a - (x[i] - mean) * rstd * c) * rstd;
+  };
+  double scale = 1;
+  if (clip >= 0) {
+    double sq = 0;
+    for (int64_t i = 0; i < n; ++i) {
+      const double d = dx_at(i);
+      sq += d * d;
+    }
+    if (sq > double(clip) * clip) scale = clip / std::sqrt(sq);
+  }
+  for (int64_t i = 0; i < n; ++i) dx[i] = static_cast<float>(dx_at(i) * scale);
+}
+
 template <typename T, bool W, bool DW, bool DB>
 VGK_INLINE void backward_row(const T* dy, const T* x, const T* w, T mean, T rstd, int64_t n, T clip, T* dx,
                              T* dw_acc, T* db_acc, const T* next_dy, const T* next_x) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (rstd < 0x1p-60f) return backward_row_double<W, DW, DB>(dy, x, w, rstd, n, clip, dx, dw_acc, db_acc);
+  }
   // One pass for the two row sums and this row's share of dW and db.
   const auto row_sums = simd::sums<T, 2>(n, [&](auto ops, int64_t i) VGK_STEP {
     using O = decltype(ops);
@@ -303,7 +383,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_backward_cpu(
               " values, got ", mean_.numel(), " ", mean_.scalar_type(), " and ", rstd_.numel(), " ",
               rstd_.scalar_type());
   check_param(weight_, "weight", input_, n);
-  TORCH_CHECK(!weight_grad || weight_.has_value(), "vgk::layer_norm backward: weight_grad needs a weight");
+  TORCH_CHECK(!weight_grad || weight_.has_value(), "vgk::layer_norm backward: weight_grad=true needs a weight, "
+              "got weight=None");
   TORCH_CHECK(!grad_clip.has_value() || *grad_clip >= 0, "vgk::layer_norm: grad_clip must be >= 0, got ",
               grad_clip.value_or(0.0));
   const at::Tensor dy = grad_output_.contiguous();

@@ -677,16 +677,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_forward_cpu(
   const bool has_c0 = c0.has_value() && c0->defined();
   const bool has_b = b_hh.has_value() && b_hh->defined();
   if (m.cell == Cell::kLstm) {
-    TORCH_CHECK_VALUE(has_c0, op, ": c0 [B, H] is required for mode 'lstm'");
+    TORCH_CHECK_VALUE(has_c0, op, ": c0 [B, H] is required for mode 'lstm', got None");
     check_tensor(op, "c0", *c0, dtype, {B, H});
   } else {
-    TORCH_CHECK_VALUE(!has_c0, op, ": c0 must be None for mode '", std::string(mode), "'");
+    TORCH_CHECK_VALUE(!has_c0, op, ": c0 must be None for mode '", std::string(mode), "', got a tensor of shape ",
+                      c0->sizes());
   }
   if (m.cell == Cell::kGru) {
     if (has_b) check_tensor(op, "b_hh", *b_hh, dtype, {GH});
   } else {
     TORCH_CHECK_VALUE(!has_b, op, ": b_hh must be None for mode '", std::string(mode),
-                      "' (add it to xproj)");
+                      "' (add it to xproj), got a tensor of shape ", b_hh->sizes());
   }
   const at::Tensor len = checked_lengths(op, lengths, B, T_);
 
@@ -844,10 +845,11 @@ LayerShape layer_shape(const char* op, const Mode& m, const at::Tensor& x, const
   check_tensor(op, "w_hh", w_hh, dtype, {GH, s.P});
   const bool has_c0 = c0.has_value() && c0->defined();
   if (m.cell == Cell::kLstm) {
-    TORCH_CHECK_VALUE(has_c0, op, ": c0 [B, H] is required for mode 'lstm'");
+    TORCH_CHECK_VALUE(has_c0, op, ": c0 [B, H] is required for mode 'lstm', got None");
     check_tensor(op, "c0", *c0, dtype, {s.B, s.H});
   } else {
-    TORCH_CHECK_VALUE(!has_c0, op, ": c0 must be None for modes other than 'lstm'");
+    TORCH_CHECK_VALUE(!has_c0, op, ": c0 must be None for modes other than 'lstm', got a tensor of shape ",
+                      c0->sizes());
   }
   return s;
 }

@@ -11,31 +11,60 @@
 // matrix G_j[a, b] = <W_a[j, :], W_b[j, :]>.
 
 // exp(x) = 2^k (1 + q), x = k ln2 + r with |r| <= ln2 / 2 and q = expm1(r) by its Taylor series to
-// r^7 (truncation error below 1e-8 relative). x is clamped so that 2^k stays a normal float; the
-// comparisons keep NaN. Rounding k uses the 1.5 * 2^23 trick, which vectorises without SSE4.1.
-VGK_FN inline void exp_parts(float x, float& scale, float& q) {
-  x = x < -87.0f ? -87.0f : x;
-  x = x > 88.0f ? 88.0f : x;
-  const float k = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+// r^7 (truncation error below 1e-8 relative). Rounding k uses the 1.5 * 2^23 trick, which vectorises
+// without SSE4.1. The callers clamp x first; the comparisons there keep NaN.
+VGK_FN inline void exp_reduce(float x, float& k, float& q) {
+  k = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
   const float r = (x - k * 0.693145751953125f) - k * 1.42860682030941723e-6f;
   q = r * (1.0f + r * (0.5f + r * (1.66666667e-1f + r * (4.16666667e-2f + r * (8.33333333e-3f +
       r * (1.38888889e-3f + r * 1.98412698e-4f))))));
-  const int32_t bits = (static_cast<int32_t>(k) + 127) << 23;
+}
+
+// 2^k for an integral k in [-126, 127].
+VGK_FN inline float pow2_f(int32_t k) {
+  const int32_t bits = (k + 127) << 23;
+  float scale;
   std::memcpy(&scale, &bits, sizeof(float));
+  return scale;
 }
 
-VGK_FN inline float sigmoid_f(float x) {
-  float s, q;
-  exp_parts(-x, s, q);
-  return 1.0f / (1.0f + (s + s * q));
+// exp(x) = scale * (1 + q) for x >= 0 (or NaN), clamped to 88 so that 2^k stays a normal float: for
+// tanh, which saturates long before.
+VGK_FN inline void exp_parts(float x, float& scale, float& q) {
+  x = x > 88.0f ? 88.0f : x;
+  float k;
+  exp_reduce(x, k, q);
+  scale = pow2_f(static_cast<int32_t>(k));
 }
 
-// tanh(x) = e / (e + 2) with e = expm1(2x): accurate near 0, where 1 - 2 / (exp(2x) + 1) is not.
+// exp over float's whole range, as torch's float exp: +inf above ~88.72, subnormal below ~-87.3 and
+// 0 below ~-103.9. 2^k is applied as two normal factors 2^(k>>1) * 2^(k - (k>>1)), so only the last
+// product overflows or rounds to a subnormal. The sigmoid needs this to reach exactly 0 (a clamped
+// exp left it at 6e-39, and its derivative never 0).
+VGK_FN inline float exp_full(float x) {
+  x = x < -104.0f ? -104.0f : x;
+  x = x > 89.0f ? 89.0f : x;
+  float k, q;
+  exp_reduce(x, k, q);
+  const int32_t ki = static_cast<int32_t>(k);
+  const int32_t half = ki >> 1;
+  return ((1.0f + q) * pow2_f(half)) * pow2_f(ki - half);
+}
+
+VGK_FN inline float sigmoid_f(float x) { return 1.0f / (1.0f + exp_full(-x)); }
+
+// tanh(|x|) = e / (e + 2) with e = expm1(2|x|) below |x| = 1 (accurate near 0, where
+// 1 - 2 / (exp(2x) + 1) cancels), and 1 - 2 / (e + 2) from there (e / (e + 2) rounds to 1 already
+// where torch's correctly rounded tanh is 0.99999994, |x| near 9); the sign is put back after, so
+// that both ends saturate alike. One division either way.
 VGK_FN inline float tanh_f(float x) {
+  const float a = __builtin_fabsf(x);  // builtins: std:: versions do not inline into target clones
   float s, q;
-  exp_parts(2.0f * x, s, q);
+  exp_parts(2.0f * a, s, q);
   const float e = s * q + (s - 1.0f);
-  return e / (e + 2.0f);
+  const bool small = a < 1.0f;
+  const float ratio = (small ? e : 2.0f) / (e + 2.0f);
+  return __builtin_copysignf(small ? ratio : 1.0f - ratio, x);
 }
 
 VGK_FN inline double sigmoid_f(double x) { return 1.0 / (1.0 + std::exp(-x)); }
@@ -338,7 +367,9 @@ VGK_ROW double elman_backward_row(int64_t H, T clip, const T* __restrict gs, T* 
 #pragma omp simd reduction(+ : acc)
   for (int64_t j = 0; j < H; ++j) {
     const T dhj = gs[j] + dh[j];
-    gx[j] = clamp_f(dhj * act_grad_f<ACT>(h[j]), clip);
+    // relu selects, as torch's threshold_backward: 0 where h <= 0 even for an inf or NaN gradient.
+    const T d = ACT == Cell::kRelu ? (h[j] <= 0 ? T(0) : dhj) : dhj * act_grad_f<ACT>(h[j]);
+    gx[j] = clamp_f(d, clip);
     dh[j] = 0;
     if constexpr (TRACK) acc += square_d(dhj);
   }

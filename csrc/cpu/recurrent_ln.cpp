@@ -128,10 +128,12 @@ bool present(const std::optional<at::Tensor>& t) { return t.has_value() && t->de
 void check_optional(const char* op, const char* name, const std::optional<at::Tensor>& t, bool required,
                     const char* mode, at::ScalarType dtype, at::IntArrayRef sizes) {
   if (required) {
-    TORCH_CHECK_VALUE(present(t), op, ": ", name, " of shape ", sizes, " is required for mode '", mode, "'");
+    TORCH_CHECK_VALUE(present(t), op, ": ", name, " of shape ", sizes, " is required for mode '", mode,
+                      "', got None");
     check_tensor(op, name, *t, dtype, sizes);
   } else {
-    TORCH_CHECK_VALUE(!present(t), op, ": ", name, " must be None for mode '", mode, "'");
+    TORCH_CHECK_VALUE(!present(t), op, ": ", name, " must be None for mode '", mode, "', got a tensor of shape ",
+                      t->sizes());
   }
 }
 
@@ -303,7 +305,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_ln_forward_cpu(
   check_optional(op, "ln_cell_weight", ln_cell_weight, lstm, mode_name, dtype, {H});
   check_optional(op, "ln_cell_bias", ln_cell_bias, lstm, mode_name, dtype, {H});
   if (lstm) {
-    TORCH_CHECK_VALUE(!present(b_hh), op, ": b_hh must be None for mode 'lstm' (add it to xproj)");
+    TORCH_CHECK_VALUE(!present(b_hh), op, ": b_hh must be None for mode 'lstm' (add it to xproj), got a tensor of "
+                      "shape ", b_hh->sizes());
   } else if (present(b_hh)) {
     check_tensor(op, "b_hh", *b_hh, dtype, {N});
   }
@@ -448,7 +451,8 @@ rnn_ln_backward_cpu(const at::Tensor& grad_states, const at::Tensor& grad_cell_s
   if (grad_clip.has_value()) {
     TORCH_CHECK_VALUE(*grad_clip > 0, op, ": grad_clip must be None or > 0, got ", *grad_clip);
   }
-  TORCH_CHECK_VALUE(!(has_b_hh && lstm), op, ": has_b_hh is for mode 'gru' only (the LSTM's b_hh is in xproj)");
+  TORCH_CHECK_VALUE(!(has_b_hh && lstm), op, ": has_b_hh must be false for mode 'lstm' (its b_hh is in xproj), "
+                    "got true");
   const at::Tensor len = checked_lengths(op, lengths, B, T_);
 
   const auto opts = states.options();

@@ -5,8 +5,11 @@ direction``), in processing order: t = 0, 1, ..., T-1 for the forward direction 
 the reverse one. "Steps back" count against processing order, the way back-propagation travels.
 
 - The **anchor** is the last processed step that carries a loss. :func:`trace_report` takes the steps
-  whose outputs the loss reads as ``loss_steps``; without them, it takes the last processed step whose
-  gradient norm is finite and nonzero, and marks every measure that rests on that assumption.
+  whose outputs the loss reads as ``loss_steps``; without them, it reads them off the trace: the
+  recurrent modules record in backward the norm of the gradient that enters through their output at
+  every step (``output_grad_norm``), so the steps a loss reads are measured, not guessed. Only a trace
+  without that record falls back to the last processed step whose gradient norm is finite and
+  nonzero, and marks every measure that rests on that assumption.
 - The **span** runs back from the anchor to the step after the previous loss step (or to the first
   processed step). Only there is the gradient purely the one that travelled back through time from
   the anchor's loss: a loss at an earlier step injects gradient of its own, and from there on the
@@ -107,8 +110,9 @@ def render_table(headers: Sequence[str], rows: Sequence[Sequence[object]], fmt: 
     if fmt not in ("markdown", "text"):
         raise ValueError(f"fmt must be 'markdown' or 'text', got {fmt!r}")
     cells = [[c if isinstance(c, str) else format_number(c) for c in row] for row in rows]
-    if any(len(row) != len(headers) for row in cells):
-        raise ValueError(f"every row needs {len(headers)} cells to match the headers")
+    for i, row in enumerate(cells):
+        if len(row) != len(headers):
+            raise ValueError(f"rows[{i}]: expected {len(headers)} cells, one per header, got {len(row)}")
     if fmt == "markdown":
         lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
         lines += ["| " + " | ".join(row) + " |" for row in cells]
@@ -126,23 +130,28 @@ def render_table(headers: Sequence[str], rows: Sequence[Sequence[object]], fmt: 
 
 
 def _as_curves(
-    source: BPTTTrace | torch.Tensor,
+    source: BPTTTrace | torch.Tensor, name: str = "source"
 ) -> tuple[torch.Tensor, int, BPTTTrace | None]:
-    """float64 CPU [L, T] gradient norms, the number of directions, and the trace if any."""
+    """float64 CPU [L, T] gradient norms, the number of directions, and the trace if any.
+
+    ``name`` is the caller's argument, for the error messages.
+    """
     if isinstance(source, BPTTTrace):
         grad = source.grad_norm
         if grad is None:
             raise ValueError(
-                "the trace has no gradients yet: run backward through the tracked module before reporting"
+                f"{name}: expected a trace with gradients, got one whose grad_norm is None (no backward "
+                "yet): run backward through the tracked module before reporting"
             )
         return grad.detach().to("cpu", torch.float64), source.num_directions, source
     if isinstance(source, torch.Tensor):
         if source.dim() not in (1, 2) or source.shape[-1] < 1:
             raise ValueError(
-                f"grad_norm must have shape [T] or [L, T] with T >= 1, got {tuple(source.shape)}"
+                f"{name}: a grad_norm tensor must have shape [T] or [L, T] with T >= 1, got "
+                f"{tuple(source.shape)}"
             )
         return source.detach().to("cpu", torch.float64).reshape(-1, source.shape[-1]), 1, None
-    raise TypeError(f"expected a BPTTTrace or a grad_norm tensor, got {type(source).__name__}")
+    raise TypeError(f"{name}: expected a BPTTTrace or a grad_norm tensor, got {type(source).__name__}")
 
 
 def _processing_order(curve: torch.Tensor, reverse: bool) -> torch.Tensor:
@@ -474,7 +483,9 @@ class TraceReport:
         mode, seq_len, batch_size: from the trace.
         threshold: the horizon's fraction.
         rows: the measures.
-        loss_steps: the input positions that carry a loss as given (sorted), or None when not given.
+        loss_steps: the input positions that carry a loss (sorted): as given, or as measured from the
+            gradient that reached the module's output at each step; None when neither is known.
+        loss_steps_measured: True when ``loss_steps`` was measured from the trace, not given.
         spectral: whether spectral norms were given (adds their columns).
         trace: the BPTTTrace measured (for plotting it next to others).
     """
@@ -488,6 +499,7 @@ class TraceReport:
     trace: BPTTTrace | None = field(default=None, repr=False, compare=False)
     loss_steps: list[int] | None = None
     spectral: bool = False
+    loss_steps_measured: bool = False
 
     @property
     def underflow(self) -> bool:
@@ -558,6 +570,13 @@ class TraceReport:
         return out
 
     def _loss_notes(self) -> list[str]:
+        out = []
+        if self.loss_steps_measured:
+            out.append(f"Loss steps measured, not assumed: gradient entered through the module's output at "
+                       f"{_steps_text(self.loss_steps)} (the trace's output_grad_norm).")
+        return out + self._loss_span_notes()
+
+    def _loss_span_notes(self) -> list[str]:
         how = (
             "Measure how far the gradient of one loss travels with vgkernels.diagnostics.last_step_traces"
             "(model, step_losses): one extra forward and backward from the last step's loss alone, whose "
@@ -642,6 +661,16 @@ class TraceReport:
         return self.to_text()
 
 
+def _steps_text(steps: list[int]) -> str:
+    """'t = 3', 't = 0 ... 9' (consecutive) or 't = 1, 4, 7', shortened past 8 steps."""
+    if len(steps) == 1:
+        return f"t = {steps[0]}"
+    if steps == list(range(steps[0], steps[-1] + 1)):
+        return f"t = {steps[0]} ... {steps[-1]}"
+    shown = ", ".join(str(t) for t in steps[:8])
+    return f"t = {shown}" + (f", ... ({len(steps)} steps)" if len(steps) > 8 else "")
+
+
 def _spectral_norms_of(spectral: torch.Tensor | None, trace: BPTTTrace) -> torch.Tensor | None:
     """The spectral norms as float64 CPU [L, T, B], checked against the trace."""
     if spectral is None:
@@ -677,10 +706,12 @@ def trace_report(
         loss_steps: the input positions whose outputs the loss reads, directly or through the rest of
             the model: ``"last"`` (t = T-1, e.g. a classifier on the last output; for a packed batch
             every sequence's last step), ``"all"`` (e.g. a language model), an int, a sequence of ints,
-            or a bool mask [T]. None (not known): the
-            anchor is the last step with gradient, the measures are marked as assuming no earlier
-            loss, and the top layer's gradient is checked against the step-norm bound; gradient above
-            it proves an earlier loss, and then no horizon is stated.
+            or a bool mask [T]. None (not given): the steps where gradient entered through the module's
+            output, as the trace measured them in backward (``trace.output_grad_norm``; where none
+            did, the last step). A trace without that measurement (built by hand) falls back to the
+            last step with gradient, marks the measures as assuming no earlier loss, and checks the
+            top layer's gradient against the step-norm bound; gradient above it proves an earlier
+            loss, and then no horizon is stated.
         spectral: optional per-sample spectral norms of the step Jacobians, float [L, T, B] (or [T, B]
             for one layer-direction), e.g. ``vgkernels.diagnostics.spectral_norms(module, input,
             layer=None)`` of the same forward; adds their columns and the step-norm bound.
@@ -698,13 +729,16 @@ def trace_report(
         raise ValueError(f"threshold must be > 0, got {threshold!r}")
     if anchor is not None and loss_steps is not None:
         raise ValueError("anchor and loss_steps say the same thing: pass loss_steps only")
-    curves, dirs, _ = _as_curves(trace)
+    curves, dirs, _ = _as_curves(trace, "trace")
     T = trace.seq_len
     if anchor is not None:
         if not -T <= anchor < T:
             raise ValueError(f"anchor must be a time step in [0, {T}), got {anchor}")
         loss_steps = anchor
     mask = _loss_mask(loss_steps, T, trace.lengths)
+    measured = mask is None and trace.output_grad_norm is not None
+    if measured:
+        mask = _measured_loss_mask(trace)
     spec = _spectral_norms_of(spectral, trace)
     per_sample = trace.grad_norm_per_sample.detach().to("cpu", torch.float64)
     cell = trace.cell_grad_norm
@@ -801,7 +835,16 @@ def trace_report(
         trace=trace,
         loss_steps=None if mask is None else torch.nonzero(mask).flatten().tolist(),
         spectral=spec is not None,
+        loss_steps_measured=measured,
     )
+
+
+def _measured_loss_mask(trace: BPTTTrace) -> torch.Tensor:
+    """bool [T]: the positions where gradient entered the module through its output (the trace's
+    ``output_grad_norm``); where none did (the loss read the final state only), every sequence's last
+    step."""
+    mask = (trace.output_grad_norm.detach().cpu() > 0)
+    return mask if mask.any() else _loss_mask("last", trace.seq_len, trace.lengths)
 
 
 def _bound(row: TraceRow, log_norms: torch.Tensor, a: int, start: int, grad_anchor: float, threshold: float,
@@ -901,7 +944,7 @@ def _series(
         if not isinstance(trace, BPTTTrace):
             raise TypeError(f"traces[{name!r}] must be a BPTTTrace, got {type(trace).__name__}")
         if what == "grad":
-            curves = _as_curves(trace)[0]
+            curves = _as_curves(trace, f"traces[{name!r}]")[0]
         elif what == "jac":
             curves = trace.jacobian_norm.detach().to("cpu", torch.float64)
         elif name in spectral:
@@ -1035,7 +1078,9 @@ def plot_trace(
     else:
         raise TypeError(f"trace must be a BPTTTrace or a mapping of them, got {type(trace).__name__}")
     if not traces:
-        raise ValueError("trace must be a BPTTTrace or a non-empty mapping of them")
+        raise ValueError(
+            f"trace must be a BPTTTrace or a non-empty mapping of them, got an empty {type(trace).__name__}"
+        )
     if spectral is not None and not isinstance(spectral, Mapping):
         if len(traces) != 1:
             raise ValueError("spectral: pass a mapping from display name to norms for several traces")

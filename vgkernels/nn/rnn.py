@@ -275,7 +275,5 @@ class RNN(RecurrentBase, nn.RNN):
 # torch.load's default weights_only unpickler refuses classes it does not know: whole-model checkpoints
 # holding these modules (and their traces) load with it once vgkernels is imported.
 torch.serialization.add_safe_globals([LSTM, GRU, RNN, BPTTTrace])
-# torch.compile traces them (Dynamo refuses torch.nn's RNN classes otherwise), and torch.ao.quantization
-# refuses them loudly instead of leaving them in floating point without a word (see _torch_tools.py).
+# torch.compile traces them (Dynamo refuses torch.nn's RNN classes otherwise; see _torch_tools.py).
 _torch_tools.allow_dynamo(lambda module: isinstance(module, RecurrentBase))
-_torch_tools.refuse_quantization(lambda module: isinstance(module, RecurrentBase), (nn.LSTM, nn.GRU, nn.RNN))

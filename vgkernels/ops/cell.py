@@ -38,6 +38,7 @@ from vgkernels._library import cpp_available
 from vgkernels.backends import resolve_backend
 from vgkernels.reference import cell as reference
 from vgkernels.reference.recurrent import MODES
+from vgkernels.trace import new_probe
 
 CELL_NAMES = {"lstm": "LSTMCell", "gru": "GRUCell", "rnn_tanh": "RNNCell", "rnn_relu": "RNNCell",
               "rnn_sigmoid": "RNNCell"}
@@ -283,16 +284,7 @@ def triton_forward():
 
 def make_probe(mode: str, B: int, device: torch.device) -> torch.Tensor | None:
     """The zero float64 [2, K, B] leaf whose gradient the backward fills, or None without autograd."""
-    if not torch.is_grad_enabled():
-        return None
-    if torch.compiler.is_compiling():
-        # The probe must be a fresh leaf that requires grad, which dynamo cannot create in a graph.
-        raise RuntimeError(
-            "track: tracking a cell's gradients is not supported inside torch.compile; compile the model "
-            "with track=False, run tracked steps eagerly, or trace the forward only under torch.no_grad()"
-        )
-    K = 2 if mode == "lstm" else 1
-    return torch.zeros(2, K, B, dtype=torch.float64, device=device, requires_grad=True)
+    return new_probe((2, 2 if mode == "lstm" else 1, B), device, "tracking a cell's gradients")
 
 
 def step(

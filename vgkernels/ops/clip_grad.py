@@ -66,6 +66,33 @@ if cpp_available():
 
 
 # ---------------------------------------------------------------------------------------------------
+# Arguments: torch's conversions, with messages that name the argument
+
+
+def _tensor_list(value, name: str) -> list[torch.Tensor]:
+    """``value`` (a tensor or an iterable of tensors) as a list."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    try:
+        items = list(value)
+    except TypeError:
+        got = type(value).__name__
+        raise TypeError(f"{name}: expected a tensor or an iterable of tensors, got {got}") from None
+    for i, t in enumerate(items):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}[{i}]: expected a tensor, got {type(t).__name__}")
+    return items
+
+
+def _number(value, name: str) -> float:
+    """float(value), as torch converts max_norm and norm_type, raising the same exception type."""
+    try:
+        return float(value)
+    except (TypeError, ValueError) as error:
+        raise type(error)(f"{name}: expected a number, got {value!r}") from None
+
+
+# ---------------------------------------------------------------------------------------------------
 # Dispatch
 
 
@@ -99,9 +126,10 @@ def _group_norm(group: list[torch.Tensor], norm_type: float, backend: str) -> to
         norms = reference.tensor_norms(group, norm_type)
         return reference.combine_norms(norms, norm_type, group[0].device)
     if norm_type == float("inf") and any(t.numel() == 0 for t in group):
+        empty = next(t for t in group if t.numel() == 0)
         raise RuntimeError(
-            "the infinity norm of an empty tensor is undefined (the maximum has no identity); "
-            f"got a tensor of shape {tuple(next(t for t in group if t.numel() == 0).shape)}"
+            "norm_type=inf: the infinity norm of an empty tensor is undefined (the maximum has no identity); "
+            f"expected non-empty tensors, got one of shape {tuple(empty.shape)}"
         )
     if backend == "cpp":
         return torch.ops.vgk.multi_tensor_norm(group, norm_type)
@@ -163,8 +191,14 @@ def get_total_norm(
     norm is NaN or infinite (the only case that synchronises with the device), and when
     ``foreach=True`` meets a device without foreach support.
     """
-    tensors = [tensors] if isinstance(tensors, torch.Tensor) else list(tensors)
-    norm_type = float(norm_type)
+    tensors = _tensor_list(tensors, "tensors")
+    norm_type = _number(norm_type, "norm_type")
+    for i, t in enumerate(tensors):
+        if not (t.is_floating_point() or t.is_complex()):
+            try:
+                torch.linalg.vector_norm(t)  # torch's own error for this dtype, as torch raises it
+            except RuntimeError as error:
+                raise RuntimeError(f"tensors[{i}]: {error}") from None
     if not tensors:
         return torch.tensor(0.0)
     if not _is_plain(tensors):
@@ -199,9 +233,13 @@ def clip_grads_with_norm_(
     :func:`get_total_norm`); parameters without a gradient are skipped; returns None. The coefficient
     stays on the device (no host synchronisation).
     """
-    parameters = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
+    parameters = _tensor_list(parameters, "parameters")
     grads = [p.grad for p in parameters if p.grad is not None]
-    max_norm = float(max_norm)
+    max_norm = _number(max_norm, "max_norm")
+    if not isinstance(total_norm, torch.Tensor):
+        raise TypeError(f"total_norm: expected a tensor, got {type(total_norm).__name__}")
+    if total_norm.numel() != 1:
+        raise RuntimeError(f"total_norm: expected a one-element tensor, got shape {list(total_norm.shape)}")
     if not grads:
         return
     if not _is_plain(grads) or type(total_norm) not in _PLAIN_TYPES:
@@ -229,19 +267,15 @@ def clip_grad_norm_(
     existing ``.grad`` tensors; every gradient is multiplied by min(max_norm / (total + 1e-6), 1); the
     total norm before clipping is returned as a 0-dim tensor. An empty generator warns.
     """
-    if isinstance(parameters, torch.Tensor):
-        parameters = [parameters]
-    else:
-        is_generator = isinstance(parameters, types.GeneratorType)
-        parameters = list(parameters)
-        if is_generator and not parameters:
-            warnings.warn(
-                "`parameters` is an empty generator, no gradient clipping will occur.", stacklevel=2
-            )
+    is_generator = isinstance(parameters, types.GeneratorType)
+    parameters = _tensor_list(parameters, "parameters")
+    if is_generator and not parameters:
+        warnings.warn("`parameters` is an empty generator, no gradient clipping will occur.", stacklevel=2)
     grads = [p.grad for p in parameters if p.grad is not None]
     if not _is_plain(grads):
         return nn_utils.clip_grad_norm_(parameters, max_norm, norm_type, error_if_nonfinite, foreach)
-    norm_type = float(norm_type)
+    norm_type = _number(norm_type, "norm_type")
+    max_norm = _number(max_norm, "max_norm")
     if not grads:
         return torch.tensor(0.0)
     op = "vgkernels.clip_grad_norm_"
@@ -250,5 +284,5 @@ def clip_grad_norm_(
     with torch.no_grad():
         groups = _groups(grads)  # once for both passes
         total = _total_norm(grads, groups, norm_type, error_if_nonfinite, foreach, backend, op)
-        _scale_groups_(groups, float(max_norm), total, foreach, backend, op)
+        _scale_groups_(groups, max_norm, total, foreach, backend, op)
     return total

@@ -11,13 +11,19 @@ Ops (each with a fake implementation and registered autograd):
   -> ``(output, mean, rstd)``; mean and rstd have the leading shape, in float32 (float64 for float64
   input). ``grad_clip`` is only carried to the backward.
 - ``vgk::layer_norm_backward(grad_output, input, mean, rstd, weight?, normalized_ndim, grad_clip?,
-  weight_grad, bias_grad)`` -> ``(grad_input, grad_weight, grad_bias)``; a parameter gradient not
-  asked for comes back with 0 elements.
+  weight_grad, bias_grad)`` -> ``(grad_input, grad_weight, grad_bias)``; the parameter gradients are in
+  the statistics' dtype, and one not asked for comes back with 0 elements.
 - ``vgk::layer_norm_forward_triton`` / ``vgk::layer_norm_backward_triton``: the same in Triton.
 
 Backends: ``"cpp"`` runs float32 and float64; float16 and bfloat16 inputs are computed in float32 and
 the result cast back. ``"triton"`` runs all four dtypes natively with float32 statistics.
 ``"reference"`` is the eager oracle of :mod:`vgkernels.reference.layer_norm`.
+
+Mixed precision, as ``F.layer_norm``: a float16/bfloat16 input may come with float32 weight and bias
+(all given parameters float32); the output has the input's dtype, and each gradient its tensor's
+dtype. Under ``torch.autocast("cuda")``, where torch casts layer_norm to float32, CUDA inputs of lower
+precision are cast to float32 too, so the output is float32 as torch's; ``torch.autocast("cpu")``
+leaves layer_norm alone, and so does this function.
 
 Higher order: the backward ops have registered autograd of their own (:func:`_register_double_backward`),
 so ``create_graph=True`` gives differentiable gradients through every backend (with ``grad_clip`` it
@@ -41,7 +47,8 @@ from vgkernels.reference.backward_clip import refuse_create_graph
 
 OP = "vgkernels.ops.layer_norm"
 _CPP_DTYPES = (torch.float32, torch.float64)
-_FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
+_FLOAT_DTYPES = (torch.float32, torch.float64, *_HALF_DTYPES)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -63,9 +70,8 @@ def _backward_fake(
 ):
     n = math.prod(input.shape[input.dim() - normalized_ndim:])
     grad_input = torch.empty_like(input, memory_format=torch.contiguous_format)
-    param_dtype = weight.dtype if weight is not None else input.dtype
-    grad_weight = input.new_empty((n if weight_grad else 0,), dtype=param_dtype)
-    grad_bias = input.new_empty((n if bias_grad else 0,))
+    grad_weight = input.new_empty((n if weight_grad else 0,), dtype=_stat_dtype(input.dtype))
+    grad_bias = input.new_empty((n if bias_grad else 0,), dtype=_stat_dtype(input.dtype))
     return grad_input, grad_weight, grad_bias
 
 
@@ -80,6 +86,7 @@ def _setup_context(ctx, inputs, output):
     ctx.normalized_ndim = normalized_ndim
     ctx.grad_clip = grad_clip
     ctx.has_bias = bias is not None
+    ctx.bias_dtype = None if bias is None else bias.dtype
     ctx.param_shape = input.shape[input.dim() - normalized_ndim:]
     ctx.mark_non_differentiable(mean, rstd)
 
@@ -93,10 +100,11 @@ def _make_backward(backward_op):
         grad_input, grad_weight, grad_bias = backward_op(
             grad_output, input, mean, rstd, weight, ctx.normalized_ndim, ctx.grad_clip, weight_grad, bias_grad
         )
+        # The parameter gradients come in the statistics' dtype: each goes back in its own parameter's.
         return (
             grad_input if need_input else None,
-            grad_weight.view(ctx.param_shape) if weight_grad else None,
-            grad_bias.view(ctx.param_shape) if bias_grad else None,
+            grad_weight.view(ctx.param_shape).to(weight.dtype) if weight_grad else None,
+            grad_bias.view(ctx.param_shape).to(ctx.bias_dtype) if bias_grad else None,
             None,
             None,
             None,
@@ -203,15 +211,28 @@ def _normalized_shape(normalized_shape) -> tuple[int, ...]:
     raise TypeError(f"{OP}: normalized_shape must be an int or a sequence of ints, got {normalized_shape!r}")
 
 
-def _check_param(name: str, p, input: torch.Tensor, shape: tuple[int, ...]) -> None:
+def _param_dtype(input: torch.Tensor, weight, bias) -> torch.dtype:
+    """The dtype the parameters must have: the input's, or float32 for all of them when a float16 or
+    bfloat16 input comes with a float32 parameter (F.layer_norm's mixed precision)."""
+    given = [p for p in (weight, bias) if isinstance(p, torch.Tensor)]
+    if input.dtype in _HALF_DTYPES and any(p.dtype == torch.float32 for p in given):
+        return torch.float32
+    return input.dtype
+
+
+def _check_param(name: str, p, input: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> None:
     if p is None:
         return
     if not isinstance(p, torch.Tensor):
         raise TypeError(f"{OP}: {name} must be a tensor or None, got {type(p).__name__}")
     if tuple(p.shape) != shape:
         raise ValueError(f"{OP}: {name} must have shape normalized_shape={list(shape)}, got {list(p.shape)}")
-    if p.dtype != input.dtype:
-        raise TypeError(f"{OP}: {name} must have the input's dtype {input.dtype}, got {p.dtype}")
+    if p.dtype != dtype:
+        mixed = " (with a float16/bfloat16 input: the input's dtype, or float32 for weight and bias both)"
+        raise TypeError(
+            f"{OP}: {name} must have dtype {dtype}{mixed if input.dtype in _HALF_DTYPES else ''}, the input "
+            f"being {input.dtype}; got {p.dtype}"
+        )
     if p.device != input.device:
         raise RuntimeError(f"{OP}: {name} must be on the input's device {input.device}, got {p.device}")
 
@@ -230,12 +251,18 @@ def _check_args(input, shape: tuple[int, ...], weight, bias, eps, grad_clip) -> 
             f"{OP}: the input's trailing dims must equal normalized_shape={list(shape)}, got input shape "
             f"{list(input.shape)}"
         )
-    _check_param("weight", weight, input, shape)
-    _check_param("bias", bias, input, shape)
+    dtype = _param_dtype(input, weight, bias)
+    _check_param("weight", weight, input, shape, dtype)
+    _check_param("bias", bias, input, shape, dtype)
     if not isinstance(eps, numbers.Real) or not eps >= 0:
         raise ValueError(f"{OP}: eps must be a number >= 0, got {eps!r}")
     if grad_clip is not None and (not isinstance(grad_clip, numbers.Real) or not grad_clip > 0):
         raise ValueError(f"{OP}: grad_clip must be None or a number > 0, got {grad_clip!r}")
+
+
+def _autocast_float32(t: torch.Tensor | None) -> torch.Tensor | None:
+    """CUDA autocast's float32 policy (torch's for layer_norm): lower-precision floats become float32."""
+    return t.float() if t is not None and t.dtype in _HALF_DTYPES else t
 
 
 def layer_norm(
@@ -253,16 +280,19 @@ def layer_norm(
     Args:
         input: [*, *normalized_shape], float32/float64/float16/bfloat16, any strides.
         normalized_shape: the trailing shape to normalize over (an int or a sequence of ints).
-        weight, bias: None or tensors of shape ``normalized_shape``, in the input's dtype and device.
+        weight, bias: None or tensors of shape ``normalized_shape`` on the input's device, in the input's
+            dtype or, for a float16/bfloat16 input, both float32.
         eps: added to the variance.
         grad_clip: None, or c > 0: each row of the input gradient is rescaled to L2 norm at most c.
         backend: ``"cpp"``, ``"triton"``, ``"reference"`` or None (by device; see vgkernels.backends).
 
     Returns:
-        Tensor of ``input``'s shape and dtype.
+        Tensor of ``input``'s shape and dtype (float32 for a half CUDA input under CUDA autocast, as torch).
     """
     shape = _normalized_shape(normalized_shape)
     _check_args(input, shape, weight, bias, eps, grad_clip)
+    if input.device.type == "cuda" and torch.is_autocast_enabled("cuda"):
+        input, weight, bias = (_autocast_float32(t) for t in (input, weight, bias))
     backend = resolve_backend(backend, input.device, OP)
     if backend != "reference" and transforms_active(input, weight, bias):
         backend = "reference"  # the kernels have no forward-mode or torch.func rules

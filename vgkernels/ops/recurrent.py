@@ -41,7 +41,7 @@ from vgkernels.backends import resolve_backend
 from vgkernels.ops.autodiff import differentiable_vjp, mark_recomputable, recompute_recipe, transforms_active
 from vgkernels.reference import recurrent as reference
 from vgkernels.reference.backward_clip import refuse_create_graph
-from vgkernels.trace import BPTTTrace
+from vgkernels.trace import BPTTTrace, new_probe
 
 GATES = reference.GATES
 MODES = reference.MODES
@@ -517,17 +517,8 @@ def _check_inputs(input, h0, c0, weights, names, mode, lengths, backend, grad_cl
 
 
 def _probe(mode: str, T: int, B: int, device: torch.device) -> torch.Tensor | None:
-    if not torch.is_grad_enabled():
-        return None
-    if torch.compiler.is_compiling():
-        # The probe must be a fresh leaf that requires grad, which dynamo cannot create in a graph.
-        raise RuntimeError(
-            "track: BPTT tracking with gradients is not supported inside torch.compile; compile the "
-            "model with track=False, run tracked steps eagerly, or trace the forward only under "
-            "torch.no_grad()"
-        )
-    K = 2 if mode == "lstm" else 1
-    return torch.zeros(K, T, B, dtype=torch.float64, device=device, requires_grad=True)
+    """The zero float64 [K, T, B] leaf whose gradient a layer's backward fills, or None without autograd."""
+    return new_probe((2 if mode == "lstm" else 1, T, B), device, "BPTT tracking with gradients")
 
 
 def _unpack(data: torch.Tensor, batch_sizes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -827,7 +818,7 @@ def recurrent(
                              grad_clip=grad_clip, eps=eps, backend=backend, proj_size=proj_size,
                              batch_sizes=batch_sizes)
     if mode == "lstm" and hx is not None and c0_all is None:
-        raise ValueError("hx: the LSTM expects a tuple (h0, c0)")
+        raise ValueError(f"hx: the LSTM expects a tuple (h0, c0), got {type(hx).__name__}")
     if mode != "lstm" and c0_all is not None:
         raise ValueError(f"hx: mode {mode!r} expects one tensor h0, got a tuple")
     for name, t, size in (("h0", h0_all, P), ("c0", c0_all, hidden_size)):
@@ -888,6 +879,10 @@ def recurrent(
         output = output * valid[:, :, None].to(output.dtype)
     trace = None
     if track:
+        output_probe = None
+        if probes[0] is not None:
+            output_probe = torch.zeros(T, B, dtype=torch.float64, device=input.device, requires_grad=True)
+            output = _OutputGradProbe.apply(output, output_probe, batch_sizes)
         if packed:
             lengths = (batch_sizes[None, :] > torch.arange(B)[:, None]).sum(1)
         trace = BPTTTrace(
@@ -897,8 +892,27 @@ def recurrent(
             jacobian_norm_per_sample=torch.stack(jac).detach().clamp_min(0).sqrt(),
             grad_sources=probes,
             lengths=None if lengths is None else lengths.cpu(),
+            output_probe=output_probe,
         )
     return output, _stack(h_n), _stack(c_n) if mode == "lstm" else None, trace
+
+
+class _OutputGradProbe(torch.autograd.Function):
+    """Identity on the network's output whose backward writes, per position and sample, the squared norm
+    of the gradient that reaches the output there (float64 [T, B]) into the probe's gradient: where a
+    loss (or whatever reads the output) injects gradient, as opposed to gradient travelling back."""
+
+    @staticmethod
+    def forward(ctx, output, probe, batch_sizes):
+        ctx.batch_sizes = batch_sizes
+        return output.view_as(output)
+
+    @staticmethod
+    def backward(ctx, grad):
+        sq = grad.double().pow(2).sum(-1)
+        if ctx.batch_sizes is not None:  # packed rows -> [T, B], sorted order
+            sq = pad_packed_sequence(PackedSequence(sq, ctx.batch_sizes))[0]
+        return grad, sq, None
 
 
 def _stack(tensors: list[torch.Tensor]) -> torch.Tensor:

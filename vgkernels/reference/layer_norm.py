@@ -23,6 +23,30 @@ def clip_rows(grad: torch.Tensor, normalized_ndim: int, max_norm: float) -> torc
     return (rows * scale).reshape(grad.shape)
 
 
+def normalize(
+    x: torch.Tensor,
+    normalized_ndim: int,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    eps: float = 1e-5,
+) -> torch.Tensor:
+    """LayerNorm of the last ``normalized_ndim`` dims of ``x``, returned in ``x``'s dtype.
+
+    The statistics and the normalization are computed in float64, whatever ``x``'s dtype: the squares
+    of float32 values beyond ~1e19 overflow float32 (torch's float32 LayerNorm then returns the bias, or
+    NaN), but not float64, so every finite float32 row has its exact LayerNorm. ``weight`` and ``bias``
+    (shape of the normalized dims, any float dtype) multiply and shift in float64 too.
+    """
+    dims = tuple(range(x.dim() - normalized_ndim, x.dim()))
+    xd = x.to(torch.float64)
+    mean = xd.mean(dim=dims, keepdim=True)
+    var = (xd - mean).square().mean(dim=dims, keepdim=True)
+    y = (xd - mean) * torch.rsqrt(var + eps)
+    if weight is not None:
+        y = y * weight.to(torch.float64)
+    if bias is not None:
+        y = y + bias.to(torch.float64)
+    return y.to(x.dtype)
 def layer_norm(
     input: torch.Tensor,
     normalized_shape: Sequence[int],
@@ -34,8 +58,9 @@ def layer_norm(
 ) -> torch.Tensor:
     """LayerNorm over the trailing ``normalized_shape`` dims of ``input`` (any float dtype).
 
-    Statistics are computed in float32 (float64 for float64 input). ``weight`` and ``bias`` have shape
-    ``normalized_shape``. With ``grad_clip=c`` the gradient reaching ``input`` is rescaled per row
+    Computed by :func:`normalize` (float64 statistics). ``weight`` and ``bias`` have shape
+    ``normalized_shape``, in the input's dtype or, for float16/bfloat16 input, float32 (as
+    ``F.layer_norm`` accepts). With ``grad_clip=c`` the gradient reaching ``input`` is rescaled per row
     (the normalized dims flattened) to L2 norm at most c; the weight and bias gradients are unchanged.
     Returns a tensor of ``input``'s shape and dtype.
     """
@@ -45,13 +70,4 @@ def layer_norm(
     else:
         clip = float(grad_clip)
         x = clipped(input, lambda grad: clip_rows(grad, k, clip), "grad_clip")
-    dims = tuple(range(x.dim() - k, x.dim()))
-    xf = x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
-    mean = xf.mean(dim=dims, keepdim=True)
-    var = (xf - mean).square().mean(dim=dims, keepdim=True)
-    y = (xf - mean) * torch.rsqrt(var + eps)
-    if weight is not None:
-        y = y * weight
-    if bias is not None:
-        y = y + bias
-    return y.to(input.dtype)
+    return normalize(x, k, weight, bias, eps)

@@ -16,9 +16,9 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 
 from vgkernels.reference.backward_clip import clipped
+from vgkernels.reference.layer_norm import normalize
 
 GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1, "rnn_sigmoid": 1}
 MODES = tuple(GATES)
@@ -78,7 +78,7 @@ def cell_step(
         return lstm_hidden(o, c_new, norm, w_hr), c_new
     gh = h @ w_hh.t()
     if norm is not None:
-        gh = F.layer_norm(gh, gh.shape[-1:], norm.hh_weight, norm.hh_bias, norm.eps)
+        gh = normalize(gh, 1, norm.hh_weight, norm.hh_bias, norm.eps)
     if mode == "gru":
         if b_hh is not None:
             gh = gh + b_hh
@@ -105,7 +105,7 @@ def lstm_cell_state(
     """The LSTM's new cell state c_t [B, H] and its output gate pre-activation o [B, H]."""
     gh = h @ w_hh.t()
     if norm is not None:
-        gh = F.layer_norm(gh, gh.shape[-1:], norm.hh_weight, norm.hh_bias, norm.eps)
+        gh = normalize(gh, 1, norm.hh_weight, norm.hh_bias, norm.eps)
     i, f, g, o = clip_gradient(xproj_t + gh, grad_clip).chunk(4, dim=-1)
     return torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g), o
 
@@ -114,7 +114,7 @@ def lstm_hidden(o: torch.Tensor, c: torch.Tensor, norm: CellNorm | None,
                 w_hr: torch.Tensor | None = None) -> torch.Tensor:
     """h_t = sigmoid(o) * tanh(c_t), with LN(c_t) in the layer-normalized cell, projected by W_hr if given."""
     if norm is not None:
-        c = F.layer_norm(c, c.shape[-1:], norm.cell_weight, norm.cell_bias, norm.eps)
+        c = normalize(c, 1, norm.cell_weight, norm.cell_bias, norm.eps)
     h = torch.sigmoid(o) * torch.tanh(c)
     return h if w_hr is None else h @ w_hr.t()
 

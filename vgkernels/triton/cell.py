@@ -37,6 +37,7 @@ from vgkernels.triton import recurrent as _plain
 from vgkernels.triton.recurrent import (
     _elman,
     _elman_derivative,
+    _elman_grad,
     _gram,
     _gram_terms,
     _gru_jacobian_term,
@@ -181,7 +182,7 @@ def _cell_backward_kernel(
                                             rec_ptr + g_off, H, m2, m2, 0.0, False, ACC)
         tl.store(dhp_ptr + s_off, carry, mask=m2)
     else:  # Elman RNN
-        tl.store(d_ptrs, dh * _elman_derivative(_ld(h_ptr + s_off, m2, ACC), MODE), mask=m2)
+        tl.store(d_ptrs, _elman_grad(dh, _ld(h_ptr + s_off, m2, ACC), MODE), mask=m2)
     if TRACK:
         sq_base = sq_ptr + tl.cast(tl.program_id(1), tl.int64) * NSQ * B + rows
         dh64 = tl.where(m2, dh, 0.0).to(tl.float64)

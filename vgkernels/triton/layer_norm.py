@@ -12,9 +12,10 @@ They take the arguments and return the outputs of the C++ ops ``vgk::layer_norm_
   parameter gradients are deterministic for a given device.
 - ``grad_clip``: each row of dx is rescaled to L2 norm at most c before it is stored.
 
-Dtypes: float32, float64, float16 and bfloat16, with weight and bias in the input's dtype. Statistics
-and arithmetic are float64 for float64 input and float32 otherwise; mean and rstd are returned in that
-type, the output and the gradients in the input's (parameter gradients in the parameters') dtype.
+Dtypes: float32, float64, float16 and bfloat16, with weight and bias in the input's dtype or, for half
+inputs, float32. Statistics and arithmetic are float64 for float64 input and float32 otherwise; mean,
+rstd and the parameter gradients are returned in that type (the autograd casts each parameter's
+gradient to its dtype), the output and the input gradient in the input's dtype.
 Arguments are checked by :func:`vgkernels.ops.layer_norm.layer_norm` before any kernel runs.
 """
 
@@ -40,6 +41,26 @@ _ALLOC_FILL: float | None = None
 # Forward
 
 
+# Overflow of the statistics. A float32 beyond ~1.8e19 has no float32 square, so the variance of a row
+# holding such values is inf (and torch's LayerNorm returns the bias, or NaN). A row whose largest |x|
+# exceeds 2^50 is therefore normalized as x / max|x|: its squares stay below N, and the LayerNorm, which
+# does not change when its input is scaled, is the same up to eps (scaled along). Other rows are
+# computed exactly as before (the scale is 1). The backward meets such a row through its small rstd
+# (below 2^-50 only for these), and then forms x * rstd - mean * rstd, where x - mean could overflow.
+
+
+@triton.jit
+def _row_scale(max_abs):
+    """1 / max|x| for a row whose squares could overflow (max|x| > 2^50), else 1."""
+    return tl.where(max_abs > 1125899906842624.0, 1.0 / max_abs, 1.0)
+
+
+@triton.jit
+def _normalized(x, mean, rstd):
+    """(x - mean) * rstd, formed as x * rstd - mean * rstd for the rows of huge values (rstd < 2^-50)."""
+    return tl.where(rstd < 8.881784197001252e-16, x * rstd - mean * rstd, (x - mean) * rstd)
+
+
 @triton.jit
 def _forward_fused_kernel(x_ptr, y_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, N, eps,
                           HAS_W: tl.constexpr, HAS_B: tl.constexpr, BLOCK: tl.constexpr):
@@ -48,10 +69,14 @@ def _forward_fused_kernel(x_ptr, y_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, N, eps
     cols = tl.arange(0, BLOCK)
     mask = cols < N
     x = tl.load(x_ptr + row * N + cols, mask=mask, other=0.0).to(acc_ty)
-    mean = tl.sum(x, axis=0) / N
-    d = tl.where(mask, x - mean, 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=0) / N + eps)
-    y = d * rstd
+    inv = _row_scale(tl.max(tl.abs(x), axis=0))
+    xs = x * inv
+    mean_s = tl.sum(xs, axis=0) / N
+    d = tl.where(mask, xs - mean_s, 0.0)
+    rstd_s = 1.0 / tl.sqrt(tl.sum(d * d, axis=0) / N + eps * inv * inv)
+    y = d * rstd_s
+    mean = mean_s / inv
+    rstd = rstd_s * inv
     if HAS_W:
         y = y * tl.load(w_ptr + cols, mask=mask, other=0.0).to(acc_ty)
     if HAS_B:
@@ -69,21 +94,36 @@ def _forward_looped_kernel(x_ptr, y_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, N, ep
     x_row = x_ptr + row * N
     y_row = y_ptr + row * N
     acc = tl.zeros([BLOCK], dtype=acc_ty)
+    big = tl.zeros([BLOCK], dtype=acc_ty)
     for off in range(0, N, BLOCK):
         cols = off + tl.arange(0, BLOCK)
-        acc += tl.load(x_row + cols, mask=cols < N, other=0.0).to(acc_ty)
-    mean = tl.sum(acc, axis=0) / N
+        x = tl.load(x_row + cols, mask=cols < N, other=0.0).to(acc_ty)
+        acc += x
+        big = tl.maximum(big, tl.abs(x))
+    inv = _row_scale(tl.max(big, axis=0))
+    total = tl.sum(acc, axis=0)
+    mean_s = total / N * inv
+    if total - total != 0.0:
+        # The sum is not finite: it overflowed (values near float32's max), or the row holds inf or NaN.
+        # Sum the scaled values instead.
+        acc = tl.zeros([BLOCK], dtype=acc_ty)
+        for off in range(0, N, BLOCK):
+            cols = off + tl.arange(0, BLOCK)
+            acc += tl.load(x_row + cols, mask=cols < N, other=0.0).to(acc_ty) * inv
+        mean_s = tl.sum(acc, axis=0) / N
     acc = tl.zeros([BLOCK], dtype=acc_ty)
     for off in range(0, N, BLOCK):
         cols = off + tl.arange(0, BLOCK)
         mask = cols < N
-        d = tl.where(mask, tl.load(x_row + cols, mask=mask, other=0.0).to(acc_ty) - mean, 0.0)
+        d = tl.where(mask, tl.load(x_row + cols, mask=mask, other=0.0).to(acc_ty) * inv - mean_s, 0.0)
         acc += d * d
-    rstd = 1.0 / tl.sqrt(tl.sum(acc, axis=0) / N + eps)
+    rstd_s = 1.0 / tl.sqrt(tl.sum(acc, axis=0) / N + eps * inv * inv)
+    mean = mean_s / inv
+    rstd = rstd_s * inv
     for off in range(0, N, BLOCK):
         cols = off + tl.arange(0, BLOCK)
         mask = cols < N
-        y = (tl.load(x_row + cols, mask=mask, other=0.0).to(acc_ty) - mean) * rstd
+        y = (tl.load(x_row + cols, mask=mask, other=0.0).to(acc_ty) * inv - mean_s) * rstd_s
         if HAS_W:
             y = y * tl.load(w_ptr + cols, mask=mask, other=0.0).to(acc_ty)
         if HAS_B:
@@ -124,7 +164,7 @@ def _backward_fused_kernel(dy_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr, dx_ptr, dw_
         dy = tl.load(dy_ptr + row * N + cols, mask=mask, other=0.0).to(acc_ty)
         mean = tl.load(mean_ptr + row)
         rstd = tl.load(rstd_ptr + row)
-        xh = tl.where(mask, (x - mean) * rstd, 0.0)
+        xh = tl.where(mask, _normalized(x, mean, rstd), 0.0)
         g = dy * w if HAS_W else dy
         a = tl.sum(g, axis=0) / N
         c = tl.sum(g * xh, axis=0) / N
@@ -164,7 +204,7 @@ def _backward_looped_kernel(dy_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr, dx_ptr, dw
             mask = cols < N
             x = tl.load(x_row + cols, mask=mask, other=0.0).to(acc_ty)
             dy = tl.load(dy_row + cols, mask=mask, other=0.0).to(acc_ty)
-            xh = tl.where(mask, (x - mean) * rstd, 0.0)
+            xh = tl.where(mask, _normalized(x, mean, rstd), 0.0)
             g = dy * tl.load(w_ptr + cols, mask=mask, other=0.0).to(acc_ty) if HAS_W else dy
             sum_g += g
             sum_gx += g * xh
@@ -183,7 +223,7 @@ def _backward_looped_kernel(dy_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr, dx_ptr, dw
                 x = tl.load(x_row + cols, mask=mask, other=0.0).to(acc_ty)
                 dy = tl.load(dy_row + cols, mask=mask, other=0.0).to(acc_ty)
                 g = dy * tl.load(w_ptr + cols, mask=mask, other=0.0).to(acc_ty) if HAS_W else dy
-                dx = tl.where(mask, rstd * (g - a - (x - mean) * rstd * c), 0.0)
+                dx = tl.where(mask, rstd * (g - a - _normalized(x, mean, rstd) * c), 0.0)
                 sq += dx * dx
             scale = _clip_scale(tl.sum(sq, axis=0), clip, HAS_CLIP)
         for off in range(0, N, BLOCK):
@@ -192,7 +232,7 @@ def _backward_looped_kernel(dy_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr, dx_ptr, dw
             x = tl.load(x_row + cols, mask=mask, other=0.0).to(acc_ty)
             dy = tl.load(dy_row + cols, mask=mask, other=0.0).to(acc_ty)
             g = dy * tl.load(w_ptr + cols, mask=mask, other=0.0).to(acc_ty) if HAS_W else dy
-            dx = rstd * (g - a - (x - mean) * rstd * c) * scale
+            dx = rstd * (g - a - _normalized(x, mean, rstd) * c) * scale
             tl.store(dx_ptr + row * N + cols, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
@@ -300,9 +340,8 @@ def backward_launch(grad_output, input, mean, rstd, weight, normalized_ndim, gra
     device = x.device
     acc = _acc_dtype(x.dtype)
     grad_input = _alloc(x.shape, x.dtype, device)
-    param_dtype = weight.dtype if weight is not None else x.dtype
-    grad_weight = _alloc((n if weight_grad else 0,), param_dtype, device)
-    grad_bias = _alloc((n if bias_grad else 0,), x.dtype, device)
+    grad_weight = _alloc((n if weight_grad else 0,), acc, device)
+    grad_bias = _alloc((n if bias_grad else 0,), acc, device)
     if m == 0:
         grad_weight.zero_()
         grad_bias.zero_()

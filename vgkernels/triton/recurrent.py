@@ -76,9 +76,11 @@ def _sigmoid(x):
 
 @triton.jit
 def _tanh(x):
-    # From one exp of a non-positive argument: no overflow, exact limits.
+    # From one exp of a non-positive argument: no overflow, exact limits. 1 - 2e / (1 + e) rather than
+    # (1 - e) / (1 + e): near saturation the latter rounds to 1 where torch's correctly rounded tanh is
+    # still 0.99999994 (|x| near 9).
     e = tl.exp(-2.0 * tl.abs(x))
-    t = (1.0 - e) / (1.0 + e)
+    t = 1.0 - 2.0 * e / (1.0 + e)
     return tl.where(x < 0, -t, t)
 
 
@@ -288,7 +290,7 @@ def _elman(pre, MODE: tl.constexpr):
     if MODE == 2:
         h = _tanh(pre)
     elif MODE == 3:
-        h = tl.maximum(pre, 0.0)
+        h = tl.where(pre < 0.0, 0.0, pre)  # keeps NaN, as torch's relu (maximum may not)
     else:
         h = _sigmoid(pre)
     return h
@@ -303,6 +305,17 @@ def _elman_derivative(h, MODE: tl.constexpr):
         d = tl.where(h > 0.0, 1.0, 0.0)
     else:
         d = h * (1.0 - h)
+    return d
+
+
+@triton.jit
+def _elman_grad(dh, h, MODE: tl.constexpr):
+    """The gradient of the activation's input from dh and the output h; relu selects, as torch's
+    threshold_backward: 0 where h <= 0 even for an inf or NaN dh."""
+    if MODE == 3:
+        d = tl.where(h <= 0.0, 0.0, dh)
+    else:
+        d = dh * _elman_derivative(h, MODE)
     return d
 
 
@@ -587,8 +600,8 @@ def _backward_kernel(
                                                     dx_ptr + d_ptrs, dr_ptr + d_ptrs, H, m2, keep, clip,
                                                     HAS_CLIP, ACC)
             else:  # Elman RNN: the activation derivative from h
-                deriv = _elman_derivative(_ld(st_ptr + out_base + hoff, m2, ACC), MODE)
-                tl.store(dx_ptr + d_ptrs, tl.where(keep, _clamp(dh * deriv, clip, HAS_CLIP), 0.0), mask=m2)
+                d_pre = _elman_grad(dh, _ld(st_ptr + out_base + hoff, m2, ACC), MODE)
+                tl.store(dx_ptr + d_ptrs, tl.where(keep, _clamp(d_pre, clip, HAS_CLIP), 0.0), mask=m2)
                 carry = tl.where(keep, 0.0, dh)
             tl.store(ch_ptr + wr + hoff, carry, mask=m2)
         if TRACK:
@@ -798,6 +811,11 @@ def _fail(op: str, cls, message: str):
     raise cls(f"{op}: {message}")
 
 
+def _given(t) -> str:
+    """What an argument that should be None was, for a message."""
+    return f"a tensor of shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+
+
 def _check_tensor(op, name, t, shape, dtype, device) -> None:
     if not isinstance(t, torch.Tensor):
         _fail(op, TypeError, f"{name} must be a tensor, got {type(t).__name__}")
@@ -905,13 +923,14 @@ def _forward_impl(xproj, h0, c0, w_hh, b_hh, lengths, mode, reverse, track):
     _check_tensor(op, "h0", h0, (B, H), dtype, device)
     if mode == "lstm":
         if c0 is None:
-            _fail(op, ValueError, "c0 is required for mode 'lstm'")
+            _fail(op, ValueError, "c0 is required for mode 'lstm', got None")
         _check_tensor(op, "c0", c0, (B, H), dtype, device)
     elif c0 is not None:
-        _fail(op, ValueError, f"c0 must be None for mode {mode!r}")
+        _fail(op, ValueError, f"c0 must be None for mode {mode!r}, got {_given(c0)}")
     if b_hh is not None:
         if mode != "gru":
-            _fail(op, ValueError, f"b_hh must be None for mode {mode!r} (fold it into xproj)")
+            _fail(op, ValueError,
+                  f"b_hh must be None for mode {mode!r} (fold it into xproj), got {_given(b_hh)}")
         _check_tensor(op, "b_hh", b_hh, (G * H,), dtype, device)
     _check_lengths(op, lengths, B)
 
@@ -1048,7 +1067,7 @@ def _backward_impl(grad_states, grad_cell_states, states, cell_states, workspace
     _check_lengths(op, lengths, B)
     _check_grad_clip(op, grad_clip)
     if has_b_hh and mode != "gru":
-        _fail(op, ValueError, f"has_b_hh is for mode 'gru' only, got mode {mode!r}")
+        _fail(op, ValueError, f"has_b_hh is for mode 'gru' only, got has_b_hh=True with mode {mode!r}")
 
     acc = _acc_dtype(dtype)
     plan = _plan(B, H, G, device, dtype)

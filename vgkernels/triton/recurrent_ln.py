@@ -14,10 +14,11 @@ need:
 
 - the *step* loop (the default on a GPU): forward, per step, a dot kernel (a grid of [rows, gate
   columns] tiles, split K where the tiles alone leave SMs idle, as in :mod:`vgkernels.triton.recurrent`)
-  that stores y and each tile's row (mean, M2); an element-wise kernel over [rows, hidden units] that
-  combines them into the row's mean and variance (the exact pairwise formula, in a fixed order), applies
-  LN and the gates and, for the LSTM, stores each tile's (mean, M2) of c; and for the LSTM an element-wise
-  kernel that combines those and computes h. Backward, per step, a dot kernel with dh and (GRU) the gate
+  that stores y and each tile's row (mean, sqrt(M2)); an element-wise kernel over [rows, hidden units]
+  that combines them into the row's mean and variance (the exact pairwise formula, in a fixed order,
+  squares scaled where they could overflow), applies LN and the gates and, for the LSTM, stores each
+  tile's (mean, sqrt(M2)) of c; and for the LSTM an element-wise kernel that combines those and
+  computes h. Backward, per step, a dot kernel with dh and (GRU) the gate
   gradients; (LSTM) an element-wise kernel for the cell LN backward and the gate gradients; an
   element-wise kernel for dY. Row sums go through [tiles, 2, B] buffers summed in a fixed order: no
   float atomics, deterministic. On CUDA the step loop is replayed from CUDA graphs (:mod:`._graphs`).
@@ -59,6 +60,7 @@ from torch.library import triton_op
 from vgkernels.triton import _graphs, _host
 from vgkernels.triton import gemm as _gemm
 from vgkernels.triton import recurrent as _plain
+from vgkernels.triton.layer_norm import _row_scale
 from vgkernels.triton.recurrent import (
     MAXNREG,
     _gru_gamma,
@@ -110,11 +112,13 @@ def _widths(H, LSTM: tl.constexpr):
 
 @triton.jit
 def _tile_stats(v, m, count):
-    """Per row of a tile: the mean and the sum of squared deviations (M2) of v where m holds, over
-    ``count`` columns."""
+    """Per row of a tile: the mean of v where m holds (over ``count`` columns) and the root of the sum of
+    squared deviations, sqrt(M2), summed over (v - mean) / max|v| where the squares could overflow
+    (max|v| > 2^50: a huge W_hh)."""
     mean = tl.sum(tl.where(m, v, 0.0), axis=1) / count
-    d = tl.where(m, v - mean[:, None], 0.0)
-    return mean, tl.sum(d * d, axis=1)
+    inv = _row_scale(tl.max(tl.where(m, tl.abs(v), 0.0), axis=1))
+    d = tl.where(m, (v - mean[:, None]) * inv[:, None], 0.0)
+    return mean, tl.sqrt(tl.sum(d * d, axis=1)) / inv
 
 
 @triton.jit
@@ -136,15 +140,20 @@ def _load_pairs(ptr, rows, row_ok, B, n_tiles, NT: tl.constexpr):
 
 
 @triton.jit
-def _row_moments(ptr, rows, row_ok, B, total, n_tiles, TILE: tl.constexpr, NT: tl.constexpr):
-    """Mean and variance of rows of ``total`` columns from their tiles' (mean, M2) in a [n_tiles, 2, B]
-    buffer, tiles of TILE columns (the last one may be shorter): the exact pairwise formula, each sum in
-    one fixed order."""
-    means, m2s, t = _load_pairs(ptr, rows, row_ok, B, n_tiles, NT)
+def _row_moments(ptr, rows, row_ok, B, total, n_tiles, eps, TILE: tl.constexpr, NT: tl.constexpr):
+    """Mean and 1 / sqrt(variance + eps) of rows of ``total`` columns from their tiles' (mean, sqrt(M2))
+    (:func:`_tile_stats`) in a [n_tiles, 2, B] buffer, tiles of TILE columns (the last one may be
+    shorter): the exact pairwise formula, each sum in one fixed order, the squares scaled as in
+    :func:`_tile_stats` by a bound of the row's |values| (no value is further from its tile's mean than
+    the tile's root)."""
+    means, roots, t = _load_pairs(ptr, rows, row_ok, B, n_tiles, NT)
     count = tl.where(t < n_tiles, tl.minimum(total - t * TILE, TILE), 0).to(means.dtype)[None, :]
     mean = tl.sum(means * count, axis=1) / total
-    d = means - mean[:, None]
-    return mean, tl.sum(m2s + count * d * d, axis=1) / total
+    inv = _row_scale(tl.max(tl.abs(means) + roots, axis=1))
+    d = (means - mean[:, None]) * inv[:, None]
+    r = roots * inv[:, None]
+    var = tl.sum(r * r + count * d * d, axis=1) / total
+    return mean, inv / tl.sqrt(var + eps * inv * inv)
 
 
 @triton.jit
@@ -194,10 +203,10 @@ def _ln_grad_sums(d0, d1, d2, d3, gam_ptr, wp, cols, col_ok, m, H, ACC: tl.const
 
 @triton.jit
 def _ln_y_tile(acc, y_ptr, ystat_ptr, rows, row_out, cols, m, tile, B, N, BLOCK_N: tl.constexpr):
-    """Stores a tile of y = h_prev W_hh^T (where m holds) and its rows' (mean, M2) (rows of row_out)."""
+    """Stores a tile of y = h_prev W_hh^T (where m holds) and its rows' (mean, sqrt(M2)) (rows of row_out)."""
     tl.store(y_ptr + rows[:, None] * N + cols[None, :], acc, mask=m)
-    mean, m2 = _tile_stats(acc, m, tl.minimum(N - tile * BLOCK_N, BLOCK_N))
-    _store_pair(ystat_ptr, tile, B, rows, row_out, mean, m2)
+    mean, root = _tile_stats(acc, m, tl.minimum(N - tile * BLOCK_N, BLOCK_N))
+    _store_pair(ystat_ptr, tile, B, rows, row_out, mean, root)
 
 
 @triton.jit
@@ -357,7 +366,7 @@ def _ln_forward_kernel(
     """All T steps for one block of batch rows.
 
     x [T, B, N]; st, cs [T+1, B, H]; ws [T, B, WS]; y [B, N] scratch; ystat [N / BLOCK_N, 2, B] and cstat
-    [H / BLOCK_J, 2, B] per-tile (mean, M2) scratch; wt = W_hh^T [H, N]; gam, sh [N] (sh includes the
+    [H / BLOCK_J, 2, B] per-tile (mean, sqrt(M2)) scratch; wt = W_hh^T [H, N]; gam, sh [N] (sh includes the
     GRU's b_hh); gc, bc [H]; len [B]; eps [1] (a tensor: a float argument would be float32 on a GPU).
     """
     pid = tl.program_id(0)
@@ -381,8 +390,7 @@ def _ln_forward_kernel(
             _ln_y_tile(acc, y_ptr, ystat_ptr, rows, row_ok, cols, row_ok[:, None] & col_ok[None, :], yt, B, N,
                        BLOCK_N)
         tl.debug_barrier()
-        mean, var = _row_moments(ystat_ptr, rows, row_ok, B, N, n_ytiles, BLOCK_N, NT_Y)
-        rstd = 1.0 / tl.sqrt(var + eps)
+        mean, rstd = _row_moments(ystat_ptr, rows, row_ok, B, N, n_ytiles, eps, BLOCK_N, NT_Y)
         for ct in range(n_ctiles):
             cols = ct * BLOCK_J + tl.arange(0, BLOCK_J)
             col_ok = cols < H
@@ -391,14 +399,13 @@ def _ln_forward_kernel(
                                  gam_ptr, sh_ptr, rows, cols, col_ok, m, valid[:, None] & col_ok[None, :],
                                  mean, rstd, H, LSTM, ACC)
             if LSTM:
-                mean_t, m2_t = _tile_stats(new, m, tl.minimum(H - ct * BLOCK_J, BLOCK_J))
-                _store_pair(cstat_ptr, ct, B, rows, row_ok, mean_t, m2_t)
+                mean_t, root_t = _tile_stats(new, m, tl.minimum(H - ct * BLOCK_J, BLOCK_J))
+                _store_pair(cstat_ptr, ct, B, rows, row_ok, mean_t, root_t)
         row_ws = ws_ptr + ws_base + rows * WS + R_OFF
         tl.store(row_ws, tl.where(valid, rstd, 0.0), mask=row_ok)
         if LSTM:
             tl.debug_barrier()
-            mean_c, var_c = _row_moments(cstat_ptr, rows, row_ok, B, H, n_ctiles, BLOCK_J, NT_C)
-            rstd_c = 1.0 / tl.sqrt(var_c + eps)
+            mean_c, rstd_c = _row_moments(cstat_ptr, rows, row_ok, B, H, n_ctiles, eps, BLOCK_J, NT_C)
             for ct in range(n_ctiles):
                 cols = ct * BLOCK_J + tl.arange(0, BLOCK_J)
                 col_ok = cols < H
@@ -532,7 +539,7 @@ def _ln_fwd_dot_kernel(
     LSTM: tl.constexpr, REVERSE: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
     SPLIT: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """Forward: one [BLOCK_B, BLOCK_N] tile of y = h_prev W_hh^T into y [B, N] and its rows' (mean, M2)
+    """Forward: one [BLOCK_B, BLOCK_N] tile of y = h_prev W_hh^T into y [B, N] and its rows' (mean, sqrt(M2))
     into ystat [tiles, 2, B]. Split K (SPLIT > 1): program (b, n, k) takes rows k * k_chunk .. of W_hh^T,
     partials in part [SPLIT, B, N], arrival counters cnt [tiles]; the last to arrive finishes the tile."""
     pid_b = tl.program_id(0)
@@ -565,15 +572,14 @@ def _ln_fwd_gates_kernel(
     NT_Y: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_J: tl.constexpr,
 ):
     """Forward: y's row statistics from ystat (tiles of Y_TILE columns), then :func:`_ln_gates_tile` for one
-    [BLOCK_B, BLOCK_J] tile; the LSTM's tile of c leaves its rows' (mean, M2) in cstat [tiles, 2, B]."""
+    [BLOCK_B, BLOCK_J] tile; the LSTM's tile of c leaves its rows' (mean, sqrt(M2)) in cstat [tiles, 2, B]."""
     pid_j = tl.program_id(1)
     eps = tl.load(eps_ptr).to(ACC)
     N, WS, R_OFF = _widths(H, LSTM)
     rows, row_ok, cols, col_ok, pos, _, in_base, out_base, valid = _step_tile(len_ptr, T, B, H, s, H, REVERSE,
                                                                               HAS_LEN, BLOCK_B, BLOCK_J)
     ws_base = tl.cast(pos, tl.int64) * B * WS
-    mean, var = _row_moments(ystat_ptr, rows, row_ok, B, N, n_ytiles, Y_TILE, NT_Y)
-    rstd = 1.0 / tl.sqrt(var + eps)
+    mean, rstd = _row_moments(ystat_ptr, rows, row_ok, B, N, n_ytiles, eps, Y_TILE, NT_Y)
     m = row_ok[:, None] & col_ok[None, :]
     new = _ln_gates_tile(x_ptr, tl.cast(pos, tl.int64) * B * N, st_ptr, cs_ptr, in_base, out_base, ws_ptr,
                          ws_base, y_ptr, gam_ptr, sh_ptr, rows, cols, col_ok, m,
@@ -581,8 +587,8 @@ def _ln_fwd_gates_kernel(
     tl.store(ws_ptr + ws_base + rows * WS + R_OFF, tl.where(valid, rstd, 0.0),
              mask=_first_tile(rows, row_ok, pid_j))
     if LSTM:
-        mean_t, m2_t = _tile_stats(new, m, tl.minimum(H - pid_j * BLOCK_J, BLOCK_J))
-        _store_pair(cstat_ptr, pid_j, B, rows, row_ok, mean_t, m2_t)
+        mean_t, root_t = _tile_stats(new, m, tl.minimum(H - pid_j * BLOCK_J, BLOCK_J))
+        _store_pair(cstat_ptr, pid_j, B, rows, row_ok, mean_t, root_t)
 
 
 @triton.jit(do_not_specialize=["s"])
@@ -599,8 +605,7 @@ def _ln_fwd_cell_kernel(
     rows, row_ok, cols, col_ok, pos, _, in_base, out_base, valid = _step_tile(len_ptr, T, B, H, s, H, REVERSE,
                                                                               HAS_LEN, BLOCK_B, BLOCK_J)
     ws_base = tl.cast(pos, tl.int64) * B * WS
-    mean_c, var_c = _row_moments(cstat_ptr, rows, row_ok, B, H, tl.cdiv(H, BLOCK_J), BLOCK_J, NT_C)
-    rstd_c = 1.0 / tl.sqrt(var_c + eps)
+    mean_c, rstd_c = _row_moments(cstat_ptr, rows, row_ok, B, H, tl.cdiv(H, BLOCK_J), eps, BLOCK_J, NT_C)
     _ln_cell_tile(st_ptr, cs_ptr, in_base, out_base, ws_ptr, ws_base, gc_ptr, bc_ptr, rows, cols, col_ok,
                   row_ok[:, None] & col_ok[None, :], valid[:, None] & col_ok[None, :], mean_c, rstd_c, H, ACC)
     tl.store(ws_ptr + ws_base + rows * WS + R_OFF + 1, tl.where(valid, rstd_c, 0.0),
@@ -941,7 +946,7 @@ def plan(B: int, H: int, G: int, dtype: torch.dtype, sms: int | None, loop: str 
     word = 2 if dtype == torch.float64 else 1
     if loop == "persistent":
         cols = 16 if word == 2 else 32
-        # At most 128 y tiles: the row statistics hold every tile's (mean, M2) of 16 rows at once (256
+        # At most 128 y tiles: the row statistics hold every tile's (mean, sqrt(M2)) of 16 rows at once (256
         # float64 tiles spill).
         y_cols = max(cols, triton.next_power_of_2(triton.cdiv(G * H, MAX_STAT_TILES)))
         return {"loop": loop, "BLOCK_B": 16, "BLOCK_N": _pow2_between(G * H, 16, y_cols),
@@ -1005,10 +1010,11 @@ def _check_ln_mode(op: str, mode: str) -> int:
 def _check_optional(op, name, t, required, mode, shape, dtype, device) -> None:
     if required:
         if t is None:
-            _plain._fail(op, ValueError, f"{name} of shape {tuple(shape)} is required for mode {mode!r}")
+            _plain._fail(op, ValueError,
+                         f"{name} of shape {tuple(shape)} is required for mode {mode!r}, got None")
         _plain._check_tensor(op, name, t, shape, dtype, device)
     elif t is not None:
-        _plain._fail(op, ValueError, f"{name} must be None for mode {mode!r}")
+        _plain._fail(op, ValueError, f"{name} must be None for mode {mode!r}, got {_plain._given(t)}")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -1087,7 +1093,8 @@ def _forward_impl(xproj, h0, c0, w_hh, b_hh, ln_hh_weight, ln_hh_bias, ln_cell_w
     device, dtype = _plain._check_leading(op, "xproj", xproj, "[T, B, G*H]")
     T, B, N = xproj.shape
     if not isinstance(w_hh, torch.Tensor) or w_hh.dim() != 2:
-        _plain._fail(op, ValueError, "w_hh must be a 2-D tensor [G*H, H]")
+        got = f"shape {tuple(w_hh.shape)}" if isinstance(w_hh, torch.Tensor) else type(w_hh).__name__
+        _plain._fail(op, ValueError, f"w_hh must be a 2-D tensor [G*H, H], got {got}")
     H = w_hh.shape[1]
     if T < 1 or B < 1 or H < 1:
         _plain._fail(op, ValueError, f"T, B and H must be positive, got T={T}, B={B}, H={H}")
@@ -1103,7 +1110,8 @@ def _forward_impl(xproj, h0, c0, w_hh, b_hh, ln_hh_weight, ln_hh_bias, ln_cell_w
     _check_optional(op, "ln_cell_bias", ln_cell_bias, lstm, mode, (H,), dtype, device)
     if b_hh is not None:
         if lstm:
-            _plain._fail(op, ValueError, "b_hh must be None for mode 'lstm' (add it to xproj)")
+            _plain._fail(op, ValueError,
+                         f"b_hh must be None for mode 'lstm' (add it to xproj), got {_plain._given(b_hh)}")
         _plain._check_tensor(op, "b_hh", b_hh, (G * H,), dtype, device)
     _plain._check_lengths(op, lengths, B)
 
@@ -1251,7 +1259,8 @@ def _backward_impl(grad_states, grad_cell_states, states, cell_states, workspace
     _plain._check_lengths(op, lengths, B)
     _plain._check_grad_clip(op, grad_clip)
     if has_b_hh and lstm:
-        _plain._fail(op, ValueError, "has_b_hh is for mode 'gru' only (the LSTM's b_hh is in xproj)")
+        _plain._fail(op, ValueError, "has_b_hh is for mode 'gru' only (the LSTM's b_hh is in xproj), got "
+                     "has_b_hh=True with mode 'lstm'")
 
     p = _plan(B, H, G, device, dtype)
     persistent = p["loop"] == "persistent"
