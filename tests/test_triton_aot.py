@@ -112,6 +112,11 @@ def test_every_config_captures_launches(table):
         aot.configs("huge")
 
 
+def test_smoke_table_finds_every_name():
+    # a name missing from the CI table would silently drop a kernel from the smoke check
+    assert sorted(c.name for c in aot.configs("smoke")) == sorted(aot.SMOKE)
+
+
 def test_full_table_covers_the_recurrent_grid():
     names = [c.name for c in aot.configs("full")]
     for mode in ("lstm", "gru", "rnn_tanh", "rnn_relu", "rnn_sigmoid"):

@@ -246,7 +246,7 @@ def monitor_configs(table: str) -> list[Config]:
 # One configuration per kernel and loop kind, for the test suite (about a minute to compile).
 SMOKE = (
     "lstm B=16 H=256 fp32 track=on loop=step",
-    "gru B=64 H=512 bf16 track=off loop=persistent",
+    "gru B=64 H=512 bf16 track=on loop=persistent",
     "lstm-ln B=64 H=512 fp32 track=on loop=persistent",
     "gru-ln B=64 H=512 fp32 track=on loop=persistent",
     "lstm-ln B=16 H=256 fp32 track=on loop=step",
