@@ -153,3 +153,14 @@ def test_layers_with_the_kernel_match_cpp(mode, layer_norm, force_triton, monkey
     assert launched.count(gemm._mm_kernel) == 2 * 5  # two layers, five products each
     assert switches == (torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.rnn.fp32_precision,
                         torch.backends.cudnn.allow_tf32)
+
+
+def test_traces_without_graph_breaks():
+    """torch.compile(fullgraph=True) traces the op, forward and backward (on CPU it is torch's product;
+    the Triton kernel's trace under compile is a GPU test)."""
+    x, w, bias = (t.requires_grad_() for t in _operands(6, 4, 3, transposed=False))
+    compiled = torch.compile(lambda x, w, b: gemm.linear(x, w.t(), b), fullgraph=True, backend="aot_eager")
+    out = compiled(x, w, bias)
+    torch.testing.assert_close(out, torch.addmm(bias, x, w), **F32)
+    out.sum().backward()
+    torch.testing.assert_close(w.grad, x.detach().t() @ torch.ones(6, 3), **F32)
