@@ -946,9 +946,13 @@ def plan(B: int, H: int, G: int, dtype: torch.dtype, sms: int | None, loop: str 
     word = 2 if dtype == torch.float64 else 1
     if loop == "persistent":
         cols = 16 if word == 2 else 32
-        # At most 128 y tiles (64 for float64): the row statistics hold every tile's (mean, sqrt(M2)) of 16
-        # rows at once (128 float64 tiles spill on sm_90).
-        y_cols = max(cols, triton.next_power_of_2(triton.cdiv(G * H, MAX_STAT_TILES // word)))
+        # The row statistics hold every y tile's (mean, sqrt(M2)) of 16 rows at once: at most 128 tiles;
+        # for float64 at most 64 tiles of at most 64 columns (more tiles, or wider ones, spill on sm_90).
+        if word == 2:
+            y_cols = min(64, triton.next_power_of_2(triton.cdiv(G * H, MAX_STAT_TILES // 4)))
+        else:
+            y_cols = triton.next_power_of_2(triton.cdiv(G * H, MAX_STAT_TILES))
+        y_cols = max(cols, y_cols)
         return {"loop": loop, "BLOCK_B": 16, "BLOCK_N": _pow2_between(G * H, 16, y_cols),
                 "BLOCK_J": _pow2_between(H, 16, cols), "BLOCK_K": _plain.k_tile(H, dtype), "num_warps": 8,
                 "num_stages": 1}
