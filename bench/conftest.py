@@ -8,9 +8,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from harness import record  # noqa: E402
 
-from vgkernels.benchmark import pin_glibc_malloc  # noqa: E402
+from vgkernels.benchmark import PIN_MALLOC_ENV, pin_glibc_malloc  # noqa: E402
 
-pin_glibc_malloc()  # before any benchmark allocates
+# The results are those of a plain process; pinning glibc's allocator is an explicit option, and
+# machine() (recorded with every result) says when it was on.
+if __import__("os").environ.get(PIN_MALLOC_ENV) == "1":
+    pin_glibc_malloc()  # before any benchmark allocates
 
 _collected: dict[str, list] = {}
 

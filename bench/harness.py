@@ -87,17 +87,24 @@ int main(int argc, char** argv) {
 """
 
 
-def fma_peak_gflops(threads: int | None = None) -> float:
+def fma_peak_gflops(threads: int | None = None) -> float | None:
     """The fp32 FMA throughput of this CPU on ``threads`` threads (default: torch's), in GFLOP/s.
 
-    Measured by a small C program (compiled here with ``cc -march=native``: AVX-512 where the CPU has
-    it, else AVX2) that runs independent FMA chains on every thread: the ceiling no fp32 GEMM exceeds.
+    Measured by a small C program that runs independent FMA chains on every thread: the ceiling no fp32
+    GEMM exceeds. It is compiled here with ``cc`` for the instruction-set level the kernels run at
+    (AVX-512 vectors at the CPU's own level where it has them, AVX2 ones at a lowered level); None at
+    the baseline level, which has no FMA.
     """
+    from vgkernels.cpu import cpu_info
+
+    flags = {"avx512": ["-march=native"], "avx2": ["-mavx2", "-mfma"]}.get(str(cpu_info().get("isa")))
+    if flags is None:
+        return None
     threads = threads or torch.get_num_threads()
     with tempfile.TemporaryDirectory() as tmp:
         source, binary = Path(tmp) / "fma_peak.c", Path(tmp) / "fma_peak"
         source.write_text(_FMA_PEAK_SOURCE)
-        subprocess.run(["cc", "-O3", "-march=native", "-fopenmp", str(source), "-o", str(binary)], check=True,
+        subprocess.run(["cc", "-O3", *flags, "-fopenmp", str(source), "-o", str(binary)], check=True,
                        capture_output=True)
         env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
         out = subprocess.run([str(binary)], check=True, capture_output=True, text=True, env=env).stdout
@@ -105,10 +112,13 @@ def fma_peak_gflops(threads: int | None = None) -> float:
 
 
 def device_tag() -> str:
-    """File-name tag: the GPU's name when there is one, else ``cpu-<N>threads``."""
+    """File-name tag: the GPU's name when there is one, else ``cpu-<N>threads-<instruction set>``, with
+    ``-pinned-malloc`` when glibc's allocator was pinned (so such runs never replace plain ones)."""
     if torch.cuda.is_available():
         return torch.cuda.get_device_name().replace(" ", "_")
-    return f"cpu-{torch.get_num_threads()}threads"
+    info = machine()
+    pinned = "-pinned-malloc" if info["malloc"] != "default" else ""
+    return f"cpu-{torch.get_num_threads()}threads-{info['isa']}{pinned}"
 
 
 def record(suite: str, results: list[Comparison | dict]) -> Path:
@@ -130,8 +140,9 @@ def markdown_table(payload: dict) -> str:
     """Ratios to the baseline; absolute medians only from a GPU (CPU times depend on the machine's load)."""
     m = payload["machine"]
     on_gpu = "gpu" in m
-    where = m.get("gpu") or f"{m['cpu']}, {m['torch_threads']} threads"
-    malloc = f"; {m['malloc']}" if m.get("malloc", "default") != "default" else ""
+    where = m.get("gpu") or f"{m['cpu']}, instruction set {m.get('isa', '?')}, {m['torch_threads']} threads"
+    pinned = m.get("malloc", "default") != "default"
+    malloc = f"; allocator pinned: {m['malloc']}" if pinned else "; a plain process (allocator untuned)"
     lines = [f"Measured on {where}; torch {m['torch']}; {m['date']}{malloc}.", ""]
     lines += ["| case | candidate | " + ("median ms | " if on_gpu else "") + "ratio to baseline |",
               "|---|---|" + ("---|" if on_gpu else "") + "---|"]

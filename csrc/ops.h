@@ -7,6 +7,7 @@
 namespace vgk {
 
 void define_recurrent_ops(torch::Library& m);
+void define_recurrent_autograd_ops(torch::Library& m);
 void define_recurrent_ln_ops(torch::Library& m);
 void define_layer_norm_ops(torch::Library& m);
 void define_clip_grad_ops(torch::Library& m);

@@ -62,3 +62,36 @@ def test_pinned_malloc_serves_a_new_16_mb_buffer_without_page_faults():
     assert pinned == reported == str(glibc)
     if glibc:
         assert int(faults) < 400
+
+
+def test_machine_names_the_cpu_and_the_instruction_set():
+    from vgkernels import _library
+    from vgkernels.benchmark import machine
+    from vgkernels.cpu import cpu_model
+
+    info = machine()
+    assert info["cpu"] == cpu_model() and info["cpu"]
+    assert info["isa"] == _library._C.cpu_isa()["in_effect"]
+    assert info["native_isa"] == _library._C.cpu_isa()["native"]
+    assert info["malloc"] == "default" or "mmap threshold" in info["malloc"]
+
+
+def test_run_at_isa_levels_runs_each_level_in_a_process_with_its_caps(capfd, monkeypatch):
+    from vgkernels.benchmark import run_at_isa_levels
+
+    monkeypatch.setenv("VGK_CPU_ISA", "baseline")  # an inherited cap must not leak into "native"
+    show = ("import os; env = os.environ.get\n"
+            "print('caps', env('VGK_CPU_ISA'), env('ONEDNN_MAX_CPU_ISA'), '{level}')")
+    status = run_at_isa_levels([sys.executable, "-c", show], ["native", "avx2"])
+    out = capfd.readouterr().out
+    assert status == 0
+    assert "caps None None {level}" in out  # "{level}" inside an argument stays as it is
+    assert "caps avx2 AVX2 {level}" in out
+    assert run_at_isa_levels([sys.executable, "-c", "raise SystemExit(3)"], ["native"]) == 3
+
+
+def test_level_argument_is_substituted():
+    from vgkernels.benchmark import run_at_isa_levels
+
+    code = "import sys, os; sys.exit(0 if sys.argv[1] == os.environ.get('VGK_CPU_ISA', 'native') else 1)"
+    assert run_at_isa_levels([sys.executable, "-c", code, "{level}"], ["native", "avx2", "baseline"]) == 0

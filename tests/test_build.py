@@ -6,6 +6,7 @@ import importlib.util
 import platform
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -38,14 +39,24 @@ def test_info_command_runs(capsys):
 
 def test_bench_command_quick(capsys):
     from vgkernels.__main__ import main
+    from vgkernels.cpu import cpu_model
 
     main(["bench", "--quick"])
     out = capsys.readouterr().out
     for name in ("torch.nn.LSTM", "torch.nn.GRU", "vgkernels tracked", "LSTMCell loop + retain_grad"):
         assert name in out
     assert out.count("of torch.nn") == 7
-    # The bench command pins glibc's allocator thresholds and faults a heap in (on glibc), and says so
-    # with the machine.
+    assert "tracked / untracked" in out and "cell loop / tracked" in out
+    # The CPU model and the instruction set with every result; a plain process unless asked.
+    native = _library._C.cpu_isa()["native"]
+    assert f"cpu: {cpu_model()}, instruction set {native} (the CPU's: {native})" in out
+    assert "malloc default" in out and "mmap threshold" not in out
+
+
+def test_bench_command_pins_malloc_only_when_asked():
+    # In a process of its own: the pin lasts for the life of the process.
+    out = subprocess.run([sys.executable, "-m", "vgkernels", "bench", "--quick", "--pin-malloc"], check=True,
+                         capture_output=True, text=True, timeout=600).stdout
     pinned = platform.libc_ver()[0] == "glibc"
     assert ("mmap threshold 32 MiB" in out) == pinned
     assert ("heap of 256 MiB faulted in" in out) == pinned

@@ -276,7 +276,7 @@ def test_verdict_names_what_vanished_and_why():
     assert "the gradient of RNN-tanh never did" in text  # 8 steps back: short of the marker at 10
     # a loss at every step
     assert "measured them from the gradient that reached the layers' output at every step, and stated " \
-           "horizons of n/a and n/a for the LSTM (2 layers): none" in text
+           "no horizon for any layer" in text
     assert "Told loss_steps='all', it states none either" in text
     assert "reaches back 7 and 4 steps in the LSTM (2 layers), of 9 possible" in text
 

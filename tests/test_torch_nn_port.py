@@ -6,9 +6,8 @@ as test/test_modules.py runs them. Every test is parametrized over the implement
 ("torch.nn" or "vgkernels"); the checks are the same for both, so a test passing on torch.nn and failing
 on vgkernels is a difference from torch.nn. Tests of CUDA-only behaviour (cuDNN, multi-GPU device checks)
 are re-read as CPU checks against torch.nn where the behaviour they guard exists on the CPU.
-Not here: the cell tests, and the tests that need double backward or forward-mode AD
-(test_LSTM_grad_and_gradgrad, test_GRU_grad_and_gradgrad, test_LSTM_differentiable_backward_using_oneDNN,
-module_db's test_gradgrad).
+Not here: the cell tests (tests/test_cell_torch_port.py) and module_db's test_grad and test_gradgrad
+(tests/test_autodiff_module_db.py).
 
 Tolerances: float64 comparisons against torch.nn atol 1e-10, rtol 1e-8 (the kernels and oneDNN differ in
 summation order); float32 atol 1e-5, rtol 1e-4; gradcheck with torch's defaults.
@@ -414,6 +413,47 @@ def test_rnn_backward_to_input_but_not_parameters(impl):
     out, _ = lstm(s)
     out.sum().backward()
     assert s.grad is not None and s.grad.abs().sum().item() != 0
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("mode", ["LSTM", "GRU"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_rnn_grad_and_gradgrad(impl, mode, bias):
+    # TestNNDeviceType.test_LSTM_grad_and_gradgrad and test_GRU_grad_and_gradgrad (CUDA-only there for
+    # the cuDNN error they also check; the gradcheck and gradgradcheck of the flattened outputs with
+    # respect to the input hold on the CPU): float64, hidden size 4, input [1, 3, 4].
+    torch.manual_seed(0)
+    hsize = 4
+    mod = getattr(nn_of(impl), mode)(hsize, hsize, bias=bias).double()
+    inp = torch.rand(1, 3, hsize, dtype=torch.float64, requires_grad=True)
+
+    def flat_outputs(x):
+        out, hidden = mod(x)
+        return (out, *hidden) if isinstance(hidden, tuple) else (out, hidden)
+
+    assert torch.autograd.gradcheck(flat_outputs, inp, check_batched_grad=False)
+    assert torch.autograd.gradgradcheck(flat_outputs, inp, check_batched_grad=False)
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_LSTM_differentiable_backward_using_oneDNN(bidirectional, batch_first):
+    # TestNN.test_LSTM_differentiable_backward_using_oneDNN: on the CPU torch.nn.LSTM (oneDNN) has a
+    # differentiable backward. A double backward (the gradient of the input gradient's norm) through
+    # vgkernels' LSTM equals torch.nn's, float32, for the input and every parameter.
+    torch.manual_seed(0)
+    results = []
+    for impl in IMPLS:
+        torch.manual_seed(0)
+        lstm = nn_of(impl).LSTM(3, 5, num_layers=2, bias=True, batch_first=batch_first,
+                                bidirectional=bidirectional)
+        x = torch.randn(4, 6, 3, requires_grad=True)
+        out, _ = lstm(x)
+        (grad_x,) = torch.autograd.grad(out.pow(2).sum(), x, create_graph=True)
+        grad_x.pow(2).sum().backward()
+        assert x.grad is not None and x.grad.abs().sum() > 0
+        results.append([x.grad, *(p.grad for p in lstm.parameters())])
+    close(results[1], results[0], **F32)
 
 
 @pytest.mark.parametrize("impl", IMPLS)

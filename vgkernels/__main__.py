@@ -26,6 +26,15 @@ def _info(args: argparse.Namespace) -> int:
     print(f"triton    {triton_version}")
     print(f"python    {platform.python_version()} on {platform.machine()}, {torch.get_num_threads()} threads")
     print(f"cuda      {torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA device'}")
+    from vgkernels.cpu import cpu_info
+
+    cpu = cpu_info()
+    caps = ", ".join(f"{k}={cpu[k]}" for k in ("VGK_CPU_ISA", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS",
+                                                 "ATEN_CPU_CAPABILITY") if cpu[k] is not None)
+    print(f"cpu       {cpu['cpu']}")
+    print(f"isa       {cpu.get('isa', '?')} (the CPU's: {cpu.get('native_isa', '?')}; torch's loops: "
+          f"{cpu['aten_capability']}){'; caps ' + caps if caps else ''}")
+    print(f"gemm      {cpu.get('gemm_forced') or 'chosen per shape (VGK_CPU_BLAS unset)'}")
     print("backends:")
     for name, status in available_backends().items():
         print(f"  {name:<10}{status}")
@@ -48,9 +57,19 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from vgkernels.benchmark import run_benchmarks
+    import os
 
-    run_benchmarks(quick=args.quick)
+    from vgkernels import benchmark
+    from vgkernels.cpu import isa_environment
+
+    levels = benchmark.isa_levels_to_compare() if args.isa == "all" else [args.isa]
+    in_place = len(levels) == 1 and all(os.environ.get(k) == v for k, v in isa_environment(levels[0]).items())
+    if not in_place:  # oneDNN and MKL read their caps at first use: a new process per level
+        command = [sys.executable, "-m", "vgkernels", "bench", "--isa", "{level}"]
+        command += ["--quick"] * args.quick + ["--pin-malloc"] * args.pin_malloc
+        return benchmark.run_at_isa_levels(command, levels)
+    benchmark.run_benchmarks(quick=args.quick, pin_malloc=args.pin_malloc or os.environ.get(
+        benchmark.PIN_MALLOC_ENV) == "1")
     return 0
 
 
@@ -91,6 +110,12 @@ def main(argv: list[str] | None = None) -> int:
     demo.set_defaults(func=_demo)
     bench = sub.add_parser("bench", help="time the recurrent layers against torch.nn, side by side")
     bench.add_argument("--quick", action="store_true", help="small shapes, few repeats")
+    bench.add_argument("--isa", default="native", choices=["native", "avx512", "avx2", "baseline", "all"],
+                       help="instruction-set level to run at, each in a process of its own; 'all': the CPU's "
+                            "own and AVX2 (default: native)")
+    bench.add_argument("--pin-malloc", action="store_true",
+                       help="pin glibc's mmap/trim thresholds and fault a heap in first (not a plain "
+                            "process; labelled in the output)")
     bench.set_defaults(func=_bench)
     aot = sub.add_parser("aot-check", help="compile every Triton launch for sm_80 and sm_90 (no GPU needed)")
     aot.add_argument("--table", default="ci", choices=["smoke", "ci", "full"],

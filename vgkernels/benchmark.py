@@ -3,6 +3,8 @@
 Candidates run interleaved (A, B, A, B, ...) in one process, so drift of the machine hits all of them
 alike, and the result is the ratio of medians. ``python -m vgkernels bench`` prints the recurrent
 table; the pytest-benchmark suites under ``bench/`` use the same functions and record the results.
+Every result names the CPU and the instruction-set level it ran at (``machine()``);
+``run_at_isa_levels`` runs a command once per level, each in a process of its own.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import datetime
 import os
 import platform
 import statistics
+import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -80,16 +83,18 @@ def interleaved(
     return result
 
 
-# glibc gives freed blocks above its (adaptive) mmap threshold back to the kernel and trims the top of
-# its heap, so a later call of the same size faults its pages in again: a 16 MB LayerNorm baseline
-# swung between 3.2 and 14 ms with the process's allocation history. Pinning both thresholds takes
-# that lottery out of the baselines (they run at their best); machine() reports it. With the
-# thresholds pinned, torch.nn.LSTM (T=100, B=32, H=256) still faulted about 32 MB of fresh heap in
-# on every call (8000 faults, 65 ms against 53 ms) until the heap had grown once; a heap faulted in
-# up front, which a long training process has anyway, takes that out too.
+# A plain process leaves glibc's mmap and trim thresholds adaptive, and that is how the results are
+# measured. pin_glibc_malloc() is an explicit option (``--pin-malloc``, VGK_BENCH_PIN_MALLOC=1) for a
+# second question: how the kernels compare once the allocator no longer matters. glibc gives freed
+# blocks above its mmap threshold back to the kernel and trims the top of its heap, so a later call of
+# the same size faults its pages in again: a 16 MB LayerNorm baseline swung between 3.2 and 14 ms with
+# the process's allocation history, and torch.nn.LSTM (T=100, B=32, H=256) faulted about 32 MB of fresh
+# heap in on every call (65 ms against 53 ms) until its heap had grown once. Pinned, with a heap
+# faulted in up front, the baselines run at their best; machine() reports the setting with every result.
 MMAP_THRESHOLD = 32 << 20  # glibc's largest allowed value
 TRIM_THRESHOLD = 1 << 30
 PREFAULTED_HEAP = 256 << 20
+PIN_MALLOC_ENV = "VGK_BENCH_PIN_MALLOC"
 _malloc_settings = "default"
 
 
@@ -131,18 +136,18 @@ def pin_glibc_malloc() -> bool:
 
 
 def machine() -> dict[str, object]:
-    """What the numbers were measured on."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
+    """What the numbers were measured on: the CPU, the instruction-set level, versions, threads, malloc."""
+    from vgkernels.cpu import cpu_info
+
+    cpu = cpu_info()
     info: dict[str, object] = {
-        "cpu": cpu,
+        "cpu": cpu["cpu"],
+        "isa": cpu.get("isa", "unknown (no compiled extension)"),
+        "native_isa": cpu.get("native_isa", "unknown"),
+        "isa_caps": {k: cpu[k] for k in ("VGK_CPU_ISA", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS",
+                                         "ATEN_CPU_CAPABILITY") if cpu[k] is not None},
+        "aten_capability": cpu["aten_capability"],
+        "gemm_forced": cpu.get("gemm_forced"),
         "logical_cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
@@ -250,12 +255,20 @@ def lstm_cell_loop_candidate(T: int, B: int, size: int, device: str = "cpu") -> 
     return run
 
 
-def run_benchmarks(quick: bool = False) -> list[Comparison]:
-    """Print the recurrent table: vgkernels vs torch.nn, forward+backward, on this machine."""
+def run_benchmarks(quick: bool = False, pin_malloc: bool = False) -> list[Comparison]:
+    """Print the recurrent table: vgkernels vs torch.nn, forward+backward, on this machine.
+
+    A plain process unless ``pin_malloc`` (then glibc's allocator is pinned first: see
+    pin_glibc_malloc, and the printed machine says so).
+    """
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    pin_glibc_malloc()
+    if pin_malloc:
+        pin_glibc_malloc()
     T, B, size, rounds = (20, 8, 64, 5) if quick else (100, 32, 256, 15)
-    print(f"machine: {machine()}")
+    info = machine()
+    print(f"cpu: {info['cpu']}, instruction set {info['isa']} (the CPU's: {info['native_isa']}), "
+          f"{info['torch_threads']} threads, malloc {info['malloc']}")
+    print(f"machine: {info}")
     print(f"forward+backward, T={T}, B={B}, input=hidden={size}, fp32, {device}")
     results = []
     for cell in ("lstm", "gru"):
@@ -268,4 +281,99 @@ def run_benchmarks(quick: bool = False) -> list[Comparison]:
         for name in candidates:
             print(f"  {cell:<5} {name:<30} {comparison.median(name) * 1e3:9.2f} ms   "
                   f"x{comparison.ratio(name):.3f} of torch.nn")
+        tracked = comparison.median("vgkernels tracked")
+        print(f"  {cell:<5} tracked / untracked            x{tracked / comparison.median('vgkernels'):.3f}")
+        if cell == "lstm":
+            loop = comparison.median("LSTMCell loop + retain_grad")
+            print(f"  {cell:<5} cell loop / tracked            x{loop / tracked:.3f}")
     return results
+
+
+def run_at_isa_levels(command: list[str], levels: list[str]) -> int:
+    """Run ``command`` once per instruction-set level, each in a new process with that level's caps.
+
+    ``levels`` holds "native", "avx512", "avx2" or "baseline" (see vgkernels.cpu.isa_environment); an
+    argument "{level}" in ``command`` is replaced by the level. Returns the first non-zero exit status,
+    or 0.
+    """
+    from vgkernels.cpu import subprocess_environment
+
+    status = 0
+    for level in levels:
+        args = [level if part == "{level}" else part for part in command]
+        print(f"==> instruction-set level {level}: {' '.join(args)}", flush=True)
+        code = subprocess.run(args, env=subprocess_environment(level)).returncode
+        status = status or code
+    return status
+
+
+def isa_levels_to_compare() -> list[str]:
+    """The levels the benchmarks compare on this CPU: its own, and AVX2 below AVX-512."""
+    from vgkernels.cpu import available_isa_levels
+
+    return ["native", *[level for level in available_isa_levels()[1:] if level == "avx2"]]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Memory under changing shapes.
+
+
+def resident_mib() -> float:
+    """The resident set size of this process now, in MiB (Linux: /proc/self/statm)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def recurrent_rss(impl: str, iterations: int, size: int, max_t: int = 200, max_b: int = 64, seed: int = 0,
+                  threads: int = 2) -> dict[str, object]:
+    """Memory of a training loop with changing shapes, in this process (run it in a fresh one).
+
+    ``iterations`` forward+backward steps of a one-layer LSTM (input = hidden = ``size``; ``impl`` is
+    "vgkernels" or "torch.nn") on float32 input with T and B drawn uniformly from [1, max_t] and
+    [1, max_b] (the same draws for both, from ``seed``); loss = sum of the output. Returns the peak RSS
+    of the process (getrusage), the RSS at the end, after every tenth of the loop, and after
+    ``vgkernels.empty_cache()``, in MiB.
+    """
+    import random
+    import resource
+
+    import vgkernels as vgk
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    model = {"vgkernels": vgk.nn.LSTM, "torch.nn": torch.nn.LSTM}[impl](size, size)
+    draws = random.Random(seed)
+    marks = []
+    for i in range(iterations):
+        T, B = draws.randint(1, max_t), draws.randint(1, max_b)
+        out, _ = model(torch.randn(T, B, size))
+        out.sum().backward()
+        for p in model.parameters():
+            p.grad = None
+        if (i + 1) % max(1, iterations // 10) == 0:
+            marks.append(round(resident_mib(), 1))
+    final = resident_mib()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    vgk.empty_cache()
+    return {"impl": impl, "peak_mib": round(peak, 1), "final_mib": round(final, 1), "marks_mib": marks,
+            "after_empty_cache_mib": round(resident_mib(), 1)}
+
+
+def recurrent_rss_in_subprocess(impl: str, iterations: int, size: int, level: str | None = None,
+                                **kwargs: object) -> dict[str, object]:
+    """recurrent_rss in a new Python process; its result, plus its machine().
+
+    The process runs at instruction-set ``level``, or with this process's environment when None.
+    """
+    import json
+    import sys
+
+    from vgkernels.cpu import subprocess_environment
+
+    args = ", ".join([repr(impl), str(iterations), str(size), *(f"{k}={v!r}" for k, v in kwargs.items())])
+    script = ("import json\nfrom vgkernels.benchmark import machine, recurrent_rss\n"
+              f"result = recurrent_rss({args})\nprint(json.dumps({{**result, 'machine': machine()}}))\n")
+    env = None if level is None else subprocess_environment(level)
+    out = subprocess.run([sys.executable, "-c", script], env=env, check=True, capture_output=True,
+                         text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])

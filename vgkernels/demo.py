@@ -830,15 +830,17 @@ def _verdict_per_step(results: list[PerStepResult]) -> list[str]:
     naive = "; ".join(f"{_names([row.horizon_text(r.unknown.assumed) for row in r.unknown.rows])} for the "
                       f"{r.name}" for r in results)
     measured = all(r.unknown.loss_steps_measured for r in results)
+    stated_none = all(row.horizon_text() == "n/a" for r in results for row in r.unknown.rows)
     travelled = "; ".join(f"{_names([row.horizon_text() for row in r.last.rows])} steps in the {r.name}"
                           for r in results)
     T = results[0].unknown.seq_len
     return [
         "**A loss at every step.** There the gradient at each step is mostly that step's own loss, so a "
         "horizon read off the trace would say where the losses sit, not how far gradient travels. "
-        + (f"Not told where the losses are, the report measured them from the gradient that reached the "
-           f"layers' output at every step, and stated horizons of {naive}: none. " if measured else
-           f"Not told where the losses are, the report stated horizons of {naive}. ")
+        + ("Not told where the losses are, the report measured them from the gradient that reached the "
+           "layers' output at every step, and "
+           + ("stated no horizon for any layer. " if stated_none else f"stated horizons of {naive}. ")
+           if measured else f"Not told where the losses are, the report stated horizons of {naive}. ")
         + f"Told loss_steps='all', it states none either. The gradient of the last step's loss alone "
         f"(last_step_traces: one extra forward and backward) reaches back {travelled}, of {T - 1} possible."
     ]

@@ -1,14 +1,19 @@
-// Large buffers of the CPU ops (recurrent layers, LayerNorm) come from a small cache of freed blocks.
+// Large buffers of the CPU ops (recurrent layers, LayerNorm) come from a cache of freed blocks.
 //
-// glibc hands large freed blocks back to the kernel (munmap, or trimming the top of the heap), and
-// the next call faults the pages in again. On a virtual machine that costs about 1 us per 4 KB page:
-// 6-8 ms of a 55 ms LSTM layer forward+backward at T=100, B=32, I=H=256, and more than the whole
-// kernel time of a LayerNorm at (4096, 1024), whenever it happens, which is every other call in a
-// training loop. Outputs, workspaces and temporaries of 1 MiB or more
-// therefore reuse freed blocks of their size class (rounded up to 1 MiB). The idle blocks are capped at
-// VGK_CPU_CACHE_MB (default 256; 0 turns the cache off); to make room, the blocks idle the longest are
-// given back first, so that when the shapes change (variable sequence lengths) the cache follows the
-// sizes in use instead of filling up with sizes no longer asked for.
+// A freed large block goes back to the kernel (glibc munmaps it, or trims the top of its heap), and
+// the next call faults its pages in again: on a virtual machine about 1 us per 4 KB page, 6-8 ms of a
+// 55 ms LSTM layer forward+backward at T=100, B=32, I=H=256, and more than the whole kernel time of a
+// LayerNorm at (4096, 1024). Outputs, workspaces and temporaries of 1 MiB or more therefore reuse
+// freed blocks of their size class (eight classes per power of two, so at most 1/8 is wasted, and
+// sequences of similar lengths share blocks).
+//
+// The cache holds no more than the work needs: the blocks in use plus the idle ones stay within the
+// most that was in use at once over the last two windows of kWindow allocations and releases, and a
+// quarter more (or the block being asked for, if more). To make room, the blocks idle the longest are given back first. So
+// the cache follows the shapes in use: when they shrink, memory is returned within two windows. The
+// blocks are mapped from the kernel directly and unmapped when given back, so what leaves the cache
+// leaves the process (a heap would keep it, fragmented). empty() gives every idle block back;
+// VGK_CPU_CACHE_MB caps the idle bytes (0 turns the cache off).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -17,18 +22,27 @@
 #include <c10/core/impl/alloc_cpu.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <iterator>
+#include <limits>
 #include <list>
 #include <mutex>
+#include <new>
 #include <vector>
+
+#if defined(__unix__) || defined(__APPLE__)
+#include <sys/mman.h>
+#define VGK_BLOCK_CACHE_MMAP 1
+#endif
 
 namespace vgk {
 
 class BlockCache final : public c10::Allocator {
  public:
   static constexpr size_t kMinBytes = size_t(1) << 20;
+  static constexpr size_t kWindow = 128;  // allocations and releases per window of the peak in use
 
   // Never destroyed: tensors holding its blocks may outlive static destructors.
   static BlockCache& get() {
@@ -38,23 +52,30 @@ class BlockCache final : public c10::Allocator {
 
   bool enabled() const { return limit_ > 0; }
 
+  // The size class of a request of n >= kMinBytes bytes: n rounded up to an eighth of its power of two.
+  static size_t size_class(size_t n) {
+    size_t octave = kMinBytes;
+    while (octave * 2 <= n) octave *= 2;
+    const size_t step = octave / 8;
+    return (n + step - 1) / step * step;
+  }
+
   struct Stats {
-    size_t idle_bytes, idle_blocks, limit_bytes, hits, misses;
+    size_t idle_bytes, idle_blocks, in_use_bytes, budget_bytes, limit_bytes, hits, misses;
   };
   Stats stats() {
     std::lock_guard<std::mutex> lock(mutex_);
-    return {idle_bytes_, idle_.size(), limit_, hits_, misses_};
+    return {idle_bytes_, idle_.size(), in_use_, budget(), limit_, hits_, misses_};
   }
 
   c10::DataPtr allocate(size_t n) override {
-    const size_t size = (n + kMinBytes - 1) / kMinBytes * kMinBytes;
+    const size_t size = size_class(std::max(n, size_t(1)));
     void* p = nullptr;
+    std::vector<Block> evicted;
     {
       std::lock_guard<std::mutex> lock(mutex_);
-      // The most recently freed block of this size (its pages are the likeliest still in cache); the
-      // idle list holds at most VGK_CPU_CACHE_MB blocks, in practice a handful.
-      const auto fits = [&](const Block& b) { return b.size == size; };
-      const auto it = std::find_if(idle_.rbegin(), idle_.rend(), fits);
+      // The most recently freed block of this class (its pages are the likeliest still in cache).
+      const auto it = std::find_if(idle_.rbegin(), idle_.rend(), [&](const Block& b) { return b.size == size; });
       if (it != idle_.rend()) {
         p = it->ptr;
         idle_.erase(std::next(it).base());
@@ -62,14 +83,34 @@ class BlockCache final : public c10::Allocator {
         ++hits_;
       } else {
         ++misses_;
+        // Room for the new block within the budget: give back the blocks idle the longest.
+        evict_until(std::max(budget(), in_use_ + size) - size, evicted);
       }
+      in_use_ += size;
+      note_in_use();
     }
-    if (p == nullptr) p = c10::alloc_cpu(size);
+    unmap(evicted);  // outside the lock
+    if (p == nullptr) p = map(size);
     return {p, new Block{p, size}, &release, c10::Device(c10::DeviceType::CPU)};
   }
 
   void copy_data(void* dest, const void* src, std::size_t count) const override {
     std::memcpy(dest, src, count);
+  }
+
+  // Gives every idle block back to the kernel; the budget restarts from the blocks in use. Returns the
+  // bytes given back.
+  size_t empty() {
+    std::vector<Block> evicted;
+    size_t freed;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      freed = idle_bytes_;
+      evict_until(0, evicted);
+      peak_[0] = peak_[1] = in_use_;
+    }
+    unmap(evicted);
+    return freed;
   }
 
  private:
@@ -80,37 +121,81 @@ class BlockCache final : public c10::Allocator {
 
   BlockCache() {
     const char* env = std::getenv("VGK_CPU_CACHE_MB");
-    limit_ = (env != nullptr ? static_cast<size_t>(std::strtoull(env, nullptr, 10)) : size_t(256)) << 20;
+    limit_ = env != nullptr ? static_cast<size_t>(std::strtoull(env, nullptr, 10)) << 20
+                            : std::numeric_limits<size_t>::max();
+  }
+
+  static void* map(size_t size) {
+#ifdef VGK_BLOCK_CACHE_MMAP
+    void* p = mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED) throw std::bad_alloc();  // c10::Allocator's callers report it as out of memory
+    return p;
+#else
+    return c10::alloc_cpu(size);
+#endif
+  }
+
+  static void unmap(const std::vector<Block>& blocks) {
+    for (const Block& b : blocks) {
+#ifdef VGK_BLOCK_CACHE_MMAP
+      munmap(b.ptr, b.size);
+#else
+      c10::free_cpu(b.ptr);
+#endif
+    }
   }
 
   static void release(void* ctx) {
     Block* block = static_cast<Block*>(ctx);
-    get().put(block->ptr, block->size);
+    get().put(*block);
     delete block;
   }
 
-  void put(void* p, size_t size) {
-    std::vector<void*> evicted;
+  // The most bytes (in use plus idle) the cache may hold: the peak in use over the last two windows,
+  // and a quarter more. Without the quarter, the blocks idle at the peak were of other size classes
+  // than the ones asked for there: an LSTM layer's forward+backward evicted and mapped three blocks
+  // (5.6 MB, 1400 page faults) at every step of a steady loop.
+  size_t budget() const {
+    const size_t peak = std::max(peak_[0], peak_[1]);
+    return peak + peak / 4;
+  }
+
+  void note_in_use() {
+    peak_[1] = std::max(peak_[1], in_use_);
+    if (++events_ % kWindow == 0) {
+      peak_[0] = peak_[1];
+      peak_[1] = in_use_;
+    }
+  }
+
+  // Gives back the blocks idle the longest until in use plus idle is at most `target` bytes and the
+  // idle ones fit the limit (into `evicted`, to unmap outside the lock).
+  void evict_until(size_t target, std::vector<Block>& evicted) {
+    while (!idle_.empty() && (in_use_ + idle_bytes_ > target || idle_bytes_ > limit_)) {
+      evicted.push_back(idle_.front());
+      idle_bytes_ -= idle_.front().size;
+      idle_.pop_front();
+    }
+  }
+
+  void put(Block block) {
+    std::vector<Block> evicted;
     {
       std::lock_guard<std::mutex> lock(mutex_);
-      if (size <= limit_) {
-        while (idle_bytes_ + size > limit_) {  // give back the blocks idle the longest
-          idle_bytes_ -= idle_.front().size;
-          evicted.push_back(idle_.front().ptr);
-          idle_.pop_front();
-        }
-        idle_.push_back(Block{p, size});
-        idle_bytes_ += size;
-        p = nullptr;
-      }
+      in_use_ -= block.size;
+      note_in_use();
+      idle_.push_back(block);
+      idle_bytes_ += block.size;
+      evict_until(budget(), evicted);
     }
-    for (void* block : evicted) c10::free_cpu(block);  // outside the lock
-    if (p != nullptr) c10::free_cpu(p);
+    unmap(evicted);
   }
 
   std::mutex mutex_;
   std::list<Block> idle_;  // idle blocks, the longest idle first
-  size_t idle_bytes_ = 0;
+  size_t idle_bytes_ = 0, in_use_ = 0;
+  size_t peak_[2] = {0, 0};  // the most in use in the previous window and in the current one
+  size_t events_ = 0;
   size_t limit_ = 0;
   size_t hits_ = 0, misses_ = 0;
 };

@@ -6,6 +6,8 @@
 
 #include <cstdint>
 
+#include "cpu_isa.h"
+
 namespace vgk::rnn {
 
 enum class Cell : int { kLstm, kGru, kTanh, kRelu, kSigmoid };
@@ -63,15 +65,9 @@ using ForwardRows = void (*)(const FwdStep<T>&, int64_t b0, int64_t b1);
 template <typename T>
 using BackwardRows = void (*)(const BwdStep<T>&, int64_t b0, int64_t b1);
 
-// True when the CPU runs AVX2 and FMA, for the kernels compiled twice (AVX2 and baseline x86-64).
-inline bool cpu_has_avx2_fma() {
-#if defined(__GNUC__) && defined(__x86_64__)
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return ok;
-#else
-  return false;
-#endif
-}
+// True when the kernels compiled twice (AVX2 and baseline x86-64) may take their AVX2 version: the CPU
+// runs AVX2 and FMA, and VGK_CPU_ISA does not ask for the baseline (cpu_isa.h).
+inline bool cpu_has_avx2_fma() { return cpu_isa_at_least(CpuIsa::kAvx2); }
 
 // The grad_sq output of a backward op, which the gsq_h/gsq_c pointers fill: float64 [K, T, B]
 // (K = 2 for the LSTM: h then c; else 1) with track, else [0].

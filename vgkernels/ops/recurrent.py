@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
+from vgkernels._library import cpp_available
 from vgkernels.backends import resolve_backend
 from vgkernels.ops.autodiff import differentiable_vjp, mark_recomputable, recompute_recipe, transforms_active
 from vgkernels.reference import recurrent as reference
@@ -336,20 +337,8 @@ recurrent_layer.register_autograd(_backward, setup_context=_setup_context)
 
 
 # ---------------------------------------------------------------------------------------------------
-# The autograd of the plain C++ layer op (projection inside).
-
-
-def _layer_setup_context(ctx, inputs, output):
-    (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, batch_sizes, probe, mode, reverse, track,
-     grad_clip) = inputs
-    out, _, _, cell_states, workspace, _ = output
-    # The biases only for a create_graph backward, which recomputes the layer (they cost no memory).
-    ctx.save_for_backward(x, h0, c0, out, cell_states, workspace, w_ih, w_hh, w_hr, lengths, batch_sizes,
-                          b_ih, b_hh)
-    # Unused outputs get no zero-filled gradients: the backward reads None as zero.
-    ctx.set_materialize_grads(False)
-    ctx.config = (mode, reverse, track and probe is not None, grad_clip)
-    ctx.has = (c0 is not None, b_ih is not None, b_hh is not None, probe is not None)
+# The plain C++ layer op (projection inside): its autograd is C++ (csrc/cpu/recurrent_autograd.cpp);
+# its backward under create_graph=True calls vgk::rnn_layer_backward_differentiable, defined here.
 
 
 def _reference_layer(mode, reverse, lengths, batch_sizes, track):
@@ -374,55 +363,24 @@ def _reference_layer(mode, reverse, lengths, batch_sizes, track):
     return forward
 
 
-def _layer_backward_differentiable(ctx, grad_output, grad_h_n, grad_c_n):
-    """create_graph=True: the gradients of vgk::rnn_layer_forward through the reference, differentiable."""
-    x, h0, c0, _, _, _, w_ih, w_hh, w_hr, lengths, batch_sizes, b_ih, b_hh = ctx.saved_tensors
-    mode, reverse, track, grad_clip = ctx.config
+def _layer_backward_differentiable(grad_output, grad_h_n, grad_c_n, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr,
+                                   lengths, batch_sizes, mode, reverse, track, grad_clip):
+    """vgk::rnn_layer_backward_differentiable: the gradients of vgk::rnn_layer_forward through the
+    reference, differentiable (create_graph=True). Absent gradients (in and out) are empty tensors."""
     if grad_clip is not None:
         refuse_create_graph("grad_clip")
-    traced = track and ctx.has[3]
-    forward = _reference_layer(mode, reverse, lengths, batch_sizes, traced)
-    grads, watched = differentiable_vjp(forward, (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr),
-                                        (grad_output, grad_h_n, grad_c_n))
+    forward = _reference_layer(mode, reverse, lengths, batch_sizes, track)
+    incoming = tuple(None if g.numel() == 0 else g for g in (grad_output, grad_h_n, grad_c_n))
+    grads, watched = differentiable_vjp(forward, (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr), incoming)
     T = x.shape[0] if batch_sizes is None else batch_sizes.shape[0]
-    grad_sq = _probe_grad(watched, mode, T, h0) if traced else None
-    grad_x, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh, grad_w_hr = grads
-    return (grad_x, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh, grad_w_hr, None, None,
-            grad_sq, None, None, None, None)
+    grad_sq = _probe_grad(watched, mode, T, h0) if track else None
+    return [x.new_empty(0) if g is None else g for g in (*grads, grad_sq)]
 
 
-def _layer_backward(ctx, grad_output, grad_h_n, grad_c_n, _grad_cells, _grad_workspace, _grad_jac):
-    if torch.is_grad_enabled():
-        return _layer_backward_differentiable(ctx, grad_output, grad_h_n, grad_c_n)
-    x, h0, c0, out, cell_states, workspace, w_ih, w_hh, w_hr, lengths, batch_sizes = ctx.saved_tensors[:11]
-    mode, reverse, track, grad_clip = ctx.config
-    has_c0, has_b_ih, has_b_hh, has_probe = ctx.has
-    grad_input = ctx.needs_input_grad[0]
-    empty = _empty(out)
-    grad_x, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh, grad_w_hr, grad_sq = (
-        torch.ops.vgk.rnn_layer_backward(
-            empty if grad_output is None else grad_output, empty if grad_h_n is None else grad_h_n,
-            empty if grad_c_n is None else grad_c_n, x, h0, c0, out, cell_states, workspace, w_ih, w_hh, w_hr,
-            lengths, batch_sizes, mode, reverse, grad_clip, track, has_b_ih or has_b_hh, grad_input,
-        )
-    )
-    return (
-        grad_x if grad_input else None,
-        grad_h0,
-        grad_c0 if has_c0 else None,
-        grad_w_ih,
-        grad_w_hh,
-        grad_b_ih if has_b_ih else None,
-        grad_b_hh if has_b_hh else None,
-        None if w_hr is None else grad_w_hr,
-        None,
-        None,
-        grad_sq if (has_probe and track) else None,
-        None, None, None, None,
-    )
-
-
-torch.library.register_autograd("vgk::rnn_layer_forward", _layer_backward, setup_context=_layer_setup_context)
+_LIB = torch.library.Library("vgk", "FRAGMENT")  # noqa: TOR901  (keeps the Python kernel registered)
+if cpp_available():
+    _LIB.impl("rnn_layer_backward_differentiable", _layer_backward_differentiable,
+              "CompositeImplicitAutograd")
 
 
 # ---------------------------------------------------------------------------------------------------
