@@ -8,15 +8,20 @@ Candidates, all on the same input, output gradient and weights:
   ``vgkernels_step_nograph``: the step loop launched step by step (``VGK_RNN_TRITON_GRAPH=0``);
   ``vgkernels`` itself is the step loop replayed from CUDA graphs (the default). These answer which
   launch strategy wins.
+- ``vgkernels_ln`` and ``vgkernels_ln_persistent``: the layer-normalized layer (``layer_norm=True``,
+  tracked), its step loop (the default) and its persistent loop: which of the two wins (cuDNN has no
+  such cell; the baseline only anchors the times).
 - ``eager_cell_loop``: an nn.LSTMCell / GRUCell loop with ``retain_grad`` on every state and the
   per-step gradient norms read after backward: what users do today to see BPTT gradients.
 - ``compiled_cell_loop``: the same loop with the cell compiled by torch.compile (dynamic shapes, so
   one compile per cell type and dtype).
 
 Grid: mode in {lstm, gru}, B in {16, 64, 256}, input = hidden in {256, 512, 1024}; precisions
-``fp32-tf32`` (float32 with both of torch's TF32 switches on, ``torch.backends.cuda.matmul.allow_tf32``
-and ``torch.backends.cudnn.allow_tf32``: cuDNN, torch's matmuls and our dots all TF32), ``bf16``, and
-``fp32-ieee`` (both switches off: IEEE float32 everywhere). The fastrnns case (LSTM, B = 64, H = 512)
+``fp32-default`` (torch's defaults: ``torch.backends.cudnn.allow_tf32`` on, so cuDNN and every product
+of our layer run TF32, the products around the loop by the package's Triton GEMM;
+``torch.backends.cuda.matmul.allow_tf32`` off), ``fp32-tf32`` (float32 with both of torch's TF32
+switches on: those products by cuBLAS), ``bf16``, and ``fp32-ieee`` (both switches off: IEEE float32
+everywhere). The fastrnns case (LSTM, B = 64, H = 512)
 runs first in each. ``VGK_BENCH_GRID=quick`` keeps only the B = 64, H = 512 cases;
 ``VGK_BENCH_ROUNDS`` sets the rounds per case (default 10). ``VGK_BENCH_SMOKE=1`` runs one tiny case on
 the CPU under the Triton interpreter, only to check that the file works.
@@ -39,9 +44,9 @@ pytestmark = pytest.mark.gpu
 
 T = 100
 MODES = ("lstm", "gru")
-# precision name -> (dtype, TF32 switches on)
-DTYPES = {"fp32-tf32": (torch.float32, True), "bf16": (torch.bfloat16, True),
-          "fp32-ieee": (torch.float32, False)}
+# precision name -> (dtype, torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+DTYPES = {"fp32-default": (torch.float32, True, False), "fp32-tf32": (torch.float32, True, True),
+          "bf16": (torch.bfloat16, True, True), "fp32-ieee": (torch.float32, False, False)}
 ROUNDS = int(os.environ.get("VGK_BENCH_ROUNDS", "10"))
 
 
@@ -134,10 +139,10 @@ def test_recurrent_fwd_bwd(mode, B, H, dtype_name, benchmark, compare_record):
     device = "cpu" if SMOKE else "cuda"
     if not SMOKE and not torch.cuda.is_available():
         pytest.fail("bench_recurrent_gpu.py needs a CUDA device (or VGK_BENCH_SMOKE=1 for a CPU smoke run)")
-    dtype, tf32 = DTYPES[dtype_name]
-    # Like for like: cuDNN, torch's matmuls and our dots (which follow cuDNN's switch) alike.
+    dtype, tf32, matmul_tf32 = DTYPES[dtype_name]
+    # cuDNN and every product of our layer follow cuDNN's switch; torch's matmuls only the cell loops'.
     torch.backends.cudnn.allow_tf32 = tf32
-    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cuda.matmul.allow_tf32 = matmul_tf32
     steps = 3 if SMOKE else T
     torch.manual_seed(0)
     nn_cls, vgk_cls = (torch.nn.LSTM, vgk.nn.LSTM) if mode == "lstm" else (torch.nn.GRU, vgk.nn.GRU)
@@ -146,6 +151,7 @@ def test_recurrent_fwd_bwd(mode, B, H, dtype_name, benchmark, compare_record):
     ours = vgk_cls(H, H, backend="triton", track=True, **factory)
     ours_plain = vgk_cls(H, H, backend="triton", track=False, **factory)
     cudnn = nn_cls(H, H, **factory)
+    ours_ln = vgk_cls(H, H, backend="triton", track=True, layer_norm=True, **factory)
     cell = cell_cls(H, H, **factory)
     for net in (ours_plain, cudnn):
         net.load_state_dict(ours.state_dict())
@@ -168,10 +174,13 @@ def test_recurrent_fwd_bwd(mode, B, H, dtype_name, benchmark, compare_record):
         "vgkernels_untracked": layer(ours_plain),
         "vgkernels_persistent": _Env(layer(ours), VGK_RNN_TRITON_LOOP="persistent"),
         "vgkernels_step_nograph": _Env(layer(ours), VGK_RNN_TRITON_LOOP="step", VGK_RNN_TRITON_GRAPH="0"),
+        "vgkernels_ln": layer(ours_ln),
+        "vgkernels_ln_persistent": _Env(layer(ours_ln), VGK_RNN_TRITON_LOOP="persistent"),
         "eager_cell_loop": lambda: _cell_loop(mode, cell, x, g_out, compiled=False),
     }
     plan = triton_recurrent._plan(B, H, 4 if mode == "lstm" else 3, torch.device(device), dtype)
     extra = {"mode": mode, "T": steps, "B": B, "H": H, "dtype": dtype_name, "tf32": tf32,
+             "matmul_tf32": matmul_tf32,
              "auto_loop": plan["loop"], "plan": {k: v for k, v in plan.items() if k != "loop"}}
     if not SMOKE:
         candidates["compiled_cell_loop"] = lambda: _cell_loop(mode, cell, x, g_out, compiled=True)

@@ -20,7 +20,9 @@ sys.path.insert(0, str(HERE))
 import perf_model  # noqa: E402
 
 # The acceptance case and the precisions it is judged in, with the model's estimate beside it.
-ACCEPTANCE = {"fp32-tf32": "tf32", "bf16": "bf16", "fp32-ieee": "ieee"}
+# name -> (the model's precision, torch's matmul switch on TF32)
+ACCEPTANCE = {"fp32-default": ("tf32", False), "fp32-tf32": ("tf32", True), "bf16": ("bf16", True),
+              "fp32-ieee": ("ieee", False)}
 LOOPS = ("vgkernels_persistent", "vgkernels_step_nograph", "vgkernels")
 # The measured value a "target ..." key of a recorded row is judged on, where it is not named alike.
 MEASURED_BY = {"target fraction": "vgkernels fraction of copy bandwidth"}
@@ -37,8 +39,9 @@ def _acceptance(rows: list[dict]) -> list[str]:
         case = f"LSTM T=100 B=64 H=512 {row['dtype']}"
         estimate = ""
         if row["dtype"] in ACCEPTANCE:
-            c = perf_model.Case("lstm", 64, 512, precision=ACCEPTANCE[row["dtype"]])
-            o, d = perf_model.ours(c)["total"], perf_model.cudnn(c)["total"]
+            precision, matmul_tf32 = ACCEPTANCE[row["dtype"]]
+            c = perf_model.Case("lstm", 64, 512, precision=precision)
+            o, d = perf_model.ours(c, matmul_tf32=matmul_tf32)["total"], perf_model.cudnn(c)["total"]
             estimate = f"; the model estimated {o / d:.2f} ({o * 1e3:.2f} ms against {d * 1e3:.2f} ms)"
         if ours and cudnn:
             verdict = "met" if ours <= 1.25 * cudnn else "NOT met"

@@ -12,8 +12,13 @@ What is modelled, per layer-direction, forward + backward, tracking on:
   time, its share of the SM's L2 bandwidth, and the grid's share of the whole L2 bandwidth, plus a
   fixed latency (first loads, epilogue), plus the split-K fix-up where K is split; a step adds the
   gap between two kernels replayed from a CUDA graph (or the host's launch cost without a graph);
-- the four large GEMMs left to torch (input projection, its input and weight gradients, the W_hh
-  gradient) at a fraction of the peak of their precision, and the element-wise traffic (HBM);
+- the four large GEMMs around the loop (input projection, its input and weight gradients, the W_hh
+  gradient) at a fraction of the peak of their precision, and the element-wise traffic (HBM). For
+  float32 they run in the precision of cuDNN's switch, as the code does (vgkernels.triton.gemm): under
+  torch's defaults (cuDNN TF32, matmul IEEE) in TF32 by the package's Triton GEMM (``triton_gemm_eff``),
+  where torch's matmul switch agrees by cuBLAS (``gemm_eff``);
+- the layer-normalized cells: their step loop (a dot kernel and one or two element-wise kernels per
+  step and direction, vgkernels.triton.recurrent_ln.plan) against their persistent loop;
 - the persistent loop: ceil(B/16) programs, each doing all G*H columns of its rows per step;
 - cuDNN's standard algorithm (what torch uses for float32 and bfloat16): per step one GEMM kernel
   (modelled generously: spread over every SM, W_hh read once from L2) and one element-wise kernel,
@@ -33,6 +38,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
+from vgkernels.triton import recurrent_ln  # noqa: E402
 from vgkernels.triton.recurrent import GATES, plan  # noqa: E402
 
 
@@ -59,6 +65,7 @@ class Machine:
     split_fixup_s: float = 1.0e-6  # ASSUMED: split K: partials out, atomic, partials back in
     small_mma_eff: float = 0.5  # ASSUMED: tensor-core efficiency of 16-row tiles in a step kernel
     gemm_eff: float = 0.7  # ASSUMED: large GEMMs (cuBLAS) reach this fraction of peak
+    triton_gemm_eff: float = 0.55  # ASSUMED: the package's Triton GEMM (no autotuning) on the same GEMMs
     hbm_eff: float = 0.8  # ASSUMED: element-wise kernels reach this fraction of HBM bandwidth
 
     def peak(self, precision: str) -> float:
@@ -136,10 +143,99 @@ def persistent_step(c: Case, m: Machine = H200) -> dict:
     return out
 
 
-def big_gemms_s(c: Case, m: Machine = H200, precision: str | None = None) -> float:
-    """Input projection, its two gradients and grad W_hh (input size = H): 4 GEMMs of 2*T*B*H*G*H."""
+# Accumulator words per element of [B, H] that the layer-normalized cells' element-wise work moves per
+# step (reads + writes, counted from the kernels of vgkernels/triton/recurrent_ln.py; weights and
+# per-row values neglected). Forward: the gates pass (LSTM: x and y of 4 gates and c_prev in; 4 gates,
+# 4 normalized y and c out), the LSTM's cell LN pass (c, o, h_prev in; LN(c), its tanh and h out).
+# Backward: the dot kernel's epilogue, the LSTM's cell pass, the pass over the G*H gate columns for dY.
+LN_WORDS = {
+    "lstm": {"fwd_epilogue": 2, "fwd_passes": (18, 6), "bwd_epilogue": 8, "bwd_passes": (15,), "dy": 12},
+    "gru": {"fwd_epilogue": 2, "fwd_passes": (15,), "bwd_epilogue": 17, "bwd_passes": (), "dy": 9},
+}
+
+
+def _acc_bytes(c: Case) -> int:
+    return 8 if c.precision == "fp64" else 4
+
+
+def _ln_dot_s(c: Case, tiles: dict, cols: int, K: int, epilogue_words: int, m: Machine) -> tuple[float, int]:
+    """One step dot kernel of the layer-normalized step loop over [B, cols] with K-long dots."""
+    split = tiles["SPLIT"]
+    programs = math.ceil(c.B / tiles["BLOCK_B"]) * math.ceil(cols / tiles["BLOCK_J"]) * split
+    k = K / split
+    area = tiles["BLOCK_B"] * tiles["BLOCK_J"]
+    flops = 2 * area * k
+    bytes_ = (tiles["BLOCK_B"] * k + k * tiles["BLOCK_J"]) * c.elt + area * epilogue_words * _acc_bytes(c)
+    t, _ = _grid_time(m, programs, flops, bytes_, c.precision)
+    return t + m.kernel_fixed_s + (m.split_fixup_s if split > 1 else 0.0), programs
+
+
+def _ln_pass_s(c: Case, tiles: dict, cols: int, words_per_col: float, m: Machine) -> tuple[float, int]:
+    """One element-wise kernel of the layer-normalized step loop over [B, cols] (L2-resident data)."""
+    programs = math.ceil(c.B / tiles["BLOCK_B"]) * math.ceil(cols / tiles["BLOCK_J"])
+    bytes_ = tiles["BLOCK_B"] * tiles["BLOCK_J"] * words_per_col * _acc_bytes(c)
+    t, _ = _grid_time(m, programs, 0.0, bytes_, c.precision)
+    return t + m.kernel_fixed_s, programs
+
+
+def ln_step_loop(c: Case, m: Machine = H200) -> dict:
+    """The layer-normalized cells' step loop per step (seconds, forward and backward; graph gaps
+    included) and the fewest programs of any of its launches."""
+    G, H = c.G, c.H
+    w = LN_WORDS[c.mode]
+    p = recurrent_ln.plan(c.B, H, G, c.dtype, m.sms, "step")
+    launches = [("fwd", *_ln_dot_s(c, p["fwd"], G * H, H, w["fwd_epilogue"], m))]
+    launches += [("fwd", *_ln_pass_s(c, p["gates"], H, words, m)) for words in w["fwd_passes"]]
+    launches.append(("bwd", *_ln_dot_s(c, p["bwd"], H, G * H, w["bwd_epilogue"], m)))
+    launches += [("bwd", *_ln_pass_s(c, p["gates"], H, words, m)) for words in w["bwd_passes"]]
+    launches.append(("bwd", *_ln_pass_s(c, p["dy"], G * H, w["dy"] / G, m)))
+    out = {d: sum(t + m.graph_gap_s for k, t, _ in launches if k == d) for d in ("fwd", "bwd")}
+    out["programs"] = min(n for _, _, n in launches)
+    out["launches"] = len(launches)
+    return out
+
+
+def ln_persistent_loop(c: Case, m: Machine = H200) -> dict:
+    """The layer-normalized cells' persistent loop per step: ceil(B/16) programs, each its rows' whole
+    step (the dots and every pass over its rows) on one SM."""
+    G, H = c.G, c.H
+    w = LN_WORDS[c.mode]
+    programs = math.ceil(c.B / 16)
+    out = {}
+    for direction, K, n_out, words in (
+            ("fwd", H, G * H, w["fwd_epilogue"] * G + sum(w["fwd_passes"])),
+            ("bwd", G * H, H, w["bwd_epilogue"] + sum(w["bwd_passes"]) + w["dy"])):
+        flops = 2 * 16 * n_out * K
+        bytes_ = (16 * K + K * n_out) * c.elt + 16 * H * words * _acc_bytes(c)
+        t, _ = _grid_time(m, programs, flops, bytes_, c.precision)
+        out[direction] = t + m.kernel_fixed_s
+    out["programs"] = programs
+    return out
+
+
+def ours_ln(c: Case, m: Machine = H200, loop: str = "step") -> dict:
+    """The layer-normalized layer, tracking on (its Jacobian pass, the same for both loops, left out),
+    forward + backward: recurrence, the four GEMMs, and the element-wise traffic (the input projection's
+    LayerNorm counted as twice the projection's traffic)."""
+    if loop == "persistent":
+        steps = ln_persistent_loop(c, m)
+        launch = m.triton_launch_s / c.T
+    else:
+        steps = ln_step_loop(c, m)
+        launch = 0.0  # the graph gaps are in the steps
+    recurrence = c.T * (steps["fwd"] + steps["bwd"] + 2 * launch)
+    gemms = big_gemms_s(c, m, triton_gemm=c.precision == "tf32")
+    ew = elementwise_s(c, m, graph_copies=loop == "step") + 2 * c.T * c.B * c.G * c.H * c.elt * 2 / (
+        m.hbm_bytes * m.hbm_eff)
+    return {"total": recurrence + gemms + ew, "recurrence": recurrence, "gemms": gemms, "elementwise": ew,
+            "sms_busy": min(steps["programs"], m.sms)}
+
+
+def big_gemms_s(c: Case, m: Machine = H200, triton_gemm: bool = False) -> float:
+    """Input projection, its two gradients and grad W_hh (input size = H): 4 GEMMs of 2*T*B*H*G*H, in the
+    case's precision, by cuBLAS or (``triton_gemm``) by the package's Triton GEMM."""
     flops = 4 * 2 * c.T * c.B * c.H * c.G * c.H
-    return flops / (m.peak(precision or c.precision) * m.gemm_eff)
+    return flops / (m.peak(c.precision) * (m.triton_gemm_eff if triton_gemm else m.gemm_eff))
 
 
 def elementwise_s(c: Case, m: Machine = H200, graph_copies: bool = True) -> float:
@@ -153,8 +249,11 @@ def elementwise_s(c: Case, m: Machine = H200, graph_copies: bool = True) -> floa
 
 
 def ours(c: Case, m: Machine = H200, loop: str = "step", graph: bool = True,
-         matmul_tf32: bool = True) -> dict:
-    """vgkernels, tracking on: the whole layer forward + backward (seconds) and its parts."""
+         matmul_tf32: bool = False) -> dict:
+    """vgkernels, tracking on: the whole layer forward + backward (seconds) and its parts.
+
+    ``matmul_tf32``: torch's matmul switch (``torch.backends.cuda.matmul``) says TF32 too; by default
+    (torch's) it says IEEE, and the float32 TF32 products around the loop run the Triton GEMM."""
     if loop == "persistent":
         steps = persistent_step(c, m)
         launch = m.triton_launch_s / c.T  # one launch for all steps
@@ -165,8 +264,7 @@ def ours(c: Case, m: Machine = H200, loop: str = "step", graph: bool = True,
         launch = m.graph_gap_s if graph else max(m.triton_launch_s - steps["fwd"]["s"], 0) + m.graph_gap_s
         busy = min(steps["fwd"]["programs"], steps["bwd"]["programs"], m.sms)
     recurrence = c.T * (steps["fwd"]["s"] + steps["bwd"]["s"] + 2 * launch)
-    gemm_precision = c.precision if c.precision != "tf32" or matmul_tf32 else "ieee"
-    gemms = big_gemms_s(c, m, gemm_precision)
+    gemms = big_gemms_s(c, m, triton_gemm=c.precision == "tf32" and not matmul_tf32)
     ew = elementwise_s(c, m, graph_copies=graph and loop == "step")
     return {"total": recurrence + gemms + ew, "recurrence": recurrence, "gemms": gemms, "elementwise": ew,
             "sms_busy": min(busy, m.sms), "fwd_bound": steps["fwd"]["bound"],
@@ -224,7 +322,9 @@ def report(m: Machine = H200) -> tuple[str, dict]:
               "`small_mma_eff` of the SM's share of peak), its L2 reads at the SM's bandwidth and the "
               "grid's L2 reads at the whole L2 bandwidth, plus `kernel_fixed_s` (plus `split_fixup_s` with "
               "split K), plus `graph_gap_s` between two graph-replayed kernels. The four large GEMMs run at "
-              "`gemm_eff` of peak; element-wise traffic at `hbm_eff` of HBM bandwidth. cuDNN: per step a "
+              "`gemm_eff` of peak (cuBLAS), or at `triton_gemm_eff` where float32 follows cuDNN's TF32 "
+              "switch while torch's matmul switch says IEEE (torch's defaults: the package's Triton GEMM); "
+              "element-wise traffic at `hbm_eff` of HBM bandwidth. cuDNN: per step a "
               "GEMM kernel over every SM that reads W_hh once (generous), an element-wise kernel, two fixed "
               "latencies and one gap, and at least two host launches of `cudnn_launch_s`.", "",
               "## Acceptance case: LSTM, T = 100, B = 64, input = hidden = 512, forward + backward, "
@@ -232,10 +332,10 @@ def report(m: Machine = H200) -> tuple[str, dict]:
     c_tf32 = Case("lstm", 64, 512, precision="tf32")
     c_bf16 = Case("lstm", 64, 512, precision="bf16")
     rows = [
-        ("fp32, TF32 in our dots and in torch's matmuls (`torch.backends.cuda.matmul.allow_tf32 = True`)",
-         ours(c_tf32, m), cudnn(c_tf32, m)),
-        ("fp32, torch's defaults: TF32 in our dots (cuDNN RNN switch), IEEE in torch's matmuls",
-         ours(c_tf32, m, matmul_tf32=False), cudnn(c_tf32, m)),
+        ("fp32, torch's defaults: TF32 everywhere as cuDNN (our dots, and the products around the loop by "
+         "the Triton GEMM, follow cuDNN's switch)", ours(c_tf32, m), cudnn(c_tf32, m)),
+        ("fp32, TF32 with torch's matmul switch on too (the products around the loop by cuBLAS)",
+         ours(c_tf32, m, matmul_tf32=True), cudnn(c_tf32, m)),
         ("fp32, IEEE everywhere (both TF32 switches off)", ours(Case("lstm", 64, 512, precision="ieee"), m),
          cudnn(Case("lstm", 64, 512, precision="ieee"), m)),
         ("bf16", ours(c_bf16, m), cudnn(c_bf16, m)),
@@ -261,6 +361,33 @@ def report(m: Machine = H200) -> tuple[str, dict]:
             lines.append(f"| {step_us:.0f} | {l2 / 1e12:.1f} | {r[0]:.2f} | {r[1]:.2f} |")
     lines += ["", "## The table's cases (default plans, step loop from a CUDA graph, tracking on)", ""]
     lines += _table(m)
+    lines += ["", "## Layer-normalized cells: step loop against persistent loop", "",
+              "cuDNN has no layer-normalized cell; what the model weighs here is the package's own choice. "
+              "The step loop: per step and direction a dot kernel and the element-wise kernels of "
+              "`vgkernels.triton.recurrent_ln` (forward: gates, and the LSTM's cell LN; backward: the LSTM's "
+              "cell LN backward, dY), each with `kernel_fixed_s` and a `graph_gap_s`; their traffic is "
+              "`LN_WORDS` accumulator words per element (counted from the kernels), L2-resident. The "
+              "persistent loop: ceil(B/16) programs, each its rows' dots and passes on one SM. Both with "
+              "the four GEMMs (TF32 by the Triton GEMM under torch's defaults) and the element-wise traffic "
+              "around the loop; the Jacobian pass (the same for both) left out.", "",
+              "| case | precision | step loop: launches per step, fewest programs | step loop (us) | "
+              "persistent loop (us, programs) | persistent / step |", "|---|---|---|---|---|---|"]
+    for mode in ("lstm", "gru"):
+        for B in (16, 64, 256):
+            for H in (256, 512, 1024):
+                for precision in ("tf32", "bf16"):
+                    c = Case(mode, B, H, precision=precision)
+                    step, persistent = ours_ln(c, m), ours_ln(c, m, loop="persistent")
+                    info = ln_step_loop(c, m)
+                    lines.append(f"| {mode}-ln B={B} H={H} | {precision} | {info['launches']}, "
+                                 f"{info['programs']} | {step['total'] * US:.0f} | "
+                                 f"{persistent['total'] * US:.0f} ({persistent['sms_busy']}) | "
+                                 f"{persistent['total'] / step['total']:.2f} |")
+    lines += ["", "The package runs the step loop at every shape of the table (at least 100 of 132 SMs busy "
+              "per launch). Where the model rates the persistent loop faster (a ratio below 1: the "
+              "smallest steps, where fixed launch costs dominate), the margin rests on the assumed "
+              "`kernel_fixed_s` and `graph_gap_s`; `VGK_RNN_TRITON_LOOP=persistent` selects it, and the "
+              "GPU check is to decide."]
     lines += ["", "## Why the step loop and not fewer, longer programs", "",
               "Per step, for the LSTM at B = 64, H = 512, TF32: forward / backward kernel time (us) and "
               "programs of each plan the model can weigh.", "",

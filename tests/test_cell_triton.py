@@ -189,6 +189,7 @@ def test_kernels_compile_for_sm90():
             source = ASTSource(fn=fn, signature=sig, constexprs=consts)
             triton.compile(source, target=GPUTarget("cuda", 90, 32))
 
+        tiles = {k: v for k, v in tc.plan(64, 512, 132).items() if k != "num_warps"}
         count = 0
         for dt in ("fp32", "fp64", "bf16", "fp16"):
             acc = "fp64" if dt == "fp64" else "fp32"
@@ -201,7 +202,7 @@ def test_kernels_compile_for_sm90():
                     fwd = {f"{n}_ptr": f"*{dt}" for n in names}
                     fwd.update({f"{n}_ptr": f"*{acc}" for n in ("ws", "gram", "diag", "jac")})
                     compile(tc._cell_forward_kernel, fwd, dict(MODE=mode_id, G=G, HAS_BHH=True, TRACK=track,
-                                                               BLOCK_B=tc.BLOCK_B, BLOCK_J=128))
+                                                               **tiles))
                     bwd = {f"{n}_ptr": f"*{dt}" for n in ("gh", "gc")}
                     bwd["ws_ptr"] = f"*{acc}"
                     bwd.update({f"{n}_ptr": f"*{dt}" for n in ("h", "c", "hp", "cp")})
@@ -209,7 +210,7 @@ def test_kernels_compile_for_sm90():
                     bwd["sq_ptr"] = "*fp64"
                     lstm = mode == "lstm"
                     consts = dict(MODE=mode_id, G=G, NSQ=2 if lstm else 1, HAS_GH=True, HAS_GC=lstm,
-                                  TRACK=track, BLOCK_B=tc.BLOCK_B, BLOCK_J=128)
+                                  TRACK=track, **tiles)
                     compile(tc._cell_backward_kernel, bwd, consts)
                     count += 2
         print("compiled", count)

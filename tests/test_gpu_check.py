@@ -87,6 +87,22 @@ def test_perf_model_report_states_it_is_an_estimate():
     assert perf_model.ours(c, fast)["total"] <= perf_model.ours(c)["total"]
 
 
+def test_perf_model_layer_normalized_step_loop():
+    """The layer-normalized cells' step loop keeps 100 SMs busy and, at the acceptance shape, beats their
+    persistent loop (4 programs) in the model; the TF32 products around the loop run the Triton GEMM
+    under torch's defaults and cuBLAS where torch's matmul switch says TF32 too."""
+    for mode in ("lstm", "gru"):
+        c = perf_model.Case(mode, 64, 512, precision="tf32")
+        step = perf_model.ours_ln(c)
+        assert step["sms_busy"] >= 100
+        assert perf_model.ours_ln(c, loop="persistent")["total"] > step["total"]
+        assert step["total"] == pytest.approx(step["recurrence"] + step["gemms"] + step["elementwise"],
+                                              rel=1e-12)
+    c = perf_model.Case("lstm", 64, 512, precision="tf32")
+    assert perf_model.ours(c)["gemms"] == perf_model.big_gemms_s(c, triton_gemm=True)
+    assert perf_model.ours(c, matmul_tf32=True)["gemms"] == perf_model.big_gemms_s(c)
+
+
 @pytest.mark.parametrize("precision", ["tf32", "bf16", "ieee", "fp64"])
 def test_perf_model_parts_add_up(precision):
     c = perf_model.Case("gru", 16, 256, precision=precision)

@@ -1,7 +1,9 @@
 """The Triton layer-normalized recurrent ops vgk::rnn_ln_forward_triton / vgk::rnn_ln_backward_triton.
 
-On CPU they run under TRITON_INTERPRET=1 (tests/conftest.py) at small shapes; the test marked ``gpu`` runs
-them at real sizes on CUDA (VGK_TEST_CUDA=1).
+On CPU they run under TRITON_INTERPRET=1 (tests/conftest.py) at small shapes, both loop kinds: the
+persistent loop and the step loop (a few kernels per step, row statistics through per-tile partials), the
+latter also with the launch plans of a GPU (split K, element-wise tiles of 2 rows) and over the static
+buffers a CUDA graph replays; the tests marked ``gpu`` run them at real sizes on CUDA (VGK_TEST_CUDA=1).
 
 Oracles: the eager float64 loop of tests/ln_cell_oracle.py (values, every gradient, total-derivative
 gradient norms, jacrev Jacobian norms), the C++ ops, and at module level the eager reference modules.
@@ -19,6 +21,7 @@ import ln_cell_oracle
 import pytest
 import torch
 from ln_cell_oracle import (
+    assert_matches,
     backward_args,
     check_ops,
     forward_args,
@@ -30,15 +33,30 @@ from ln_cell_oracle import (
 
 import vgkernels as vgk
 import vgkernels.triton.recurrent as plain_triton
-import vgkernels.triton.recurrent_ln  # noqa: F401  (registers the ops)
+import vgkernels.triton.recurrent_ln as trl
 
 OPS = torch.ops.vgk
 CUDA = os.environ.get("VGK_TEST_CUDA") == "1"
+LOOPS = ("persistent", "step")
 
 
 @pytest.fixture(autouse=True)
 def _nan_fill(monkeypatch):
     monkeypatch.setattr(plain_triton, "_ALLOC_FILL", float("nan"))
+
+
+@pytest.fixture
+def loop(request, monkeypatch):
+    monkeypatch.setenv(plain_triton.LOOP_ENV, request.param)
+    return request.param
+
+
+@pytest.fixture
+def gpu_plans(monkeypatch):
+    """Step plans made as if for a GPU of 64 SMs: at these small shapes K is split over several programs
+    and the element-wise kernels take tiles of 2 rows x 16 units."""
+    monkeypatch.setattr(plain_triton, "_INTERPRETER_SMS", 64)
+    monkeypatch.setenv(plain_triton.LOOP_ENV, "step")
 
 
 def run_ops(inp, mode, reverse, gs, gcs, clip=None, track=True, triton=True):
@@ -53,20 +71,73 @@ def check(mode, T, B, H, dtype, **kwargs):
     return inp, gs, gcs, got
 
 
+@pytest.mark.parametrize("loop", LOOPS, indirect=True)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("mode", ["lstm", "gru"])
 @pytest.mark.parametrize("reverse,lengths,clip", [(False, None, None), (True, [3, 1, 2], None),
                                                   (False, [2, 3, 1], 0.05)])
-def test_ops_match_oracle(dtype, mode, reverse, lengths, clip):
+def test_ops_match_oracle(dtype, mode, reverse, lengths, clip, loop):
     check(mode, 3, 3, 5, dtype, reverse=reverse, lengths=lengths, clip=clip)
 
 
+@pytest.mark.parametrize("loop", LOOPS, indirect=True)
 @pytest.mark.parametrize("mode", ["lstm", "gru"])
 @pytest.mark.parametrize("T,B,H", [(1, 1, 1), (4, 1, 3), (2, 17, 37)])
-def test_odd_sizes(mode, T, B, H):
+def test_odd_sizes(mode, T, B, H, loop):
     """B = 17 spans two batch blocks; H = 37 and 3H, 4H are no multiple of any block."""
     lengths = None if B == 1 else [1 + b % T for b in range(B)]
     check(mode, T, B, H, torch.float32, reverse=True, lengths=lengths)
+
+
+@pytest.mark.parametrize("mode", ["lstm", "gru"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_step_loop_with_gpu_plans(mode, dtype, gpu_plans):
+    """Split K in both dot kernels (the last of a tile's programs sums the partials), row statistics
+    combined from many tiles, every output NaN-filled beforehand; odd sizes, lengths, reverse, clipping."""
+    p = trl._plan(3, 37, trl.GATES[mode], torch.device("cpu"), dtype)
+    assert p["loop"] == "step" and p["fwd"]["SPLIT"] > 1 and p["bwd"]["SPLIT"] > 1
+    assert (p["gates"]["BLOCK_B"], p["gates"]["BLOCK_J"]) == (2, 16)
+    check(mode, 3, 3, 37, dtype, reverse=True, lengths=[3, 1, 2], clip=0.05)
+    check(mode, 2, 17, 5, dtype, lengths=[1 + b % 2 for b in range(17)])
+
+
+@pytest.mark.parametrize("mode", ["lstm", "gru"])
+def test_step_loop_gradcheck_float64(mode, gpu_plans):
+    assert gradcheck_layer(mode, "triton", reverse=True, fast_mode=True)
+
+
+@pytest.mark.parametrize("mode", ["lstm", "gru"])
+def test_step_loop_weight_scale_sweep(mode, gpu_plans):
+    """W_hh scaled up to 1e30: the row statistics combined from many tiles scale the squares that would
+    overflow float32, as the persistent loop and the C++ kernels do (tolerances of test_extreme_values)."""
+    from test_extreme_values import FAST_EXPONENTS, run_sweep
+
+    run_sweep(mode, True, "triton", FAST_EXPONENTS)
+
+
+def test_graph_buffers_replay_and_stay_untouched_while_held(monkeypatch):
+    """The step loop over the static buffers a CUDA graph replays (re-launched instead of replayed here):
+    right results, and an entry whose outputs are still held is not reused."""
+    from vgkernels.triton import _graphs
+
+    monkeypatch.setenv(_graphs.ENV, "replay")
+    monkeypatch.setenv(plain_triton.LOOP_ENV, "step")
+    _graphs.clear()
+    try:
+        for mode in ("lstm", "gru"):
+            inp_a = make_inputs(mode, 3, 2, 6, torch.float32, lengths=[3, 2])
+            inp_b = make_inputs(mode, 3, 2, 6, torch.float32, lengths=[2, 3], seed=1)
+            gs, gcs = make_output_grads(mode, 3, 2, 6, torch.float32)
+            held = run_ops(inp_a, mode, False, gs, gcs)
+            expected = {k: v.clone() for k, v in held.items()}
+            want = oracle(inp_b, mode, False, gs, gcs)
+            for _ in range(2):  # another entry (the first one's outputs are held), then that entry again
+                assert_matches(run_ops(inp_b, mode, False, gs, gcs), want, *ln_cell_oracle.TOL[torch.float32])
+            for name, value in held.items():
+                torch.testing.assert_close(value, expected[name], rtol=0, atol=0, msg=name)
+        assert sum(len(pool) for pool in _graphs._entries.values()) == 8  # 2 modes x 2 x (forward, backward)
+    finally:
+        _graphs.clear()
 
 
 def test_gru_without_b_hh_and_untracked():

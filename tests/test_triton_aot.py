@@ -20,6 +20,7 @@ import torch
 
 from vgkernels.triton import _host, aot
 from vgkernels.triton import recurrent as tr
+from vgkernels.triton import recurrent_ln as trl
 
 ROOT = Path(__file__).resolve().parents[1]
 H200_SMS = 132
@@ -44,8 +45,11 @@ def test_smoke_table_compiles_for_sm80_and_sm90_without_spills(tmp_path):
     kernels = {row["kernel"] for row in table["rows"]}
     # every kernel family of the package is in the smoke table
     assert {"_forward_kernel", "_backward_kernel", "_ln_forward_kernel", "_ln_backward_kernel",
-            "_ln_jacobian_kernel", "_forward_fused_kernel", "_backward_fused_kernel", "_norm_partial_kernel",
-            "_scale_kernel", "_chunk_kernel", "_finalize_kernel"} <= kernels
+            "_ln_fwd_dot_kernel", "_ln_fwd_gates_kernel", "_ln_fwd_cell_kernel", "_ln_bwd_dot_kernel",
+            "_ln_bwd_cell_kernel", "_ln_bwd_dy_kernel", "_ln_jacobian_kernel", "_mm_kernel",
+            "_cell_forward_kernel", "_cell_backward_kernel", "_forward_fused_kernel",
+            "_backward_fused_kernel", "_norm_partial_kernel", "_scale_kernel", "_chunk_kernel",
+            "_finalize_kernel"} <= kernels
     for row in table["rows"]:
         for target in ("sm_80", "sm_90"):
             res = row[target]
@@ -108,6 +112,11 @@ def test_every_config_captures_launches(table):
         aot.configs("huge")
 
 
+def test_smoke_table_finds_every_name():
+    # a name missing from the CI table would silently drop a kernel from the smoke check
+    assert sorted(c.name for c in aot.configs("smoke")) == sorted(aot.SMOKE)
+
+
 def test_full_table_covers_the_recurrent_grid():
     names = [c.name for c in aot.configs("full")]
     for mode in ("lstm", "gru", "rnn_tanh", "rnn_relu", "rnn_sigmoid"):
@@ -120,8 +129,33 @@ def test_full_table_covers_the_recurrent_grid():
                     for track in ("on", "off"):
                         for loop in ("step", "persistent"):
                             assert f"{mode} B={B} H={H} {dtype} track={track} loop={loop}" in names
-                        if mode in ("lstm", "gru"):
-                            assert f"{mode}-ln B={B} H={H} {dtype} track={track} loop=ln" in names
+                            if mode in ("lstm", "gru"):
+                                assert f"{mode}-ln B={B} H={H} {dtype} track={track} loop={loop}" in names
+                        assert f"{mode} cell B={B} H={H} {dtype} track={track}" in names
+                if mode in ("lstm", "gru"):
+                    for ln in ("", "-ln"):
+                        assert f"{mode}{ln} B={B} H={H} fp32-tf32 track=on loop=step" in names
+
+
+def test_default_launches_keep_100_sms_busy():
+    """Every launch of the recurrent layers (plain and layer-normalized, forward and backward, the products
+    around the loop included) and of the
+    cells that the package makes by default for the full table (B >= 16) runs at least 100 programs on an
+    H200."""
+    families = {"recurrent", "recurrent-ln", "cell"}
+    seen = set()
+    for config in aot.configs("full"):
+        if config.family not in families or not config.auto:
+            continue
+        for launch in aot.capture(config):
+            programs = 1
+            for g in launch.grid:
+                programs *= g
+            assert programs >= 100, (config.name, launch.kernel.__name__, launch.grid)
+            seen.add(launch.kernel.__name__)
+    assert {"_ln_fwd_dot_kernel", "_ln_fwd_gates_kernel", "_ln_fwd_cell_kernel", "_ln_bwd_dot_kernel",
+            "_ln_bwd_cell_kernel", "_ln_bwd_dy_kernel", "_ln_jacobian_kernel", "_mm_kernel",
+            "_cell_forward_kernel", "_cell_backward_kernel", "_forward_kernel", "_backward_kernel"} <= seen
 
 
 @pytest.mark.parametrize("G", [4, 3, 1])
@@ -139,6 +173,27 @@ def test_default_step_plans_keep_100_sms_busy(G, dtype):
                 assert tiles * split >= 100, (B, H, p)
             assert min(p["BLOCK_B"], p["BLOCK_J"], p["BLOCK_K"]) >= 16
             assert G * p["BLOCK_B"] * p["BLOCK_J"] * (2 if dtype == torch.float64 else 1) <= tr.ACC_WORDS
+
+
+@pytest.mark.parametrize("G", [4, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_layer_norm_step_plans(G, dtype):
+    """The layer-normalized cells' step plans: dot tiles of at least 16 each way, every split program
+    with a share of K, element-wise tiles of at least a warp."""
+    for B in (16, 64, 256):
+        for H in (256, 512, 1024):
+            p = trl.plan(B, H, G, dtype, H200_SMS)
+            assert p["loop"] == "step"
+            for dot, K in ((p["fwd"], H), (p["bwd"], G * H)):
+                assert min(dot["BLOCK_B"], dot["BLOCK_J"], dot["BLOCK_K"]) >= 16
+                assert -(-K // tr._k_chunk(K, dot["SPLIT"], dot["BLOCK_K"])) == dot["SPLIT"]
+            for pointwise in (p["gates"], p["dy"]):
+                assert pointwise["BLOCK_B"] * pointwise["BLOCK_J"] >= 32 and pointwise["BLOCK_J"] >= 16
+    assert trl.plan(16, 8, G, dtype, H200_SMS)["loop"] == "persistent"  # a tiny step: one launch
+    for H in (256, 512, 1024):  # persistent: a power-of-two y tile, at most 128 tiles' statistics per row
+        block_n = trl.plan(64, H, G, dtype, H200_SMS, "persistent")["BLOCK_N"]
+        limit = trl.MAX_STAT_TILES // (2 if dtype == torch.float64 else 1)
+        assert block_n & (block_n - 1) == 0 and -(-G * H // block_n) <= limit
 
 
 def test_plan_rejects_unknown_loop():

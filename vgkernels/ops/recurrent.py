@@ -538,10 +538,14 @@ def _input_projection(backend, x, w_ih, b_ih, b_hh, mode, ln_ih):
     weights, or x W_ih^T, which the LayerNorm saves), so vgk::recurrent_layer need not keep it.
     """
     b = b_ih if (mode == "gru" or b_ih is None) else b_ih + b_hh
+    linear = F.linear
+    if backend == "triton":
+        # float32 in the precision of the layer's recurrent dots (cuDNN's switch), as cuDNN computes it
+        from vgkernels.triton.gemm import linear
     if ln_ih is None:
-        xproj = F.linear(x, w_ih, b)
+        xproj = linear(x, w_ih, b)
         return xproj if backend == "reference" else mark_recomputable(xproj, F.linear, x, w_ih, b)
-    y = F.linear(x, w_ih)
+    y = linear(x, w_ih)
     if backend == "reference":
         return _layer_normalized(y, *ln_ih[:2], b, ln_ih[2])
     from vgkernels.ops.layer_norm import layer_norm

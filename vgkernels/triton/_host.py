@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 
 import torch
 from torch.library import wrap_triton
@@ -77,6 +78,15 @@ def sm_count(device: torch.device) -> int | None:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return None
+
+
+# A launch's grid should keep at least 100 of an H200's 132 SMs busy: this fraction of the SMs.
+MIN_BUSY = 100 / 132
+
+
+def busy_target(sms: int | None) -> int:
+    """Programs a launch should have to keep MIN_BUSY of ``sms`` SMs busy (1 under the interpreter)."""
+    return math.ceil(MIN_BUSY * sms) if sms else 1
 
 
 def fp32_dot_tf32(device: torch.device) -> bool:

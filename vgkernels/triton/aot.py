@@ -65,7 +65,9 @@ def _meta(*shape, dtype=torch.float32):
 
 def _recurrent(mode: str, B: int, H: int, dtype: torch.dtype, track: bool, layer_norm: bool,
                features: bool) -> Callable[[], None]:
-    """Forward and backward of one layer-direction, as the recurrent op calls them."""
+    """Forward and backward of one layer-direction (input size H), as the recurrent op calls them: the
+    input projection and its gradients, the layer's kernels."""
+    from vgkernels.triton import gemm
     from vgkernels.triton import recurrent as tr
     from vgkernels.triton import recurrent_ln as trl
 
@@ -75,7 +77,10 @@ def _recurrent(mode: str, B: int, H: int, dtype: torch.dtype, track: bool, layer
     clip = 1.0 if features else None
 
     def run():
-        x = _meta(T, B, G * H, dtype=dtype)
+        inputs, w_ih = _meta(T * B, H, dtype=dtype), _meta(G * H, H, dtype=dtype)
+        x = gemm.mm(inputs, w_ih.t(), _meta(G * H, dtype=dtype)).reshape(T, B, G * H)
+        gemm.mm(x.reshape(T * B, G * H), w_ih)
+        gemm.mm(x.reshape(T * B, G * H).t(), inputs)
         h0 = _meta(B, H, dtype=dtype)
         c0 = _meta(B, H, dtype=dtype) if lstm else None
         w = _meta(G * H, H, dtype=dtype)
@@ -119,24 +124,56 @@ def recurrent_configs(table: str) -> list[Config]:
         dtype = DTYPES[dtype_name]
         for (B, H), loop in itertools.product(shapes, ("step", "persistent")):
             for layer_norm in (False, True) if mode in ("lstm", "gru") else (False,):
-                if layer_norm and loop == "step":
-                    continue  # the layer-normalized cells have one loop kind
                 with_features = (B, H) == (64, 512) and (table == "full" or dtype_name == "fp32")
                 for features in (False, True) if with_features else (False,):
                     tag = " rev+len+clip" if features else ""
                     name = (f"{mode}{'-ln' if layer_norm else ''} B={B} H={H} {dtype_name} "
-                            f"track={'on' if track else 'off'} loop={'ln' if layer_norm else loop}{tag}")
-                    env = {} if layer_norm else {LOOP_ENV: loop}
+                            f"track={'on' if track else 'off'} loop={loop}{tag}")
                     configs.append(Config("recurrent-ln" if layer_norm else "recurrent", name,
-                                          _recurrent(mode, B, H, dtype, track, layer_norm, features), env,
-                                          auto=layer_norm or loop == "step"))
-    # fp32 with TF32 dots, as torch's default for cuDNN's recurrent layers allows.
-    for mode, layer_norm in itertools.product(("lstm", "gru"), (False, True)):
-        loop = "ln" if layer_norm else "step"
-        name = f"{mode}{'-ln' if layer_norm else ''} B=64 H=512 fp32-tf32 track=on loop={loop}"
+                                          _recurrent(mode, B, H, dtype, track, layer_norm, features),
+                                          {LOOP_ENV: loop}, auto=loop == "step"))
+    # fp32 with TF32 dots, as torch's default for cuDNN's recurrent layers allows: the products around the
+    # loop then run the Triton GEMM (torch's matmul switch is IEEE by default).
+    shapes = list(itertools.product((16, 64, 256), (256, 512, 1024))) if table == "full" else [(64, 512)]
+    for mode, layer_norm, (B, H) in itertools.product(("lstm", "gru"), (False, True), shapes):
+        name = f"{mode}{'-ln' if layer_norm else ''} B={B} H={H} fp32-tf32 track=on loop=step"
         configs.append(Config("recurrent-ln" if layer_norm else "recurrent", name,
-                              _recurrent(mode, 64, 512, torch.float32, True, layer_norm, False),
-                              {} if layer_norm else {LOOP_ENV: "step"}, tf32=True))
+                              _recurrent(mode, B, H, torch.float32, True, layer_norm, False),
+                              {LOOP_ENV: "step"}, tf32=True))
+    return configs
+
+
+def cell_configs(table: str) -> list[Config]:
+    """The fused cells (one step, forward and backward with every gradient): mode x B x H x dtype x
+    tracking, as vgk.nn.LSTMCell & co. call them."""
+    from vgkernels.triton import cell as tc
+
+    configs = []
+    shapes = list(itertools.product((16, 64, 256), (256, 512, 1024)))
+    for mode, dtype_name, track in itertools.product(MODES, DTYPES, (True, False)):
+        if table == "ci":
+            if dtype_name == "fp16" or (dtype_name != "fp32" and not track):
+                continue
+            grid = [(16, 256), (256, 1024)] if mode == "lstm" and dtype_name == "fp32" else [(64, 512)]
+        else:
+            grid = [(64, 512)] if mode in ("rnn_relu", "rnn_sigmoid") else shapes
+        dtype = DTYPES[dtype_name]
+        G = tc._GATES[mode]
+        lstm = mode == "lstm"
+        for B, H in grid:
+
+            def run(B=B, H=H, dtype=dtype, G=G, lstm=lstm, mode=mode, track=track):
+                x, hx = _meta(B, H, dtype=dtype), _meta(B, H, dtype=dtype)
+                cx = _meta(B, H, dtype=dtype) if lstm else None
+                w_ih, w_hh = _meta(G * H, H, dtype=dtype), _meta(G * H, H, dtype=dtype)
+                b_ih, b_hh = _meta(G * H, dtype=dtype), _meta(G * H, dtype=dtype)
+                h, c, ws, _ = tc._forward_impl(x, hx, cx, w_ih, w_hh, b_ih, b_hh, mode, track)
+                grad_c = torch.empty_like(c) if lstm else c
+                tc._backward_impl(torch.empty_like(h), grad_c, x, hx, cx, w_ih, w_hh, h, c, ws, mode, track,
+                                  True, True, True, True)
+
+            name = f"{mode} cell B={B} H={H} {dtype_name} track={'on' if track else 'off'}"
+            configs.append(Config("cell", name, run))
     return configs
 
 
@@ -209,9 +246,13 @@ def monitor_configs(table: str) -> list[Config]:
 # One configuration per kernel and loop kind, for the test suite (about a minute to compile).
 SMOKE = (
     "lstm B=16 H=256 fp32 track=on loop=step",
-    "gru B=64 H=512 bf16 track=off loop=persistent",
-    "lstm-ln B=64 H=512 fp32 track=on loop=ln",
-    "gru-ln B=64 H=512 fp32 track=on loop=ln",
+    "gru B=64 H=512 bf16 track=on loop=persistent",
+    "lstm-ln B=64 H=512 fp32 track=on loop=persistent",
+    "gru-ln B=64 H=512 fp32 track=on loop=persistent",
+    "lstm-ln B=16 H=256 fp32 track=on loop=step",
+    "gru-ln B=64 H=512 fp32-tf32 track=on loop=step",
+    "lstm cell B=16 H=256 fp32 track=on",
+    "gru cell B=64 H=512 bf16 track=on",
     "layer_norm (8192, 1024) fp32 clip=on",
     "layer_norm (8192, 16384) bf16 clip=off",
     "clip_grad_norm_ 1000 tensors fp32 p=2.0",
@@ -224,7 +265,8 @@ def configs(table: str = "full") -> list[Config]:
     if table not in ("full", "ci", "smoke"):
         raise ValueError(f"table: expected 'full', 'ci' or 'smoke', got {table!r}")
     base = "ci" if table == "smoke" else table
-    every = recurrent_configs(base) + layer_norm_configs(base) + clip_configs(base) + monitor_configs(base)
+    every = (recurrent_configs(base) + cell_configs(base) + layer_norm_configs(base) + clip_configs(base)
+             + monitor_configs(base))
     return [c for c in every if c.name in SMOKE] if table == "smoke" else every
 
 

@@ -11,9 +11,12 @@ REFERENCES.md). Backward: ONE pointwise kernel writes the gate pre-activation gr
 parts of the state gradients and the squared norms of the gradients reaching the output states;
 then torch's GEMMs give dx, dh, dW_ih, dW_hh and the bias sums.
 
-Each program takes a [BLOCK_B, BLOCK_J] tile of (batch rows, hidden units); a tile's Jacobian and
-gradient-norm terms are summed per row into a partial buffer [n_hidden_tiles, ...], reduced by torch
-afterwards (no atomics: the result is deterministic). No tl.dot: the block sizes need not be 16.
+Each program takes a [BLOCK_B, BLOCK_J] tile of (batch rows, hidden units), sized by :func:`plan` so
+that the grid keeps at least 100 of an H200's 132 SMs busy; a tile's Jacobian and gradient-norm terms
+are summed per row into a partial buffer [n_hidden_tiles, ...], reduced by torch afterwards (no
+atomics: the result is deterministic). No tl.dot: the block sizes need not be 16. The gate math is
+:mod:`vgkernels.triton.recurrent`'s, shared with the recurrent layers' kernels; every launch goes
+through :func:`vgkernels.triton._host.launch`, so the ahead-of-time check compiles these kernels too.
 
 Dtypes: float32, float64, float16, bfloat16 (all inputs in one dtype). The GEMMs run in the input
 dtype; the pointwise arithmetic and the workspace in float64 for float64 inputs and float32
@@ -26,24 +29,30 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
 from vgkernels.reference.cell import check_step
 from vgkernels.triton import _host
+from vgkernels.triton import recurrent as _plain
 from vgkernels.triton.recurrent import (
+    _elman,
+    _elman_derivative,
+    _elman_grad,
     _gram,
     _gram_terms,
-    _gru_gate_grads,
+    _gru_jacobian_term,
+    _gru_state,
+    _gru_step_grads,
+    _ld,
     _lstm_gate_grads,
-    _quad3,
-    _sigmoid,
+    _lstm_jacobian_term,
+    _lstm_state,
     _tanh,
 )
 
-_MODE_ID = {"lstm": 0, "gru": 1, "rnn_tanh": 2, "rnn_relu": 3, "rnn_sigmoid": 4}
-_GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1, "rnn_sigmoid": 1}
+_MODE_ID = _plain._MODE_ID
+_GATES = _plain.GATES
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-BLOCK_B = 16
 
 # Tests set this to nan so that any output element a kernel fails to write shows up.
 _ALLOC_FILL: float | None = None
@@ -51,43 +60,6 @@ _ALLOC_FILL: float | None = None
 
 # ---------------------------------------------------------------------------------------------------
 # Kernels
-
-
-@triton.jit
-def _lstm_jacobian_term(si, sf, tg, so, c_prev, tc, gram_ptr, cols, col_ok, ACC: tl.constexpr):
-    """‖row j of ∂(h', c')/∂(h, c)‖² per sample and unit: alpha weighs (W_i, W_f, W_g) in ∂c'/∂h,
-    kappa = ∂h'/∂c', b_o weighs W_o in ∂h'/∂h; ∂c'/∂c = sf and ∂h'/∂c = kappa * sf."""
-    a_i = tg * si * (1.0 - si)
-    a_f = c_prev * sf * (1.0 - sf)
-    a_g = si * (1.0 - tg * tg)
-    kappa = so * (1.0 - tc * tc)
-    b_o = tc * so * (1.0 - so)
-    qa = _quad3(a_i, a_f, a_g, gram_ptr, cols, col_ok, 4, ACC)
-    g_io = _gram(gram_ptr, cols, col_ok, 4, 0, 3, ACC)
-    g_fo = _gram(gram_ptr, cols, col_ok, 4, 1, 3, ACC)
-    g_go = _gram(gram_ptr, cols, col_ok, 4, 2, 3, ACC)
-    g_oo = _gram(gram_ptr, cols, col_ok, 4, 3, 3, ACC)
-    qb = kappa * kappa * qa + 2.0 * kappa * b_o * (a_i * g_io + a_f * g_fo + a_g * g_go) + b_o * b_o * g_oo
-    return qa + sf * sf + qb + kappa * kappa * sf * sf
-
-
-@triton.jit
-def _gru_jacobian_term(r, z, n, hn, h_prev, gram_ptr, diag_ptr, cols, col_ok, ACC: tl.constexpr):
-    """‖row j of ∂h'/∂h‖²: gamma weighs (W_r, W_z, W_n), plus the diagonal z."""
-    dn = (1.0 - z) * (1.0 - n * n)
-    g_r = dn * hn * r * (1.0 - r)
-    g_z = (h_prev - n) * z * (1.0 - z)
-    g_n = dn * r
-    d_r = tl.load(diag_ptr + cols * 3, mask=col_ok, other=0.0).to(ACC)[None, :]
-    d_z = tl.load(diag_ptr + cols * 3 + 1, mask=col_ok, other=0.0).to(ACC)[None, :]
-    d_n = tl.load(diag_ptr + cols * 3 + 2, mask=col_ok, other=0.0).to(ACC)[None, :]
-    quad = _quad3(g_r, g_z, g_n, gram_ptr, cols, col_ok, 3, ACC)
-    return z * z + 2.0 * z * (g_r * d_r + g_z * d_z + g_n * d_n) + quad
-
-
-@triton.jit
-def _load(ptr, mask, ACC: tl.constexpr):
-    return tl.load(ptr, mask=mask, other=0.0).to(ACC)
 
 
 @triton.jit
@@ -101,30 +73,6 @@ def _tile(B, H, G: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_J: tl.constexpr):
     rows64 = tl.cast(rows, tl.int64)[:, None]
     return (rows, cols, row_ok, col_ok, row_ok[:, None] & col_ok[None, :], rows64 * (G * H) + cols[None, :],
             rows64 * H + cols[None, :], rows64 * (4 * H) + cols[None, :])
-
-
-@triton.jit
-def _elman(pre, MODE: tl.constexpr):
-    """The Elman cell's activation: tanh (MODE 2), relu (3) or sigmoid (4)."""
-    if MODE == 2:
-        h = _tanh(pre)
-    elif MODE == 3:
-        h = tl.maximum(pre, 0.0)
-    else:
-        h = _sigmoid(pre)
-    return h
-
-
-@triton.jit
-def _elman_derivative(h, MODE: tl.constexpr):
-    """The activation's derivative, from its output."""
-    if MODE == 2:
-        d = 1.0 - h * h
-    elif MODE == 3:
-        d = tl.where(h > 0.0, 1.0, 0.0)
-    else:
-        d = h * (1.0 - h)
-    return d
 
 
 @triton.jit
@@ -146,12 +94,11 @@ def _cell_forward_kernel(
     ws_ptrs = ws_ptr + w_off
     if MODE == 1:  # GRU
         x_ptrs = xr_ptr + g_off
-        h_prev = _load(hp_ptr + s_off, m2, ACC)
-        hn = _load(a_ptrs + 2 * H, m2, ACC)
-        r = _sigmoid(_load(x_ptrs, m2, ACC) + _load(a_ptrs, m2, ACC))
-        z = _sigmoid(_load(x_ptrs + H, m2, ACC) + _load(a_ptrs + H, m2, ACC))
-        n = _tanh(_load(x_ptrs + 2 * H, m2, ACC) + r * hn)
-        h = (1.0 - z) * n + z * h_prev
+        h_prev = _ld(hp_ptr + s_off, m2, ACC)
+        hn = _ld(a_ptrs + 2 * H, m2, ACC)
+        r, z, n, h = _gru_state(_ld(x_ptrs, m2, ACC) + _ld(a_ptrs, m2, ACC),
+                                _ld(x_ptrs + H, m2, ACC) + _ld(a_ptrs + H, m2, ACC),
+                                _ld(x_ptrs + 2 * H, m2, ACC), hn, h_prev)
         tl.store(ws_ptrs, r, mask=m2)
         tl.store(ws_ptrs + H, z, mask=m2)
         tl.store(ws_ptrs + 2 * H, n, mask=m2)
@@ -159,23 +106,19 @@ def _cell_forward_kernel(
         if TRACK:
             term = _gru_jacobian_term(r, z, n, hn, h_prev, gram_ptr, diag_ptr, cols, col_ok, ACC)
     else:
-        pre0 = _load(a_ptrs, m2, ACC)
+        pre0 = _ld(a_ptrs, m2, ACC)
         if HAS_BHH:
-            pre0 += _load(bhh_ptr + cols, col_ok, ACC)[None, :]
+            pre0 += _ld(bhh_ptr + cols, col_ok, ACC)[None, :]
         if MODE == 0:  # LSTM
-            pre1 = _load(a_ptrs + H, m2, ACC)
-            pre2 = _load(a_ptrs + 2 * H, m2, ACC)
-            pre3 = _load(a_ptrs + 3 * H, m2, ACC)
+            pre1 = _ld(a_ptrs + H, m2, ACC)
+            pre2 = _ld(a_ptrs + 2 * H, m2, ACC)
+            pre3 = _ld(a_ptrs + 3 * H, m2, ACC)
             if HAS_BHH:
-                pre1 += _load(bhh_ptr + H + cols, col_ok, ACC)[None, :]
-                pre2 += _load(bhh_ptr + 2 * H + cols, col_ok, ACC)[None, :]
-                pre3 += _load(bhh_ptr + 3 * H + cols, col_ok, ACC)[None, :]
-            si = _sigmoid(pre0)
-            sf = _sigmoid(pre1)
-            tg = _tanh(pre2)
-            so = _sigmoid(pre3)
-            c_prev = _load(cp_ptr + s_off, m2, ACC)
-            c = sf * c_prev + si * tg
+                pre1 += _ld(bhh_ptr + H + cols, col_ok, ACC)[None, :]
+                pre2 += _ld(bhh_ptr + 2 * H + cols, col_ok, ACC)[None, :]
+                pre3 += _ld(bhh_ptr + 3 * H + cols, col_ok, ACC)[None, :]
+            c_prev = _ld(cp_ptr + s_off, m2, ACC)
+            si, sf, tg, so, c = _lstm_state(pre0, pre1, pre2, pre3, c_prev)
             tc = _tanh(c)
             h = so * tc
             tl.store(ws_ptrs, si, mask=m2)
@@ -215,19 +158,19 @@ def _cell_backward_kernel(
     d_ptrs = d_ptr + g_off
     ws_ptrs = ws_ptr + w_off
     if HAS_GH:
-        dh = _load(gh_ptr + s_off, m2, ACC)
+        dh = _ld(gh_ptr + s_off, m2, ACC)
     else:
         dh = tl.zeros([BLOCK_B, BLOCK_J], dtype=ACC)
     if MODE == 0:  # LSTM
-        si = _load(ws_ptrs, m2, ACC)
-        sf = _load(ws_ptrs + H, m2, ACC)
-        tg = _load(ws_ptrs + 2 * H, m2, ACC)
-        so = _load(ws_ptrs + 3 * H, m2, ACC)
-        tc = _tanh(_load(c_ptr + s_off, m2, ACC))
+        si = _ld(ws_ptrs, m2, ACC)
+        sf = _ld(ws_ptrs + H, m2, ACC)
+        tg = _ld(ws_ptrs + 2 * H, m2, ACC)
+        so = _ld(ws_ptrs + 3 * H, m2, ACC)
+        tc = _tanh(_ld(c_ptr + s_off, m2, ACC))
         dc = dh * so * (1.0 - tc * tc)
         if HAS_GC:
-            dc += _load(gc_ptr + s_off, m2, ACC)
-        d_i, d_f, d_g, d_o = _lstm_gate_grads(dc, dh, si, sf, tg, so, _load(cp_ptr + s_off, m2, ACC), tc, m2,
+            dc += _ld(gc_ptr + s_off, m2, ACC)
+        d_i, d_f, d_g, d_o = _lstm_gate_grads(dc, dh, si, sf, tg, so, _ld(cp_ptr + s_off, m2, ACC), tc, m2,
                                               0.0, False)
         tl.store(d_ptrs, d_i, mask=m2)
         tl.store(d_ptrs + H, d_f, mask=m2)
@@ -235,21 +178,11 @@ def _cell_backward_kernel(
         tl.store(d_ptrs + 3 * H, d_o, mask=m2)
         tl.store(dcp_ptr + s_off, dc * sf, mask=m2)
     elif MODE == 1:  # GRU
-        r = _load(ws_ptrs, m2, ACC)
-        z = _load(ws_ptrs + H, m2, ACC)
-        n = _load(ws_ptrs + 2 * H, m2, ACC)
-        hn = _load(ws_ptrs + 3 * H, m2, ACC)
-        d_r, d_z, d_n = _gru_gate_grads(dh, r, z, n, hn, _load(hp_ptr + s_off, m2, ACC), m2, 0.0, False)
-        tl.store(d_ptrs, d_r, mask=m2)
-        tl.store(d_ptrs + H, d_z, mask=m2)
-        tl.store(d_ptrs + 2 * H, d_n, mask=m2)
-        rec_ptrs = rec_ptr + g_off
-        tl.store(rec_ptrs, d_r, mask=m2)
-        tl.store(rec_ptrs + H, d_z, mask=m2)
-        tl.store(rec_ptrs + 2 * H, d_n * r, mask=m2)
-        tl.store(dhp_ptr + s_off, dh * z, mask=m2)
+        _, _, _, _, carry = _gru_step_grads(dh, ws_ptrs, _ld(hp_ptr + s_off, m2, ACC), d_ptrs,
+                                            rec_ptr + g_off, H, m2, m2, 0.0, False, ACC)
+        tl.store(dhp_ptr + s_off, carry, mask=m2)
     else:  # Elman RNN
-        tl.store(d_ptrs, dh * _elman_derivative(_load(h_ptr + s_off, m2, ACC), MODE), mask=m2)
+        tl.store(d_ptrs, _elman_grad(dh, _ld(h_ptr + s_off, m2, ACC), MODE), mask=m2)
     if TRACK:
         sq_base = sq_ptr + tl.cast(tl.program_id(1), tl.int64) * NSQ * B + rows
         dh64 = tl.where(m2, dh, 0.0).to(tl.float64)
@@ -267,8 +200,23 @@ def _alloc(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     return _host.alloc(shape, dtype, device, _ALLOC_FILL)
 
 
-def _block_j(H: int) -> int:
-    return max(16, min(128, triton.next_power_of_2(max(H, 1))))
+# Tests set this to plan interpreted launches as if for a GPU with that many SMs (small tiles).
+_INTERPRETER_SMS: int | None = None
+
+
+def plan(B: int, H: int, sms: int | None) -> dict:
+    """Tiles and warps of the element-wise cell kernels over [B, H]: on a GPU the largest tiles whose grid
+    keeps at least 100 of an H200's 132 SMs busy (tiny tiles where B * H is small); under the interpreter
+    (``sms`` None) few large ones."""
+    if sms is None:
+        return {"BLOCK_B": 16, "BLOCK_J": _plain._pow2_between(H, 16, 128), "num_warps": 4}
+    block_b, block_j, warps = _plain.pointwise_tiles(B, H, _host.busy_target(sms))
+    return {"BLOCK_B": block_b, "BLOCK_J": block_j, "num_warps": warps}
+
+
+def _plan(B: int, H: int, device: torch.device) -> dict:
+    sms = _host.sm_count(device)
+    return plan(B, H, _INTERPRETER_SMS if sms is None else sms)
 
 
 def _check(op: str, mode: str, input: torch.Tensor, hx, cx, w_ih, w_hh, b_ih, b_hh) -> None:
@@ -278,10 +226,7 @@ def _check(op: str, mode: str, input: torch.Tensor, hx, cx, w_ih, w_hh, b_ih, b_
         got = (f"{input.dtype} {tuple(input.shape)}" if isinstance(input, torch.Tensor)
                else type(input).__name__)
         raise TypeError(f"{op}: input must be a 2-D float32, float64, float16 or bfloat16 tensor, got {got}")
-    if input.device.type != "cuda" and not isinstance(_cell_forward_kernel, _interpreted_type()):
-        raise RuntimeError(
-            f"{op}: the Triton kernels run on CUDA tensors (or on CPU tensors with TRITON_INTERPRET=1 set "
-            f"before triton is imported), got tensors on {input.device}; use the cpp backend for CPU tensors")
+    _plain._check_device(op, input.device)
     if mode == "lstm" and (hx is None) != (cx is None):
         raise ValueError(f"{op}: the LSTM takes both hx and cx or neither")
     if mode != "lstm" and cx is not None:
@@ -289,12 +234,6 @@ def _check(op: str, mode: str, input: torch.Tensor, hx, cx, w_ih, w_hh, b_ih, b_
     if (b_ih is None) != (b_hh is None):
         raise ValueError(f"{op}: b_ih and b_hh must both be given or both be None")
     check_step(mode, input, hx, cx, w_ih, w_hh, b_ih, b_hh)
-
-
-def _interpreted_type():
-    from triton.runtime.interpreter import InterpretedFunction
-
-    return InterpretedFunction
 
 
 def _forward_impl(input, hx, cx, w_ih, w_hh, b_ih, b_hh, mode, track):
@@ -325,14 +264,15 @@ def _forward_impl(input, hx, cx, w_ih, w_hh, b_ih, b_hh, mode, track):
         gram, diag = _gram_terms(w_hh, mode)
     else:
         gram = diag = ws
-    n_tiles = triton.cdiv(H, _block_j(H))
+    p = _plan(B, H, device)
+    n_tiles = triton.cdiv(H, p["BLOCK_J"])
     jac_part = _alloc((n_tiles, B), acc_dtype, device) if track else ws
     bhh = b_hh.contiguous() if b_hh is not None and mode != "gru" else ws
     with _host.device_ctx(device):
-        wrap_triton(_cell_forward_kernel)[(triton.cdiv(B, BLOCK_B), n_tiles)](
+        _host.launch(
+            _cell_forward_kernel, (triton.cdiv(B, p["BLOCK_B"]), n_tiles),
             acc.contiguous(), xr.contiguous(), bhh, hp, cp, h, c, ws, gram, diag, jac_part, B, H,
-            MODE=_MODE_ID[mode], G=G, HAS_BHH=b_hh is not None and mode != "gru", TRACK=bool(track),
-            BLOCK_B=BLOCK_B, BLOCK_J=_block_j(H),
+            MODE=_MODE_ID[mode], G=G, HAS_BHH=b_hh is not None and mode != "gru", TRACK=bool(track), **p,
         )
     jac = jac_part.sum(0, dtype=torch.float32) if track else input.new_empty(0, dtype=torch.float32)
     return h, c, ws, jac
@@ -378,19 +318,21 @@ def _backward_impl(grad_h, grad_c, input, hx, cx, w_ih, w_hh, h, c, workspace, m
     rec = _alloc((B, G * H), acc_dtype, device) if gru else d
     dhp = _alloc((B, H), acc_dtype, device) if gru else d
     dcp = _alloc((B, H), acc_dtype, device) if lstm else d
-    n_tiles = triton.cdiv(H, _block_j(H)) if H else 0
+    p = _plan(B, H, device)
+    n_tiles = triton.cdiv(H, p["BLOCK_J"]) if H else 0
     sq_part = _alloc((n_tiles, K, B), torch.float64, device) if track else d
     zeros = input.new_zeros(B, H) if hx is None else None
     hp = hx if hx is not None else zeros
     cp = cx if cx is not None else zeros
     if B and H:
         with _host.device_ctx(device):
-            wrap_triton(_cell_backward_kernel)[(triton.cdiv(B, BLOCK_B), n_tiles)](
+            _host.launch(
+                _cell_backward_kernel, (triton.cdiv(B, p["BLOCK_B"]), n_tiles),
                 grad_h.contiguous() if has_gh else d, grad_c.contiguous() if has_gc else d,
                 workspace.contiguous() if lstm or gru else d, h.contiguous(), c.contiguous() if lstm else d,
                 hp.contiguous(), cp.contiguous() if lstm else d, d, rec, dhp, dcp, sq_part, B, H,
                 MODE=_MODE_ID[mode], G=G, NSQ=K, HAS_GH=has_gh, HAS_GC=has_gc, TRACK=bool(track),
-                BLOCK_B=BLOCK_B, BLOCK_J=_block_j(H),
+                **p,
             )
     else:
         d.zero_()

@@ -26,7 +26,8 @@ step loop on a GPU unless a step is tiny or the batch alone fills the GPU, the p
 the interpreter); ``VGK_RNN_TRITON_GRAPH=0`` launches step by step. bench/results/perf_model.md has
 the estimate behind these choices and bench/results/aot_*.md every launch's registers and grid.
 
-The input projection is the caller's GEMM; the weight gradient is one GEMM after the time loop.
+The input projection is the caller's GEMM; the weight gradient is one GEMM after the time loop
+(:func:`vgkernels.triton.gemm.mm`: for float32 in the precision of the recurrent dots).
 
 Dtypes: float32, float64, bfloat16 and float16 inputs (all inputs in one dtype). Arithmetic and the
 intermediate buffers are float64 for float64 inputs and float32 otherwise; the outputs ``states``,
@@ -43,7 +44,6 @@ Workspace layout (private to this backend): LSTM [T, B, 4H] activated gates (i, 
 [T, B, 4H] (r, z, n, W_hn h + b_hn); Elman RNN: empty, the derivative follows from h.
 """
 
-import math
 import os
 
 import torch
@@ -52,6 +52,7 @@ import triton.language as tl
 from torch.library import triton_op
 
 from vgkernels.triton import _graphs, _host
+from vgkernels.triton import gemm as _gemm
 from vgkernels.triton._host import acc_dtype as _acc_dtype
 from vgkernels.triton._host import device_ctx as _device_ctx
 
@@ -244,6 +245,133 @@ def _gru_gate_grads(dh, r, z, n, hn, h_prev, keep, clip, HAS_CLIP: tl.constexpr)
     return d_r, d_z, d_n
 
 
+@triton.jit
+def _gru_step_grads(dh, ws_ptrs, h_prev, gx_ptrs, dr_ptrs, H, m, keep, clip, HAS_CLIP: tl.constexpr,
+                    ACC: tl.constexpr):
+    """A GRU step's backward on one tile, from dh and the saved gates (r, z, n, hn at ws_ptrs, blocks H
+    apart): the gate gradients (d_r, d_z, d_n) stored at gx_ptrs, those of W_hh h + b_hh's blocks
+    (d_r, d_z, d_n * r) at dr_ptrs. Returns (d_r, d_z, d_n, r, the carry of dh to the previous step)."""
+    r = _ld(ws_ptrs, m, ACC)
+    z = _ld(ws_ptrs + H, m, ACC)
+    n = _ld(ws_ptrs + 2 * H, m, ACC)
+    hn = _ld(ws_ptrs + 3 * H, m, ACC)
+    d_r, d_z, d_n = _gru_gate_grads(dh, r, z, n, hn, h_prev, keep, clip, HAS_CLIP)
+    tl.store(gx_ptrs, d_r, mask=m)
+    tl.store(gx_ptrs + H, d_z, mask=m)
+    tl.store(gx_ptrs + 2 * H, d_n, mask=m)
+    tl.store(dr_ptrs, d_r, mask=m)
+    tl.store(dr_ptrs + H, d_z, mask=m)
+    tl.store(dr_ptrs + 2 * H, d_n * r, mask=m)
+    return d_r, d_z, d_n, r, tl.where(keep, dh * z, dh)
+
+
+@triton.jit
+def _lstm_state(pre_i, pre_f, pre_g, pre_o, c_prev):
+    """The LSTM's activated gates (si, sf, tg, so) and new cell c = sf * c_prev + si * tg."""
+    si = _sigmoid(pre_i)
+    sf = _sigmoid(pre_f)
+    tg = _tanh(pre_g)
+    so = _sigmoid(pre_o)
+    return si, sf, tg, so, sf * c_prev + si * tg
+
+
+@triton.jit
+def _gru_state(pre_r, pre_z, x_n, hn, h_prev):
+    """The GRU's gates r, z, n = tanh(x_n + r * hn) and new state h = (1 - z) * n + z * h_prev."""
+    r = _sigmoid(pre_r)
+    z = _sigmoid(pre_z)
+    n = _tanh(x_n + r * hn)
+    return r, z, n, (1.0 - z) * n + z * h_prev
+
+
+@triton.jit
+def _elman(pre, MODE: tl.constexpr):
+    """The Elman cell's activation: tanh (MODE 2), relu (3) or sigmoid (4)."""
+    if MODE == 2:
+        h = _tanh(pre)
+    elif MODE == 3:
+        h = tl.where(pre < 0.0, 0.0, pre)  # keeps NaN, as torch's relu (maximum may not)
+    else:
+        h = _sigmoid(pre)
+    return h
+
+
+@triton.jit
+def _elman_derivative(h, MODE: tl.constexpr):
+    """The activation's derivative, from its output."""
+    if MODE == 2:
+        d = 1.0 - h * h
+    elif MODE == 3:
+        d = tl.where(h > 0.0, 1.0, 0.0)
+    else:
+        d = h * (1.0 - h)
+    return d
+
+
+@triton.jit
+def _elman_grad(dh, h, MODE: tl.constexpr):
+    """The gradient of the activation's input from dh and the output h; relu selects, as torch's
+    threshold_backward: 0 where h <= 0 even for an inf or NaN dh."""
+    if MODE == 3:
+        d = tl.where(h <= 0.0, 0.0, dh)
+    else:
+        d = dh * _elman_derivative(h, MODE)
+    return d
+
+
+@triton.jit
+def _lstm_alpha(si, sf, tg, c_prev):
+    """Coefficients of the gate rows (W_i, W_f, W_g) in dc/dh_prev (W_o has none)."""
+    return tg * si * (1.0 - si), c_prev * sf * (1.0 - sf), si * (1.0 - tg * tg)
+
+
+@triton.jit
+def _gru_gamma(r, z, n, hn, h_prev):
+    """Coefficients of the gate rows (W_r, W_z, W_n) in dh/dh_prev (besides the diagonal z)."""
+    dn = (1.0 - z) * (1.0 - n * n)
+    return dn * hn * r * (1.0 - r), (h_prev - n) * z * (1.0 - z), dn * r
+
+
+@triton.jit
+def _lstm_jacobian_term(si, sf, tg, so, c_prev, tc, gram_ptr, cols, col_ok, ACC: tl.constexpr):
+    """Squared norm of row j of d(h, c)/d(h_prev, c_prev) per sample and unit: alpha weighs
+    (W_i, W_f, W_g) in dc/dh_prev, kappa = dh/dc, beta_o weighs W_o in dh/dh_prev; dc/dc_prev = sf and
+    dh/dc_prev = kappa * sf. tc = tanh(c)."""
+    a_i, a_f, a_g = _lstm_alpha(si, sf, tg, c_prev)
+    kappa = so * (1.0 - tc * tc)
+    b_o = tc * so * (1.0 - so)
+    qa = _quad3(a_i, a_f, a_g, gram_ptr, cols, col_ok, 4, ACC)
+    g_io = _gram(gram_ptr, cols, col_ok, 4, 0, 3, ACC)
+    cross = (a_i * g_io + a_f * _gram(gram_ptr, cols, col_ok, 4, 1, 3, ACC)
+             + a_g * _gram(gram_ptr, cols, col_ok, 4, 2, 3, ACC))
+    g_oo = _gram(gram_ptr, cols, col_ok, 4, 3, 3, ACC)
+    qb = kappa * kappa * qa + 2.0 * kappa * b_o * cross + b_o * b_o * g_oo
+    return qa + sf * sf + qb + kappa * kappa * sf * sf
+
+
+@triton.jit
+def _gru_jacobian_term(r, z, n, hn, h_prev, gram_ptr, diag_ptr, cols, col_ok, ACC: tl.constexpr):
+    """Squared norm of row j of dh/dh_prev per sample and unit: gamma weighs (W_r, W_z, W_n), plus the
+    diagonal z. diag [H, 3] holds the diagonals of the three blocks of W_hh."""
+    g_r, g_z, g_n = _gru_gamma(r, z, n, hn, h_prev)
+    d0 = tl.load(diag_ptr + cols * 3, mask=col_ok, other=0.0).to(ACC)[None, :]
+    d1 = tl.load(diag_ptr + cols * 3 + 1, mask=col_ok, other=0.0).to(ACC)[None, :]
+    d2 = tl.load(diag_ptr + cols * 3 + 2, mask=col_ok, other=0.0).to(ACC)[None, :]
+    quad = _quad3(g_r, g_z, g_n, gram_ptr, cols, col_ok, 3, ACC)
+    return z * z + 2.0 * z * (g_r * d0 + g_z * d1 + g_n * d2) + quad
+
+
+@triton.jit
+def _split_fixup(acc, part_ptr, cnt_ptr, tile, pid_k, offs, m, part_stride, BLOCK_B: tl.constexpr,
+                 SPLIT: tl.constexpr):
+    """Split K for one accumulator tile: stores this program's partial at part_ptr + pid_k * part_stride +
+    offs and counts it in; returns (the sum of the tile's SPLIT partials in split order, last [BLOCK_B]):
+    True where this program is the last of the tile to arrive, the only one to finish the tile."""
+    tl.store(part_ptr + tl.cast(pid_k, tl.int64) * part_stride + offs, acc, mask=m)
+    last = _arrive(cnt_ptr, tile, tl.arange(0, BLOCK_B), SPLIT)
+    return _split_sum(part_ptr, offs, m & last[:, None], part_stride, SPLIT), last
+
+
 @triton.jit(do_not_specialize=["s0"])
 def _forward_kernel(
     x_ptr, st_ptr, cs_ptr, ws_ptr, wt_ptr, bhh_ptr, len_ptr, gram_ptr, diag_ptr, jac_ptr, part_ptr, cnt_ptr,
@@ -334,11 +462,9 @@ def _forward_kernel(
             ws_ptrs = ws_ptr + ws_base + rows[:, None] * (4 * H) + cols[None, :]
             if MODE == 0:  # LSTM
                 c_prev = _ld(cs_ptr + in_base + hoff, m2, ACC)
-                si = _sigmoid(_ld(x_ptrs, m2, ACC) + acc0)
-                sf = _sigmoid(_ld(x_ptrs + H, m2, ACC) + acc1)
-                tg = _tanh(_ld(x_ptrs + 2 * H, m2, ACC) + acc2)
-                so = _sigmoid(_ld(x_ptrs + 3 * H, m2, ACC) + acc3)
-                c = sf * c_prev + si * tg
+                si, sf, tg, so, c = _lstm_state(_ld(x_ptrs, m2, ACC) + acc0, _ld(x_ptrs + H, m2, ACC) + acc1,
+                                                _ld(x_ptrs + 2 * H, m2, ACC) + acc2,
+                                                _ld(x_ptrs + 3 * H, m2, ACC) + acc3, c_prev)
                 tc = _tanh(c)
                 h = so * tc
                 tl.store(ws_ptrs, si, mask=m2)
@@ -350,30 +476,15 @@ def _forward_kernel(
                     c = tl.where(keep, c, c_prev)
                 tl.store(cs_ptr + out_base + hoff, c, mask=m2)
                 if TRACK:
-                    # Rows (W_i, W_f, W_g) weights in dc/dh_prev (alpha) and dh/dh_prev (kappa * alpha,
-                    # plus beta_o on W_o); dc/dc_prev = sf, dh/dc_prev = kappa * sf.
-                    a_i = tg * si * (1.0 - si)
-                    a_f = c_prev * sf * (1.0 - sf)
-                    a_g = si * (1.0 - tg * tg)
-                    kappa = so * (1.0 - tc * tc)
-                    b_o = tc * so * (1.0 - so)
-                    qa = _quad3(a_i, a_f, a_g, gram_ptr, cols, col_ok, G, ACC)
-                    cross = (a_i * _gram(gram_ptr, cols, col_ok, G, 0, 3, ACC)
-                             + a_f * _gram(gram_ptr, cols, col_ok, G, 1, 3, ACC)
-                             + a_g * _gram(gram_ptr, cols, col_ok, G, 2, 3, ACC))
-                    qb = (kappa * kappa * qa + 2.0 * kappa * b_o * cross
-                          + b_o * b_o * _gram(gram_ptr, cols, col_ok, G, 3, 3, ACC))
-                    term = qa + sf * sf + qb + kappa * kappa * sf * sf
+                    term = _lstm_jacobian_term(si, sf, tg, so, c_prev, tc, gram_ptr, cols, col_ok, ACC)
             elif MODE == 1:  # GRU
                 h_prev = _ld(st_ptr + in_base + hoff, m2, ACC)
                 if HAS_BHH:
                     acc0 += _ld(bhh_ptr + cols, col_ok, ACC)[None, :]
                     acc1 += _ld(bhh_ptr + H + cols, col_ok, ACC)[None, :]
                     acc2 += _ld(bhh_ptr + 2 * H + cols, col_ok, ACC)[None, :]
-                r = _sigmoid(_ld(x_ptrs, m2, ACC) + acc0)
-                z = _sigmoid(_ld(x_ptrs + H, m2, ACC) + acc1)
-                n = _tanh(_ld(x_ptrs + 2 * H, m2, ACC) + r * acc2)
-                h = (1.0 - z) * n + z * h_prev
+                r, z, n, h = _gru_state(_ld(x_ptrs, m2, ACC) + acc0, _ld(x_ptrs + H, m2, ACC) + acc1,
+                                        _ld(x_ptrs + 2 * H, m2, ACC), acc2, h_prev)
                 tl.store(ws_ptrs, r, mask=m2)
                 tl.store(ws_ptrs + H, z, mask=m2)
                 tl.store(ws_ptrs + 2 * H, n, mask=m2)
@@ -381,30 +492,14 @@ def _forward_kernel(
                 if HAS_LEN:
                     h = tl.where(keep, h, h_prev)
                 if TRACK:
-                    # Weights of the rows (W_r, W_z, W_n) in dh/dh_prev, plus the diagonal z.
-                    g_r = (1.0 - z) * (1.0 - n * n) * acc2 * r * (1.0 - r)
-                    g_z = (h_prev - n) * z * (1.0 - z)
-                    g_n = (1.0 - z) * (1.0 - n * n) * r
-                    d0 = _ld(diag_ptr + cols * 3, col_ok, ACC)[None, :]
-                    d1 = _ld(diag_ptr + cols * 3 + 1, col_ok, ACC)[None, :]
-                    d2 = _ld(diag_ptr + cols * 3 + 2, col_ok, ACC)[None, :]
-                    term = (z * z + 2.0 * z * (g_r * d0 + g_z * d1 + g_n * d2)
-                            + _quad3(g_r, g_z, g_n, gram_ptr, cols, col_ok, G, ACC))
+                    term = _gru_jacobian_term(r, z, n, acc2, h_prev, gram_ptr, diag_ptr, cols, col_ok, ACC)
             else:  # Elman RNN
-                pre = _ld(x_ptrs, m2, ACC) + acc0
-                if MODE == 2:
-                    h = _tanh(pre)
-                    deriv = 1.0 - h * h
-                elif MODE == 3:
-                    h = tl.where(pre < 0.0, 0.0, pre)  # keeps NaN, as torch's relu (maximum may not)
-                    deriv = tl.where(pre > 0.0, 1.0, 0.0)
-                else:
-                    h = _sigmoid(pre)
-                    deriv = h * (1.0 - h)
+                h = _elman(_ld(x_ptrs, m2, ACC) + acc0, MODE)
+                if TRACK:
+                    deriv = _elman_derivative(h, MODE)
+                    term = deriv * deriv * _gram(gram_ptr, cols, col_ok, G, 0, 0, ACC)
                 if HAS_LEN:
                     h = tl.where(keep, h, _ld(st_ptr + in_base + hoff, m2, ACC))
-                if TRACK:
-                    term = deriv * deriv * _gram(gram_ptr, cols, col_ok, G, 0, 0, ACC)
             tl.store(st_ptr + out_base + hoff, h, mask=m2)
             if TRACK:
                 jac_row += tl.sum(tl.where(keep, term, 0.0), axis=1)
@@ -470,13 +565,11 @@ def _backward_kernel(
                            tl.zeros([BLOCK_B, BLOCK_J], dtype=ACC), DOT, PRECISION, BLOCK_K)
             hoff = rows[:, None] * H + cols[None, :]
             if SPLIT > 1:
-                poff = tl.cast(pid_k, tl.int64) * BH + hoff
-                tl.store(part_ptr + poff, acc, mask=m2)
-                last = _arrive(cnt_ptr, pid_b * tl.num_programs(1) + pid_j, tl.arange(0, BLOCK_B), SPLIT)
+                tile = pid_b * tl.num_programs(1) + pid_j
+                acc, last = _split_fixup(acc, part_ptr, cnt_ptr, tile, pid_k, hoff, m2, BH, BLOCK_B, SPLIT)
                 m2 = m2 & last[:, None]
                 keep = keep & last[:, None]
                 row_out = row_ok & last
-                acc = _split_sum(part_ptr, hoff, m2, BH, SPLIT)
             dh = _ld(gs_ptr + out_base + hoff, m2, ACC) + _ld(ch_ptr + rd + hoff, m2, ACC) + acc
             if TRACK:
                 sq_h += _row_sq(dh, keep)
@@ -503,28 +596,11 @@ def _backward_kernel(
                 tl.store(cc_ptr + wr + hoff, tl.where(keep, dc * sf, dc), mask=m2)
                 carry = tl.where(keep, 0.0, dh)
             elif MODE == 1:  # GRU
-                r = _ld(ws_ptrs, m2, ACC)
-                z = _ld(ws_ptrs + H, m2, ACC)
-                n = _ld(ws_ptrs + 2 * H, m2, ACC)
-                hn = _ld(ws_ptrs + 3 * H, m2, ACC)
-                h_prev = _ld(st_ptr + in_base + hoff, m2, ACC)
-                d_r, d_z, d_n = _gru_gate_grads(dh, r, z, n, hn, h_prev, keep, clip, HAS_CLIP)
-                tl.store(dx_ptr + d_ptrs, d_r, mask=m2)
-                tl.store(dx_ptr + d_ptrs + H, d_z, mask=m2)
-                tl.store(dx_ptr + d_ptrs + 2 * H, d_n, mask=m2)
-                tl.store(dr_ptr + d_ptrs, d_r, mask=m2)
-                tl.store(dr_ptr + d_ptrs + H, d_z, mask=m2)
-                tl.store(dr_ptr + d_ptrs + 2 * H, d_n * r, mask=m2)
-                carry = tl.where(keep, dh * z, dh)
+                _, _, _, _, carry = _gru_step_grads(dh, ws_ptrs, _ld(st_ptr + in_base + hoff, m2, ACC),
+                                                    dx_ptr + d_ptrs, dr_ptr + d_ptrs, H, m2, keep, clip,
+                                                    HAS_CLIP, ACC)
             else:  # Elman RNN: the activation derivative from h
-                h = _ld(st_ptr + out_base + hoff, m2, ACC)
-                if MODE == 2:
-                    d_pre = dh * (1.0 - h * h)
-                elif MODE == 3:
-                    # relu selects, as torch's threshold_backward: 0 where h <= 0 even for an inf or NaN dh.
-                    d_pre = tl.where(h <= 0.0, 0.0, dh)
-                else:
-                    d_pre = dh * (h * (1.0 - h))
+                d_pre = _elman_grad(dh, _ld(st_ptr + out_base + hoff, m2, ACC), MODE)
                 tl.store(dx_ptr + d_ptrs, tl.where(keep, _clamp(d_pre, clip, HAS_CLIP), 0.0), mask=m2)
                 carry = tl.where(keep, 0.0, dh)
             tl.store(ch_ptr + wr + hoff, carry, mask=m2)
@@ -562,8 +638,74 @@ PERSISTENT_WORDS = 2048
 # Without a register limit ptxas may spill a few bytes to fit more blocks per SM; these kernels run
 # about one block per SM, so they may take every register a thread can have.
 MAXNREG = 255
-# A step's grid should keep at least 100 of an H200's 132 SMs busy: this fraction of the SMs.
-MIN_BUSY = 100 / 132
+
+
+def cover(B: int, cols: int, G: int, word: int, target: int) -> tuple[int, int, int]:
+    """(BLOCK_B, BLOCK_J, programs) of a step's dot tiles over [B, cols] with G accumulators each.
+
+    Among the tiles (16 to 64 each way; tl.dot needs >= 16) whose grid covers ``target`` programs, the
+    one that reads least: the programs read the left operand once per column tile and the G weight
+    tiles once per row block, B * cols * K * (1/BLOCK_J + G/BLOCK_B) elements in all; short of
+    covering, the most programs. ``word``: 2 for float64 accumulators (twice the registers).
+    """
+    candidates = []
+    for block_b in (16, 32, 64):
+        for block_j in (16, 32, 64):
+            if block_b > _pow2_between(B, 16, 64) or block_j > _pow2_between(cols, 16, 64):
+                continue
+            if G * block_b * block_j * word > ACC_WORDS:
+                continue
+            programs = triton.cdiv(B, block_b) * triton.cdiv(cols, block_j)
+            reads = 1 / block_j + G / block_b
+            rank = (0, reads, -block_b) if programs >= target else (1, -programs, reads)
+            candidates.append((rank, block_b, block_j, programs))
+    _, block_b, block_j, programs = min(candidates)
+    return block_b, block_j, programs
+
+
+def wanted_split(programs: int, target: int) -> int:
+    """Programs to share each tile's K range so that ``programs`` tiles make ``target`` programs: a power
+    of two (with K a power of two every program then gets an equal share, in whole K tiles)."""
+    if programs >= target:
+        return 1
+    return min(triton.next_power_of_2(triton.cdiv(target, programs)), MAX_SPLIT)
+
+
+def split_block_k(K: int, wanted: int, block_k: int) -> int:
+    """Shorter K tiles where K split ``wanted`` ways would not give every program whole ones: the largest
+    power of two up to ``block_k`` that divides K / wanted (at least 16)."""
+    share = triton.cdiv(K, wanted)
+    while block_k > 16 and share % block_k:
+        block_k //= 2
+    return block_k
+
+
+def loop_kind(B: int, H: int, G: int, sms: int | None, loop: str = "auto") -> str:
+    """"persistent" or "step": ``loop`` unless it is "auto" (the rule of the plain and the
+    layer-normalized cells alike)."""
+    if loop not in ("auto", "persistent", "step"):
+        raise ValueError(f"{LOOP_ENV}: expected 'auto', 'persistent' or 'step', got {loop!r}")
+    if loop != "auto":
+        return loop
+    # One program per 16 rows does a whole step: worth it while a step is tiny (its launches would
+    # cost more than its work) or while the batch alone fills the GPU.
+    small = G * H * H <= 16384
+    return "persistent" if sms is None or small or triton.cdiv(B, 16) >= sms else "step"
+
+
+def k_tile(K: int, dtype: torch.dtype) -> int:
+    """BLOCK_K of a step kernel's dots: 64 for half operands, 32 otherwise (at most K's power of two)."""
+    return _pow2_between(K, 16, 64 if dtype in (torch.bfloat16, torch.float16) else 32)
+
+
+def dot_warps(G: int, block_b: int, block_j: int, word: int, block_k: int) -> tuple[int, int]:
+    """(num_warps, BLOCK_K) of a step kernel's dot tiles: 8 warps for float64 and above WARP_WORDS
+    accumulator words, else 4; a wide tile on 4 warps (the RNN at large B, H) takes 16-row K tiles, as
+    32-row ones spill."""
+    num_warps = 8 if word == 2 or G * block_b * block_j > WARP_WORDS else 4
+    if num_warps == 4 and block_b * block_j >= 2048:
+        block_k = 16
+    return num_warps, block_k
 
 
 def plan(B: int, H: int, G: int, dtype: torch.dtype, sms: int | None, loop: str = "auto") -> dict:
@@ -572,24 +714,15 @@ def plan(B: int, H: int, G: int, dtype: torch.dtype, sms: int | None, loop: str 
     ``sms``: the GPU's multiprocessor count, None under the interpreter. ``loop``: "auto",
     "persistent" or "step". tl.dot needs every block dimension >= 16 on a GPU.
 
-    The step loop launches a grid of ceil(B / BLOCK_B) x ceil(H / BLOCK_J) x SPLIT programs per step.
-    Among the tiles whose grid covers every SM, it takes the one that reads least: per step the
-    programs read the state block and the weight tiles, in all B * H * K * (1/BLOCK_J + G/BLOCK_B)
-    elements (forward; the backward likewise). Where even 16 x 16 tiles leave SMs idle (small B * H),
-    SPLIT programs share each tile's K range, so that the grid still covers the SMs
+    The step loop launches a grid of ceil(B / BLOCK_B) x ceil(H / BLOCK_J) x SPLIT programs per step,
+    tiles chosen by :func:`cover` to keep the SMs busy. Where even 16 x 16 tiles leave SMs idle (small
+    B * H), SPLIT programs share each tile's K range, so that the grid still covers the SMs
     (bench/results/perf_model.md weighs this against fewer, longer programs).
     """
-    if loop not in ("auto", "persistent", "step"):
-        raise ValueError(f"{LOOP_ENV}: expected 'auto', 'persistent' or 'step', got {loop!r}")
-    half = dtype in (torch.bfloat16, torch.float16)
+    loop = loop_kind(B, H, G, sms, loop)
     # Shorter K tiles for float32/float64 dots keep the pipelined weight tiles of all gates well
     # inside shared memory (float64 LSTM with 64 would need 278 KB on sm_90).
-    block_k = _pow2_between(H, 16, 64 if half else 32)
-    if loop == "auto":
-        # One program per 16 rows does a whole step: worth it while a step is tiny (its launches would
-        # cost more than its work) or while the batch alone fills the GPU.
-        small = G * H * H <= 16384
-        loop = "persistent" if sms is None or small or triton.cdiv(B, 16) >= sms else "step"
+    block_k = k_tile(H, dtype)
     word = 2 if dtype == torch.float64 else 1
     if loop == "persistent":
         block_j = 32 if H > 16 and G * 16 * 32 * word <= PERSISTENT_WORDS else 16
@@ -599,50 +732,56 @@ def plan(B: int, H: int, G: int, dtype: torch.dtype, sms: int | None, loop: str 
         # and steps, would spill (float64 LSTM with tracking).
         return {"loop": loop, "BLOCK_B": 16, "BLOCK_J": block_j, "BLOCK_K": block_k,
                 "SPLIT_FWD": 1, "SPLIT_BWD": 1, "num_warps": 8, "num_stages": 1}
-    target = math.ceil(MIN_BUSY * sms) if sms else 1
-    candidates = []
-    for block_b in (16, 32, 64):
-        for block_j in (16, 32, 64):
-            if block_b > max(16, triton.next_power_of_2(B)) or block_j > max(16, triton.next_power_of_2(H)):
-                continue
-            if G * block_b * block_j * word > ACC_WORDS:
-                continue
-            programs = triton.cdiv(B, block_b) * triton.cdiv(H, block_j)
-            reads = 1 / block_j + G / block_b
-            # Covering the SMs first, then the fewest reads; short of covering, the most programs.
-            rank = (0, reads, -block_b) if programs >= target else (1, -programs, reads)
-            candidates.append((rank, block_b, block_j, programs))
-    _, block_b, block_j, programs = min(candidates)
-
-    # A power of two: with H a power of two every program then gets an equal share of the K range,
-    # in whole K tiles (shorter ones where the forward's K = H would not give every program one).
-    wanted = 1
-    if programs < target:
-        wanted = min(triton.next_power_of_2(triton.cdiv(target, programs)), MAX_SPLIT)
+    target = _host.busy_target(sms)
+    block_b, block_j, programs = cover(B, H, G, word, target)
+    wanted = wanted_split(programs, target)
     if wanted > 1:
-        block_k = max(16, min(block_k, triton.next_power_of_2(H // wanted + 1) // 2))
+        block_k = split_block_k(H, wanted, block_k)
 
     def split(k: int) -> int:
         return max(1, min(wanted, triton.cdiv(k, block_k)))
 
-    num_warps = 8 if word == 2 or G * block_b * block_j > WARP_WORDS else 4
-    if num_warps == 4 and block_b * block_j >= 2048:
-        block_k = 16  # a wide tile of few gates (the RNN at large B, H): 32-row K tiles spill
+    num_warps, block_k = dot_warps(G, block_b, block_j, word, block_k)
     return {"loop": loop, "BLOCK_B": block_b, "BLOCK_J": block_j, "BLOCK_K": block_k,
             "SPLIT_FWD": split(H), "SPLIT_BWD": split(G * H), "num_warps": num_warps, "num_stages": 3}
 
 
+def pointwise_tiles(B: int, cols: int, target: int, max_tile: int = 1024) -> tuple[int, int, int]:
+    """(BLOCK_B, BLOCK_J, num_warps) of an element-wise kernel over [B, cols] (no tl.dot).
+
+    The largest tile (at most ``max_tile`` elements, at least a warp's 32, BLOCK_J >= 16 for whole
+    memory sectors) whose grid still covers ``target`` programs; short of that, the most programs.
+    """
+    candidates = []
+    for block_j in (16, 32, 64, 128):
+        if block_j > max(16, triton.next_power_of_2(cols)):
+            continue
+        for block_b in (2, 4, 8, 16):
+            area = block_b * block_j
+            if block_b > max(2, triton.next_power_of_2(B)) or not 32 <= area <= max_tile:
+                continue
+            programs = triton.cdiv(B, block_b) * triton.cdiv(cols, block_j)
+            rank = (0, -area, -block_j) if programs >= target else (1, -programs, -block_j)
+            candidates.append((rank, block_b, block_j))
+    _, block_b, block_j = min(candidates)
+    return block_b, block_j, max(1, min(8, block_b * block_j // 128))
+
+
 def _plan(B: int, H: int, G: int, device: torch.device, dtype: torch.dtype = torch.float32) -> dict:
     """:func:`plan` for a launch on ``device``, with the loop kind from ``VGK_RNN_TRITON_LOOP``."""
+    return plan(B, H, G, dtype, *sms_and_loop(device))
+
+
+def sms_and_loop(device: torch.device) -> tuple[int | None, str]:
+    """The SM count to plan for and the loop kind asked for (``VGK_RNN_TRITON_LOOP``) on ``device``."""
+    loop = os.environ.get(LOOP_ENV, "auto")
     sms = _host.sm_count(device)
     if sms is None:
         sms = _INTERPRETER_SMS
         # Under the interpreter auto stays persistent (fast there); split K only where asked for.
-        loop = os.environ.get(LOOP_ENV, "auto")
         if loop == "auto":
             loop = "persistent"
-        return plan(B, H, G, dtype, sms, loop)
-    return plan(B, H, G, dtype, sms, os.environ.get(LOOP_ENV, "auto"))
+    return sms, loop
 
 
 def _k_chunk(K: int, split: int, block_k: int) -> int:
@@ -739,17 +878,17 @@ def _check_lengths(op: str, lengths: torch.Tensor | None, B: int) -> None:
 # Forward
 
 
-def _initial_states(T: int, h0: torch.Tensor, c0: torch.Tensor | None, reverse: bool,
+def _initial_states(loop: _graphs.StepLoop, T: int, h0: torch.Tensor, c0: torch.Tensor | None, reverse: bool,
                     acc: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """States [T+1, B, H] and cell states ([T+1, B, H] with c0, else [0]) in acc, the initial slot set
-    (slot T for the reverse direction) and the others left to the kernels."""
+    """The loop's states [T+1, B, H] and cell states ([T+1, B, H] with c0, else [0]) in acc, the initial
+    slot set (slot T for the reverse direction) and the others left to the kernels."""
     B, H = h0.shape
     init = T if reverse else 0
-    states = _alloc((T + 1, B, H), acc, h0.device)
+    states = loop.buffer("states", lambda: _alloc((T + 1, B, H), acc, h0.device))
     states[init] = h0
     if c0 is None:
-        return states, states.new_empty(0)
-    cells = _alloc((T + 1, B, H), acc, h0.device)
+        return states, h0.new_empty(0, dtype=acc)  # outputs may not alias each other
+    cells = loop.buffer("cells", lambda: _alloc((T + 1, B, H), acc, h0.device))
     cells[init] = c0
     return states, cells
 
@@ -813,14 +952,7 @@ def _forward_impl(xproj, h0, c0, w_hh, b_hh, lengths, mode, reverse, track):
     empty = xproj.new_empty(0, dtype=acc)
     x = loop.copy_in("xproj", xproj)
     wt = loop.copy_in("wt", w_hh.t())
-    init = T if reverse else 0
-    states = loop.buffer("states", lambda: _alloc((T + 1, B, H), acc, device))
-    states[init] = h0
-    if mode == "lstm":
-        cells = loop.buffer("cells", lambda: _alloc((T + 1, B, H), acc, device))
-        cells[init] = c0
-    else:
-        cells = xproj.new_empty(0, dtype=acc)  # outputs may not alias each other
+    states, cells = _initial_states(loop, T, h0, c0, reverse, acc)
     ws = loop.buffer("ws", lambda: _alloc((T, B, 4 * H), acc, device)) if mode in ("lstm", "gru") \
         else xproj.new_empty(0, dtype=acc)
     if track:
@@ -956,14 +1088,15 @@ def _backward_impl(grad_states, grad_cell_states, states, cell_states, workspace
     cs = cell_states.contiguous() if mode == "lstm" else st.new_empty(0)
     ws = workspace.contiguous() if mode in ("lstm", "gru") else st.new_empty(0)
     w = w_hh.contiguous()
-    len_dev = lengths.to(device) if lengths is not None else st.new_empty(0, dtype=acc)
     # The forward's outputs and the weights are read in place: a graph captured on them replays for
     # the backward of every forward that returned the same buffers.
-    adopted = {"states": st, "cells": cs, "ws": ws, "w": w, "lengths": len_dev}
+    adopted = {"states": st, "cells": cs, "ws": ws, "w": w}
     key = None if persistent else ("bwd", T, B, H, dtype, device, clip, tuple(sorted(meta.items())))
     loop = _graphs.StepLoop(key, device, adopted)
     gs = loop.copy_in("gs", grad_states.to(acc))
     gcs = loop.copy_in("gcs", grad_cell_states.to(acc)) if mode == "lstm" else gs.new_empty(0)
+    len_dev = (loop.copy_in("lengths", lengths.to(device)) if lengths is not None
+               else st.new_empty(0, dtype=acc))
     dx = loop.buffer("dx", lambda: _alloc((T, B, G * H), acc, device))
     dr = loop.buffer("dr", lambda: _alloc((T, B, G * H), acc, device)) if mode == "gru" else dx
     carry_h = loop.buffer("carry_h", lambda: torch.empty(2, B, H, dtype=acc, device=device))
@@ -993,11 +1126,12 @@ def _backward_impl(grad_states, grad_cell_states, states, cell_states, workspace
 
     # The step processed first (s = 0) leaves the gradient of the initial state.
     first, init = (T - 1, T) if reverse else (0, 0)
-    grad_h0 = gs[init] + carry_h[0] + dr[first] @ w.to(acc)
+    grad_h0 = gs[init] + carry_h[0] + _gemm.mm(dr[first], w.to(acc))
     grad_c0 = (carry_c[0] + gcs[init]).to(dtype) if mode == "lstm" else st.new_empty(0)
     h_prev = st[1:] if reverse else st[:-1]
-    # One GEMM over all steps, in the input dtype (tensor cores for half inputs).
-    grad_w_hh = (dr.reshape(T * B, G * H).t().to(dtype) @ h_prev.reshape(T * B, H)).to(w_hh.dtype)
+    # One GEMM over all steps, in the input dtype (tensor cores for half inputs; float32 in the precision
+    # of the recurrent dots).
+    grad_w_hh = _gemm.mm(dr.reshape(T * B, G * H).t().to(dtype), h_prev.reshape(T * B, H)).to(w_hh.dtype)
     grad_b_hh = dr.sum((0, 1)).to(dtype) if has_b_hh else st.new_empty(0)
     if track:
         grad_sq = gsq_part.sum(0) if gsq_part.shape[0] > 1 else gsq_part[0]

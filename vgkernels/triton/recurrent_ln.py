@@ -5,17 +5,33 @@ the outputs of the C++ ops ``vgk::rnn_ln_forward`` / ``vgk::rnn_ln_backward`` (s
 ``vgkernels/ops/recurrent.py`` and ``csrc/cpu/recurrent_ln.cpp``): gates = xproj + LN(W_hh h) (the GRU
 adds b_hh after the LN, inside r * (...)), and for the LSTM h = o * tanh(LN(c)).
 
-Kernels. LN couples all G*H units of a sample, so one program owns a block of batch rows with all their
-columns and walks over the whole sequence (all its data dependencies stay inside the program; block
-barriers separate the passes):
+A step, forward: y = h_prev W_hh^T (N = G*H columns) and its row statistics, LN(y) and the gates, the
+new cell c and (LSTM) the statistics of c, then h = o * tanh(LN(c)). Backward, in reverse: the recurrent
+term dY_{t+1} W_hh and dh, (LSTM) the cell LN's backward and the gate gradients, then the LN backward
+into dY_t, the gradient of W_hh h_{t-1}. LN couples all units of a row twice per step (three times
+with the cell LN), so a step is a few kernels that each cover the GPU, in the order the row statistics
+need:
 
-- forward, per step: ``h_{t-1} W_hh^T`` with ``tl.dot`` into a scratch row buffer and its mean, the
-  variance from the stored row (two passes), the gates, the new state, and for the LSTM the cell LN
-  (mean, variance, tanh(LN(c)));
-- backward, per step in reverse: the recurrent term ``dY_{t+1} W_hh`` with ``tl.dot``, the cell LN
-  backward (LSTM), the clamped gate gradients (``grad_clip``), and the LN backward into ``dY_t``, the
-  gradient of ``W_hh h_{t-1}``; grad_w_hh is one GEMM after the loop, the gains' and shifts' gradients
-  are sums over all rows after the loop (deterministic).
+- the *step* loop (the default on a GPU): forward, per step, a dot kernel (a grid of [rows, gate
+  columns] tiles, split K where the tiles alone leave SMs idle, as in :mod:`vgkernels.triton.recurrent`)
+  that stores y and each tile's row (mean, sqrt(M2)); an element-wise kernel over [rows, hidden units]
+  that combines them into the row's mean and variance (the exact pairwise formula, in a fixed order,
+  squares scaled where they could overflow), applies LN and the gates and, for the LSTM, stores each
+  tile's (mean, sqrt(M2)) of c; and for the LSTM an element-wise kernel that combines those and
+  computes h. Backward, per step, a dot kernel with dh and (GRU) the gate
+  gradients; (LSTM) an element-wise kernel for the cell LN backward and the gate gradients; an
+  element-wise kernel for dY. Row sums go through [tiles, 2, B] buffers summed in a fixed order: no
+  float atomics, deterministic. On CUDA the step loop is replayed from CUDA graphs (:mod:`._graphs`).
+  Each kernel's grid keeps at least 100 of an H200's 132 SMs busy for B >= 16 (bench/results/aot_*.md).
+- the *persistent* loop: one program owns a block of 16 batch rows with all their columns and walks the
+  whole sequence (block barriers separate the passes; all its data dependencies stay inside the
+  program). It runs on ceil(B / 16) SMs; the plain cells' rule picks it (tiny steps, or a batch that
+  fills the GPU alone; under the interpreter). ``VGK_RNN_TRITON_LOOP`` = ``persistent`` | ``step`` |
+  ``auto`` and ``VGK_RNN_TRITON_GRAPH`` act as for the plain cells.
+
+Both loops run the same tile functions below (one piece of code per pass). grad_w_hh is one GEMM after
+the loop (:func:`vgkernels.triton.gemm.mm`), the gains' and shifts' gradients are sums over all rows
+after the loop (deterministic).
 
 Jacobian norms (track=True only; exact, see recurrent_ln.cpp for the derivation): after the forward,
 over chunks of positions, the left operands Z (yh / N; for the LSTM also rstd P(gamma alpha) and
@@ -41,20 +57,24 @@ import triton
 import triton.language as tl
 from torch.library import triton_op
 
-from vgkernels.triton import _host
+from vgkernels.triton import _graphs, _host
+from vgkernels.triton import gemm as _gemm
 from vgkernels.triton import recurrent as _plain
 from vgkernels.triton.layer_norm import _row_scale
 from vgkernels.triton.recurrent import (
     MAXNREG,
-    _dot,
-    _gru_gate_grads,
+    _gru_gamma,
+    _gru_state,
+    _gru_step_grads,
     _ld,
+    _lstm_alpha,
     _lstm_gate_grads,
+    _lstm_state,
     _pow2_between,
     _rec_dot,
     _row_lengths,
     _row_sq,
-    _sigmoid,
+    _split_fixup,
     _step,
     _tanh,
 )
@@ -72,7 +92,86 @@ def workspace_width(mode: str, H: int) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Kernels
+# Kernels: row statistics over tiles
+
+
+@triton.jit
+def _widths(H, LSTM: tl.constexpr):
+    """(N, WS, R_OFF): gate columns, workspace row width, and where rstd sits in a workspace row (the
+    LSTM's rstd_c follows it)."""
+    if LSTM:
+        N = 4 * H
+        WS = 10 * H + 2
+        R_OFF = 10 * H
+    else:
+        N = 3 * H
+        WS = 7 * H + 1
+        R_OFF = 7 * H
+    return N, WS, R_OFF
+
+
+@triton.jit
+def _tile_stats(v, m, count):
+    """Per row of a tile: the mean of v where m holds (over ``count`` columns) and the root of the sum of
+    squared deviations, sqrt(M2), summed over (v - mean) / max|v| where the squares could overflow
+    (max|v| > 2^50: a huge W_hh)."""
+    mean = tl.sum(tl.where(m, v, 0.0), axis=1) / count
+    inv = _row_scale(tl.max(tl.where(m, tl.abs(v), 0.0), axis=1))
+    d = tl.where(m, (v - mean[:, None]) * inv[:, None], 0.0)
+    return mean, tl.sqrt(tl.sum(d * d, axis=1)) / inv
+
+
+@triton.jit
+def _store_pair(ptr, tile, B, rows, mask, a, b):
+    """Two values per row at tile ``tile`` of a [tiles, 2, B] buffer of per-tile row values."""
+    off = tile * (2 * B) + rows
+    tl.store(ptr + off, a, mask=mask)
+    tl.store(ptr + off + B, b, mask=mask)
+
+
+@triton.jit
+def _load_pairs(ptr, rows, row_ok, B, n_tiles, NT: tl.constexpr):
+    """Both values of every tile of a [n_tiles, 2, B] buffer for the rows ([BLOCK_B, NT] each, zeros past
+    n_tiles), and the tile indices [NT]."""
+    t = tl.arange(0, NT)
+    m = row_ok[:, None] & (t < n_tiles)[None, :]
+    off = t[None, :] * (2 * B) + rows[:, None]
+    return tl.load(ptr + off, mask=m, other=0.0), tl.load(ptr + off + B, mask=m, other=0.0), t
+
+
+@triton.jit
+def _row_moments(ptr, rows, row_ok, B, total, n_tiles, eps, TILE: tl.constexpr, NT: tl.constexpr):
+    """Mean and 1 / sqrt(variance + eps) of rows of ``total`` columns from their tiles' (mean, sqrt(M2))
+    (:func:`_tile_stats`) in a [n_tiles, 2, B] buffer, tiles of TILE columns (the last one may be
+    shorter): the exact pairwise formula, each sum in one fixed order, the squares scaled as in
+    :func:`_tile_stats` by a bound of the row's |values| (no value is further from its tile's mean than
+    the tile's root)."""
+    means, roots, t = _load_pairs(ptr, rows, row_ok, B, n_tiles, NT)
+    count = tl.where(t < n_tiles, tl.minimum(total - t * TILE, TILE), 0).to(means.dtype)[None, :]
+    mean = tl.sum(means * count, axis=1) / total
+    inv = _row_scale(tl.max(tl.abs(means) + roots, axis=1))
+    d = (means - mean[:, None]) * inv[:, None]
+    r = roots * inv[:, None]
+    var = tl.sum(r * r + count * d * d, axis=1) / total
+    return mean, inv / tl.sqrt(var + eps * inv * inv)
+
+
+@triton.jit
+def _row_sums(ptr, rows, row_ok, B, n_tiles, NT: tl.constexpr):
+    """Row sums of both values of a [n_tiles, 2, B] buffer, each in one fixed order."""
+    a, b, _ = _load_pairs(ptr, rows, row_ok, B, n_tiles, NT)
+    return tl.sum(a, axis=1), tl.sum(b, axis=1)
+
+
+@triton.jit
+def _first_tile(rows, row_ok, pid):
+    """row_ok where ``pid`` is 0 (the program that writes per-row values), as a block mask: the
+    interpreter cannot combine a scalar condition with a block."""
+    return row_ok & ((rows * 0 + pid) == 0)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Kernels: the passes of a forward step, per tile
 
 
 @triton.jit
@@ -81,147 +180,6 @@ def _ln_gate(yp, yhp, gp, sp, m, col_ok, keep, mean, rstd, ACC: tl.constexpr):
     yh = (_ld(yp, m, ACC) - mean[:, None]) * rstd[:, None]
     tl.store(yhp, tl.where(keep, yh, 0.0), mask=m)
     return _ld(gp, col_ok, ACC)[None, :] * yh + _ld(sp, col_ok, ACC)[None, :]
-
-
-@triton.jit
-def _ln_forward_kernel(
-    x_ptr, st_ptr, cs_ptr, ws_ptr, y_ptr, wt_ptr, gam_ptr, sh_ptr, gc_ptr, bc_ptr, len_ptr, eps_ptr,
-    T, B, H,
-    LSTM: tl.constexpr, REVERSE: tl.constexpr, HAS_LEN: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
-    PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-):
-    """All T steps for one block of batch rows.
-
-    x [T, B, N]; st, cs [T+1, B, H]; ws [T, B, WS]; y [B, N] scratch; wt = W_hh^T [H, N]; gam, sh [N]
-    (sh includes the GRU's b_hh); gc, bc [H]; len [B]; eps [1] (a tensor: a float argument would be
-    float32 on a GPU).
-    """
-    pid = tl.program_id(0)
-    eps = tl.load(eps_ptr).to(ACC)
-    rows = pid * BLOCK_B + tl.arange(0, BLOCK_B)
-    row_ok = rows < B
-    if LSTM:
-        N = 4 * H
-        WS = 10 * H + 2
-    else:
-        N = 3 * H
-        WS = 7 * H + 1
-    BH = tl.cast(B, tl.int64) * H
-    lens = _row_lengths(len_ptr, rows, row_ok, HAS_LEN)
-    for s in range(T):
-        pos, _, in_base, out_base, valid = _step(s, T, BH, row_ok, lens, REVERSE, HAS_LEN)
-        x_base = tl.cast(pos, tl.int64) * B * N
-        ws_base = tl.cast(pos, tl.int64) * B * WS
-        # y = h_prev W^T into the scratch rows, and its row sums.
-        sum_y = tl.zeros([BLOCK_B], dtype=ACC)
-        max_y = tl.zeros([BLOCK_B], dtype=ACC)
-        for n0 in range(0, N, BLOCK_N):
-            cols = n0 + tl.arange(0, BLOCK_N)
-            col_ok = cols < N
-            acc = tl.zeros([BLOCK_B, BLOCK_N], dtype=ACC)
-            for k0 in range(0, H, BLOCK_K):
-                ks = k0 + tl.arange(0, BLOCK_K)
-                k_ok = ks < H
-                hk = tl.load(st_ptr + in_base + rows[:, None] * H + ks[None, :],
-                             mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-                wk = tl.load(wt_ptr + ks[:, None] * N + cols[None, :], mask=k_ok[:, None] & col_ok[None, :],
-                             other=0.0)
-                acc = _dot(hk, wk, acc, DOT, PRECISION)
-            m = row_ok[:, None] & col_ok[None, :]
-            tl.store(y_ptr + rows[:, None] * N + cols[None, :], acc, mask=m)
-            sum_y += tl.sum(tl.where(m, acc, 0.0), axis=1)
-            max_y = tl.maximum(max_y, tl.max(tl.where(m, tl.abs(acc), 0.0), axis=1))
-        mean = sum_y / N
-        # The variance of (y - mean) / max|y| where max|y| > 2^50 (large W_hh): float32 squares of
-        # values beyond ~1e19 overflow. 1 for other rows, which changes nothing.
-        inv = _row_scale(max_y)
-        tl.debug_barrier()
-        ssq = tl.zeros([BLOCK_B], dtype=ACC)
-        for n0 in range(0, N, BLOCK_N):
-            cols = n0 + tl.arange(0, BLOCK_N)
-            m = row_ok[:, None] & (cols < N)[None, :]
-            d = tl.where(m, _ld(y_ptr + rows[:, None] * N + cols[None, :], m, ACC) - mean[:, None], 0.0)
-            d = d * inv[:, None]
-            ssq += tl.sum(d * d, axis=1)
-        rstd = inv / tl.sqrt(ssq / N + eps * inv * inv)
-        # Gates and new state, a tile of hidden units at a time.
-        sum_c = tl.zeros([BLOCK_B], dtype=ACC)
-        for j0 in range(0, H, BLOCK_J):
-            cols = j0 + tl.arange(0, BLOCK_J)
-            col_ok = cols < H
-            m = row_ok[:, None] & col_ok[None, :]
-            keep = valid[:, None] & col_ok[None, :]
-            hoff = rows[:, None] * H + cols[None, :]
-            xp = x_ptr + x_base + rows[:, None] * N + cols[None, :]
-            yp = y_ptr + rows[:, None] * N + cols[None, :]
-            wp = ws_ptr + ws_base + rows[:, None] * WS + cols[None, :]
-            # LN(W_hh h_prev) per gate (yh at 4H.. of the workspace).
-            ln0 = _ln_gate(yp, wp + 4 * H, gam_ptr + cols, sh_ptr + cols, m, col_ok, keep, mean, rstd, ACC)
-            ln1 = _ln_gate(yp + H, wp + 5 * H, gam_ptr + H + cols, sh_ptr + H + cols, m, col_ok, keep, mean,
-                           rstd, ACC)
-            ln2 = _ln_gate(yp + 2 * H, wp + 6 * H, gam_ptr + 2 * H + cols, sh_ptr + 2 * H + cols, m, col_ok,
-                           keep, mean, rstd, ACC)
-            if LSTM:
-                ln3 = _ln_gate(yp + 3 * H, wp + 7 * H, gam_ptr + 3 * H + cols, sh_ptr + 3 * H + cols, m,
-                               col_ok, keep, mean, rstd, ACC)
-                si = _sigmoid(_ld(xp, m, ACC) + ln0)
-                sf = _sigmoid(_ld(xp + H, m, ACC) + ln1)
-                tg = _tanh(_ld(xp + 2 * H, m, ACC) + ln2)
-                so = _sigmoid(_ld(xp + 3 * H, m, ACC) + ln3)
-                c_prev = _ld(cs_ptr + in_base + hoff, m, ACC)
-                c = sf * c_prev + si * tg
-                tl.store(wp, tl.where(keep, si, 0.0), mask=m)
-                tl.store(wp + H, tl.where(keep, sf, 0.0), mask=m)
-                tl.store(wp + 2 * H, tl.where(keep, tg, 0.0), mask=m)
-                tl.store(wp + 3 * H, tl.where(keep, so, 0.0), mask=m)
-                tl.store(cs_ptr + out_base + hoff, tl.where(keep, c, c_prev), mask=m)
-                sum_c += tl.sum(tl.where(keep, c, 0.0), axis=1)
-            else:
-                h_prev = _ld(st_ptr + in_base + hoff, m, ACC)
-                r = _sigmoid(_ld(xp, m, ACC) + ln0)
-                z = _sigmoid(_ld(xp + H, m, ACC) + ln1)
-                n = _tanh(_ld(xp + 2 * H, m, ACC) + r * ln2)
-                h = (1.0 - z) * n + z * h_prev
-                tl.store(wp, tl.where(keep, r, 0.0), mask=m)
-                tl.store(wp + H, tl.where(keep, z, 0.0), mask=m)
-                tl.store(wp + 2 * H, tl.where(keep, n, 0.0), mask=m)
-                tl.store(wp + 3 * H, tl.where(keep, ln2, 0.0), mask=m)
-                tl.store(st_ptr + out_base + hoff, tl.where(keep, h, h_prev), mask=m)
-        row_ws = ws_ptr + ws_base + rows * WS
-        if LSTM:
-            # The cell LN: statistics of the stored c, then h = so * tanh(LN(c)).
-            mean_c = sum_c / H
-            tl.debug_barrier()
-            ssq_c = tl.zeros([BLOCK_B], dtype=ACC)
-            for j0 in range(0, H, BLOCK_J):
-                cols = j0 + tl.arange(0, BLOCK_J)
-                keep = valid[:, None] & (cols < H)[None, :]
-                d = tl.where(keep, _ld(cs_ptr + out_base + rows[:, None] * H + cols[None, :], keep, ACC)
-                             - mean_c[:, None], 0.0)
-                ssq_c += tl.sum(d * d, axis=1)
-            rstd_c = 1.0 / tl.sqrt(ssq_c / H + eps)
-            for j0 in range(0, H, BLOCK_J):
-                cols = j0 + tl.arange(0, BLOCK_J)
-                col_ok = cols < H
-                m = row_ok[:, None] & col_ok[None, :]
-                keep = valid[:, None] & col_ok[None, :]
-                hoff = rows[:, None] * H + cols[None, :]
-                wp = ws_ptr + ws_base + rows[:, None] * WS + cols[None, :]
-                ch = (_ld(cs_ptr + out_base + hoff, m, ACC) - mean_c[:, None]) * rstd_c[:, None]
-                t = _tanh(_ld(gc_ptr + cols, col_ok, ACC)[None, :] * ch
-                          + _ld(bc_ptr + cols, col_ok, ACC)[None, :])
-                h = _ld(wp + 3 * H, m, ACC) * t
-                tl.store(wp + 8 * H, tl.where(keep, ch, 0.0), mask=m)
-                tl.store(wp + 9 * H, tl.where(keep, t, 0.0), mask=m)
-                h_prev = _ld(st_ptr + in_base + hoff, m, ACC)
-                tl.store(st_ptr + out_base + hoff, tl.where(keep, h, h_prev), mask=m)
-            tl.store(row_ws + 10 * H, tl.where(valid, rstd, 0.0), mask=row_ok)
-            tl.store(row_ws + 10 * H + 1, tl.where(valid, rstd_c, 0.0), mask=row_ok)
-        else:
-            tl.store(row_ws + 7 * H, tl.where(valid, rstd, 0.0), mask=row_ok)
-        # The next step reads the states this step wrote, from every tile of the block.
-        tl.debug_barrier()
 
 
 @triton.jit
@@ -244,9 +202,225 @@ def _ln_grad_sums(d0, d1, d2, d3, gam_ptr, wp, cols, col_ok, m, H, ACC: tl.const
 
 
 @triton.jit
+def _ln_y_tile(acc, y_ptr, ystat_ptr, rows, row_out, cols, m, tile, B, N, BLOCK_N: tl.constexpr):
+    """Stores a tile of y = h_prev W_hh^T (where m holds) and its rows' (mean, sqrt(M2)) (rows of row_out)."""
+    tl.store(y_ptr + rows[:, None] * N + cols[None, :], acc, mask=m)
+    mean, root = _tile_stats(acc, m, tl.minimum(N - tile * BLOCK_N, BLOCK_N))
+    _store_pair(ystat_ptr, tile, B, rows, row_out, mean, root)
+
+
+@triton.jit
+def _ln_gates_tile(x_ptr, x_base, st_ptr, cs_ptr, in_base, out_base, ws_ptr, ws_base, y_ptr, gam_ptr, sh_ptr,
+                   rows, cols, col_ok, m, keep, mean, rstd, H, LSTM: tl.constexpr, ACC: tl.constexpr):
+    """One tile of hidden units of a forward step, after y's row statistics: LN(y) per gate (yh saved
+    in the workspace), the gates (saved), and the new cell (LSTM) or state (GRU), stored (carried past
+    a row's length) and returned."""
+    N, WS, _ = _widths(H, LSTM)
+    hoff = rows[:, None] * H + cols[None, :]
+    xp = x_ptr + x_base + rows[:, None] * N + cols[None, :]
+    yp = y_ptr + rows[:, None] * N + cols[None, :]
+    wp = ws_ptr + ws_base + rows[:, None] * WS + cols[None, :]
+    ln0 = _ln_gate(yp, wp + 4 * H, gam_ptr + cols, sh_ptr + cols, m, col_ok, keep, mean, rstd, ACC)
+    ln1 = _ln_gate(yp + H, wp + 5 * H, gam_ptr + H + cols, sh_ptr + H + cols, m, col_ok, keep, mean, rstd,
+                   ACC)
+    ln2 = _ln_gate(yp + 2 * H, wp + 6 * H, gam_ptr + 2 * H + cols, sh_ptr + 2 * H + cols, m, col_ok, keep,
+                   mean, rstd, ACC)
+    if LSTM:
+        ln3 = _ln_gate(yp + 3 * H, wp + 7 * H, gam_ptr + 3 * H + cols, sh_ptr + 3 * H + cols, m, col_ok, keep,
+                       mean, rstd, ACC)
+        c_prev = _ld(cs_ptr + in_base + hoff, m, ACC)
+        si, sf, tg, so, new = _lstm_state(_ld(xp, m, ACC) + ln0, _ld(xp + H, m, ACC) + ln1,
+                                          _ld(xp + 2 * H, m, ACC) + ln2, _ld(xp + 3 * H, m, ACC) + ln3,
+                                          c_prev)
+        tl.store(wp, tl.where(keep, si, 0.0), mask=m)
+        tl.store(wp + H, tl.where(keep, sf, 0.0), mask=m)
+        tl.store(wp + 2 * H, tl.where(keep, tg, 0.0), mask=m)
+        tl.store(wp + 3 * H, tl.where(keep, so, 0.0), mask=m)
+        tl.store(cs_ptr + out_base + hoff, tl.where(keep, new, c_prev), mask=m)
+    else:
+        h_prev = _ld(st_ptr + in_base + hoff, m, ACC)
+        r, z, n, new = _gru_state(_ld(xp, m, ACC) + ln0, _ld(xp + H, m, ACC) + ln1, _ld(xp + 2 * H, m, ACC),
+                                  ln2, h_prev)
+        tl.store(wp, tl.where(keep, r, 0.0), mask=m)
+        tl.store(wp + H, tl.where(keep, z, 0.0), mask=m)
+        tl.store(wp + 2 * H, tl.where(keep, n, 0.0), mask=m)
+        tl.store(wp + 3 * H, tl.where(keep, ln2, 0.0), mask=m)
+        tl.store(st_ptr + out_base + hoff, tl.where(keep, new, h_prev), mask=m)
+    return new
+
+
+@triton.jit
+def _ln_cell_tile(st_ptr, cs_ptr, in_base, out_base, ws_ptr, ws_base, gc_ptr, bc_ptr, rows, cols, col_ok, m,
+                  keep, mean_c, rstd_c, H, ACC: tl.constexpr):
+    """LSTM, one tile of hidden units after c's row statistics: h = so * tanh(LN(c)) stored (carried past
+    a row's length); the normalized c and tanh(LN(c)) saved in the workspace."""
+    WS = 10 * H + 2
+    hoff = rows[:, None] * H + cols[None, :]
+    wp = ws_ptr + ws_base + rows[:, None] * WS + cols[None, :]
+    ch = (_ld(cs_ptr + out_base + hoff, m, ACC) - mean_c[:, None]) * rstd_c[:, None]
+    t = _tanh(_ld(gc_ptr + cols, col_ok, ACC)[None, :] * ch + _ld(bc_ptr + cols, col_ok, ACC)[None, :])
+    h = _ld(wp + 3 * H, m, ACC) * t
+    tl.store(wp + 8 * H, tl.where(keep, ch, 0.0), mask=m)
+    tl.store(wp + 9 * H, tl.where(keep, t, 0.0), mask=m)
+    h_prev = _ld(st_ptr + in_base + hoff, m, ACC)
+    tl.store(st_ptr + out_base + hoff, tl.where(keep, h, h_prev), mask=m)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Kernels: the passes of a backward step, per tile
+
+
+@triton.jit
+def _ln_bwd_state_tile(rec, gs_ptr, st_ptr, ws_ptr, gam_ptr, gc_ptr, gx_ptr, dl_ptr, dh_ptr, ch_ptr, in_base,
+                       out_base, n_base, l_base, ws_base, rd, wr, rows, cols, col_ok, m, keep, clip, H,
+                       LSTM: tl.constexpr, HAS_CLIP: tl.constexpr, ACC: tl.constexpr):
+    """One tile of hidden units of a backward step, from rec = dY_next W_hh there: dh = dloss/dh and the
+    carry of h to the previous step (ping-pong slot wr; rd holds the next step's). LSTM: the gradient dl
+    of LN(c)'s output, stored with dh; GRU: the gate gradients (gx, and dl of LN(W_hh h) + b_hh).
+
+    Returns dh's squared row norms and the tile's row sums for the next LN backward: LSTM (sum g,
+    sum g * ch) with g = dl * gamma_c; GRU (sum g, sum g * yh) with g = dl * gamma.
+    """
+    N, WS, _ = _widths(H, LSTM)
+    hoff = rows[:, None] * H + cols[None, :]
+    dh = _ld(gs_ptr + out_base + hoff, m, ACC) + _ld(ch_ptr + rd + hoff, m, ACC) + rec
+    sq = _row_sq(dh, keep)
+    wp = ws_ptr + ws_base + rows[:, None] * WS + cols[None, :]
+    if LSTM:
+        t = _ld(wp + 9 * H, m, ACC)
+        dlc = tl.where(keep, dh * _ld(wp + 3 * H, m, ACC) * (1.0 - t * t), 0.0)
+        tl.store(dl_ptr + l_base + hoff, dlc, mask=m)
+        tl.store(dh_ptr + hoff, dh, mask=m)
+        g = dlc * _ld(gc_ptr + cols, col_ok, ACC)[None, :]
+        s1 = tl.sum(g, axis=1)
+        s2 = tl.sum(g * _ld(wp + 8 * H, m, ACC), axis=1)
+        tl.store(ch_ptr + wr + hoff, tl.where(keep, 0.0, dh), mask=m)
+    else:
+        tile = rows[:, None] * N + cols[None, :]
+        d_r, d_z, d_n, r, carry = _gru_step_grads(dh, wp, _ld(st_ptr + in_base + hoff, m, ACC),
+                                                  gx_ptr + n_base + tile, dl_ptr + l_base + tile, H, m, keep,
+                                                  clip, HAS_CLIP, ACC)
+        s1, s2 = _ln_grad_sums(d_r, d_z, d_n * r, d_n, gam_ptr, wp, cols, col_ok, m, H, ACC, False)
+        tl.store(ch_ptr + wr + hoff, carry, mask=m)
+    return sq, s1, s2
+
+
+@triton.jit
+def _ln_bwd_cell_tile(gcs_ptr, cs_ptr, ws_ptr, gam_ptr, gc_ptr, gx_ptr, dl_ptr, dh_ptr, cc_ptr, in_base,
+                      out_base, n_base, l_base, ws_base, rd, wr, rows, cols, col_ok, m, keep, mg, mgc, rstd_c,
+                      clip, H, HAS_CLIP: tl.constexpr, ACC: tl.constexpr):
+    """LSTM, one tile of hidden units after the cell LN's row means (mg of g = dl * gamma_c, mgc of g * ch):
+    dc, the gate gradients (gx) and the carry of c. Returns dc's squared row norms and the tile's row sums
+    (sum g, sum g * yh) for LN(W_hh h)'s backward, g = gx * gamma."""
+    N = 4 * H
+    WS = 10 * H + 2
+    hoff = rows[:, None] * H + cols[None, :]
+    wp = ws_ptr + ws_base + rows[:, None] * WS + cols[None, :]
+    dh = _ld(dh_ptr + hoff, m, ACC)
+    ch = _ld(wp + 8 * H, m, ACC)
+    dlc = _ld(dl_ptr + l_base + hoff, m, ACC)
+    gain = _ld(gc_ptr + cols, col_ok, ACC)[None, :]
+    from_h = rstd_c[:, None] * (dlc * gain - mg[:, None] - ch * mgc[:, None])
+    carried = _ld(gcs_ptr + out_base + hoff, m, ACC) + _ld(cc_ptr + rd + hoff, m, ACC)
+    dc = carried + tl.where(keep, from_h, 0.0)
+    sq = _row_sq(dc, keep)
+    sf = _ld(wp + H, m, ACC)
+    d_i, d_f, d_g, d_o = _lstm_gate_grads(dc, dh, _ld(wp, m, ACC), sf, _ld(wp + 2 * H, m, ACC),
+                                          _ld(wp + 3 * H, m, ACC), _ld(cs_ptr + in_base + hoff, m, ACC),
+                                          _ld(wp + 9 * H, m, ACC), keep, clip, HAS_CLIP)
+    gp = gx_ptr + n_base + rows[:, None] * N + cols[None, :]
+    tl.store(gp, d_i, mask=m)
+    tl.store(gp + H, d_f, mask=m)
+    tl.store(gp + 2 * H, d_g, mask=m)
+    tl.store(gp + 3 * H, d_o, mask=m)
+    tl.store(cc_ptr + wr + hoff, tl.where(keep, dc * sf, dc), mask=m)
+    s1, s2 = _ln_grad_sums(d_i, d_f, d_g, d_o, gam_ptr, wp, cols, col_ok, m, H, ACC, True)
+    return sq, s1, s2
+
+
+@triton.jit
+def _ln_bwd_dy_tile(src_ptr, ws_ptr, gam_ptr, dy_ptr, n_base, ws_base, rows, cols, col_ok, m, keep, mean_g,
+                    mean_gy, rstd, H, LSTM: tl.constexpr, ACC: tl.constexpr):
+    """One tile of gate columns of dY = d(W_hh h_prev): LN(W_hh h)'s backward from the gradient of its
+    output (src: gx for the LSTM, dl for the GRU) and the row means of g = src * gamma and of g * yh."""
+    N, WS, _ = _widths(H, LSTM)
+    noff = rows[:, None] * N + cols[None, :]
+    g = _ld(src_ptr + n_base + noff, m, ACC) * _ld(gam_ptr + cols, col_ok, ACC)[None, :]
+    yh = _ld(ws_ptr + ws_base + rows[:, None] * WS + 4 * H + cols[None, :], m, ACC)
+    dy = rstd[:, None] * (g - mean_g[:, None] - yh * mean_gy[:, None])
+    tl.store(dy_ptr + n_base + noff, tl.where(keep, dy, 0.0), mask=m)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Kernels: the persistent loop
+
+
+@triton.jit
+def _ln_forward_kernel(
+    x_ptr, st_ptr, cs_ptr, ws_ptr, y_ptr, ystat_ptr, cstat_ptr, wt_ptr, gam_ptr, sh_ptr, gc_ptr, bc_ptr,
+    len_ptr, eps_ptr, T, B, H,
+    LSTM: tl.constexpr, REVERSE: tl.constexpr, HAS_LEN: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr,
+    BLOCK_K: tl.constexpr, NT_Y: tl.constexpr, NT_C: tl.constexpr,
+):
+    """All T steps for one block of batch rows.
+
+    x [T, B, N]; st, cs [T+1, B, H]; ws [T, B, WS]; y [B, N] scratch; ystat [N / BLOCK_N, 2, B] and cstat
+    [H / BLOCK_J, 2, B] per-tile (mean, sqrt(M2)) scratch; wt = W_hh^T [H, N]; gam, sh [N] (sh includes the
+    GRU's b_hh); gc, bc [H]; len [B]; eps [1] (a tensor: a float argument would be float32 on a GPU).
+    """
+    pid = tl.program_id(0)
+    eps = tl.load(eps_ptr).to(ACC)
+    rows = pid * BLOCK_B + tl.arange(0, BLOCK_B)
+    row_ok = rows < B
+    N, WS, R_OFF = _widths(H, LSTM)
+    BH = tl.cast(B, tl.int64) * H
+    lens = _row_lengths(len_ptr, rows, row_ok, HAS_LEN)
+    n_ytiles = tl.cdiv(N, BLOCK_N)
+    n_ctiles = tl.cdiv(H, BLOCK_J)
+    for s in range(T):
+        pos, _, in_base, out_base, valid = _step(s, T, BH, row_ok, lens, REVERSE, HAS_LEN)
+        x_base = tl.cast(pos, tl.int64) * B * N
+        ws_base = tl.cast(pos, tl.int64) * B * WS
+        for yt in range(n_ytiles):
+            cols = yt * BLOCK_N + tl.arange(0, BLOCK_N)
+            col_ok = cols < N
+            acc = _rec_dot(st_ptr + in_base, wt_ptr, rows, row_ok, cols, col_ok, 0, H, H, N,
+                           tl.zeros([BLOCK_B, BLOCK_N], dtype=ACC), DOT, PRECISION, BLOCK_K)
+            _ln_y_tile(acc, y_ptr, ystat_ptr, rows, row_ok, cols, row_ok[:, None] & col_ok[None, :], yt, B, N,
+                       BLOCK_N)
+        tl.debug_barrier()
+        mean, rstd = _row_moments(ystat_ptr, rows, row_ok, B, N, n_ytiles, eps, BLOCK_N, NT_Y)
+        for ct in range(n_ctiles):
+            cols = ct * BLOCK_J + tl.arange(0, BLOCK_J)
+            col_ok = cols < H
+            m = row_ok[:, None] & col_ok[None, :]
+            new = _ln_gates_tile(x_ptr, x_base, st_ptr, cs_ptr, in_base, out_base, ws_ptr, ws_base, y_ptr,
+                                 gam_ptr, sh_ptr, rows, cols, col_ok, m, valid[:, None] & col_ok[None, :],
+                                 mean, rstd, H, LSTM, ACC)
+            if LSTM:
+                mean_t, root_t = _tile_stats(new, m, tl.minimum(H - ct * BLOCK_J, BLOCK_J))
+                _store_pair(cstat_ptr, ct, B, rows, row_ok, mean_t, root_t)
+        row_ws = ws_ptr + ws_base + rows * WS + R_OFF
+        tl.store(row_ws, tl.where(valid, rstd, 0.0), mask=row_ok)
+        if LSTM:
+            tl.debug_barrier()
+            mean_c, rstd_c = _row_moments(cstat_ptr, rows, row_ok, B, H, n_ctiles, eps, BLOCK_J, NT_C)
+            for ct in range(n_ctiles):
+                cols = ct * BLOCK_J + tl.arange(0, BLOCK_J)
+                col_ok = cols < H
+                _ln_cell_tile(st_ptr, cs_ptr, in_base, out_base, ws_ptr, ws_base, gc_ptr, bc_ptr, rows, cols,
+                              col_ok, row_ok[:, None] & col_ok[None, :], valid[:, None] & col_ok[None, :],
+                              mean_c, rstd_c, H, ACC)
+            tl.store(row_ws + 1, tl.where(valid, rstd_c, 0.0), mask=row_ok)
+        # The next step reads the states this step wrote, from every tile of the block.
+        tl.debug_barrier()
+
+
+@triton.jit
 def _ln_backward_kernel(
     gs_ptr, gcs_ptr, st_ptr, cs_ptr, ws_ptr, w_ptr, gam_ptr, gc_ptr, len_ptr,
-    gx_ptr, dl_ptr, dy_ptr, dh_ptr, ch_ptr, cc_ptr, gsq_ptr, clip_ptr,
+    gx_ptr, dl_ptr, dy_ptr, dh_ptr, ch_ptr, cc_ptr, gsq_h_ptr, gsq_c_ptr, clip_ptr,
     T, B, H,
     LSTM: tl.constexpr, REVERSE: tl.constexpr, HAS_LEN: tl.constexpr, HAS_CLIP: tl.constexpr,
     TRACK: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
@@ -255,25 +429,20 @@ def _ln_backward_kernel(
     """All T steps of the backward, in reverse processing order, for one block of batch rows.
 
     gs, gcs, st, cs [T+1, B, H]; ws [T, B, WS]; w = W_hh [N, H]; gx [T, B, N] (grad_xproj); dl [T, B, N]
-    (GRU: gradient of LN(W_hh h) + b_hh) or [T, B, H] (LSTM: of LN(c)); dy [T, B, N] gradient of
-    W_hh h_prev; dh [B, H] scratch; ch, cc [2, B, H] ping-pong buffers of the gradients carried to the
+    (GRU: gradient of LN(W_hh h) + b_hh) or [T, B, H] (LSTM: of LN(c)'s output); dy [T, B, N] gradient
+    of W_hh h_prev; dh [B, H] scratch; ch, cc [2, B, H] ping-pong buffers of the gradients carried to the
     previous state (zeros on entry; step s reads slot (s+1) % 2 and writes slot s % 2, so the final ones
-    are in slot 0); gsq float64 [K, T, B]; clip [1].
+    are in slot 0); gsq_h, gsq_c float64 [1, T, B] squared norms of dh, dc; clip [1].
     """
     pid = tl.program_id(0)
     clip = tl.load(clip_ptr).to(ACC)
     rows = pid * BLOCK_B + tl.arange(0, BLOCK_B)
     row_ok = rows < B
+    N, WS, R_OFF = _widths(H, LSTM)
     if LSTM:
-        N = 4 * H
-        WS = 10 * H + 2
         DL = H
-        R_OFF = 10 * H
     else:
-        N = 3 * H
-        WS = 7 * H + 1
         DL = N
-        R_OFF = 7 * H
     BH = tl.cast(B, tl.int64) * H
     lens = _row_lengths(len_ptr, rows, row_ok, HAS_LEN)
     for i in range(T):
@@ -285,123 +454,265 @@ def _ln_backward_kernel(
         n_base = tl.cast(pos, tl.int64) * B * N
         l_base = tl.cast(pos, tl.int64) * B * DL
         ws_base = tl.cast(pos, tl.int64) * B * WS
-        row_ws = ws_ptr + ws_base + rows * WS
-        rstd = _ld(row_ws + R_OFF, row_ok, ACC)
+        row_ws = ws_ptr + ws_base + rows * WS + R_OFF
         rd = tl.cast((s + 1) % 2, tl.int64) * BH
         wr = tl.cast(s % 2, tl.int64) * BH
         sq_h = tl.zeros([BLOCK_B], dtype=tl.float64)
         sq_c = tl.zeros([BLOCK_B], dtype=tl.float64)
-        # Sums of the LN(W_hh h) backward: g = (its output's gradient) * gamma; sum g and sum g * yh.
-        sg = tl.zeros([BLOCK_B], dtype=ACC)
-        sgy = tl.zeros([BLOCK_B], dtype=ACC)
-        # Cell LN backward sums (LSTM).
-        sgc = tl.zeros([BLOCK_B], dtype=ACC)
-        sgcc = tl.zeros([BLOCK_B], dtype=ACC)
+        s1 = tl.zeros([BLOCK_B], dtype=ACC)
+        s2 = tl.zeros([BLOCK_B], dtype=ACC)
         for j0 in range(0, H, BLOCK_J):
             cols = j0 + tl.arange(0, BLOCK_J)
             col_ok = cols < H
-            m = row_ok[:, None] & col_ok[None, :]
-            keep = valid[:, None] & col_ok[None, :]
-            hoff = rows[:, None] * H + cols[None, :]
             rec = _rec_dot(dy_ptr + next_base, w_ptr, rows, row_ok, cols, col_ok, 0, k_end, N, H,
                            tl.zeros([BLOCK_B, BLOCK_J], dtype=ACC), DOT, PRECISION, BLOCK_K)
-            dh = _ld(gs_ptr + out_base + hoff, m, ACC) + _ld(ch_ptr + rd + hoff, m, ACC) + rec
-            if TRACK:
-                sq_h += _row_sq(dh, keep)
-            wp = ws_ptr + ws_base + rows[:, None] * WS + cols[None, :]
-            if LSTM:
-                t = _ld(wp + 9 * H, m, ACC)
-                dlc = tl.where(keep, dh * _ld(wp + 3 * H, m, ACC) * (1.0 - t * t), 0.0)
-                tl.store(dl_ptr + l_base + hoff, dlc, mask=m)
-                tl.store(dh_ptr + hoff, dh, mask=m)
-                g = dlc * _ld(gc_ptr + cols, col_ok, ACC)[None, :]
-                sgc += tl.sum(g, axis=1)
-                sgcc += tl.sum(g * _ld(wp + 8 * H, m, ACC), axis=1)
-                tl.store(ch_ptr + wr + hoff, tl.where(keep, 0.0, dh), mask=m)
-            else:
-                r = _ld(wp, m, ACC)
-                z = _ld(wp + H, m, ACC)
-                n = _ld(wp + 2 * H, m, ACC)
-                hn = _ld(wp + 3 * H, m, ACC)
-                h_prev = _ld(st_ptr + in_base + hoff, m, ACC)
-                d_r, d_z, d_n = _gru_gate_grads(dh, r, z, n, hn, h_prev, keep, clip, HAS_CLIP)
-                gp = gx_ptr + n_base + rows[:, None] * N + cols[None, :]
-                tl.store(gp, d_r, mask=m)
-                tl.store(gp + H, d_z, mask=m)
-                tl.store(gp + 2 * H, d_n, mask=m)
-                lp = dl_ptr + l_base + rows[:, None] * N + cols[None, :]
-                tl.store(lp, d_r, mask=m)
-                tl.store(lp + H, d_z, mask=m)
-                tl.store(lp + 2 * H, d_n * r, mask=m)
-                tile_g, tile_gy = _ln_grad_sums(d_r, d_z, d_n * r, d_n, gam_ptr, wp, cols, col_ok, m, H, ACC,
-                                                False)
-                sg += tile_g
-                sgy += tile_gy
-                tl.store(ch_ptr + wr + hoff, tl.where(keep, dh * z, dh), mask=m)
+            t_sq, t1, t2 = _ln_bwd_state_tile(rec, gs_ptr, st_ptr, ws_ptr, gam_ptr, gc_ptr, gx_ptr, dl_ptr,
+                                              dh_ptr, ch_ptr, in_base, out_base, n_base, l_base, ws_base, rd,
+                                              wr, rows, cols, col_ok, row_ok[:, None] & col_ok[None, :],
+                                              valid[:, None] & col_ok[None, :], clip, H, LSTM, HAS_CLIP, ACC)
+            sq_h += t_sq
+            s1 += t1
+            s2 += t2
         if LSTM:
-            # dc = dc_carried + grad_cell_states + the cell LN backward of dlc; then the gate gradients.
+            # dc = dc_carried + grad_cell_states + the cell LN backward of dl; then the gate gradients.
             tl.debug_barrier()
-            rstd_c = _ld(row_ws + 10 * H + 1, row_ok, ACC)
-            mg = sgc / H
-            mgc = sgcc / H
+            rstd_c = _ld(row_ws + 1, row_ok, ACC)
+            mg = s1 / H
+            mgc = s2 / H
+            s1 = tl.zeros([BLOCK_B], dtype=ACC)
+            s2 = tl.zeros([BLOCK_B], dtype=ACC)
             for j0 in range(0, H, BLOCK_J):
                 cols = j0 + tl.arange(0, BLOCK_J)
                 col_ok = cols < H
-                m = row_ok[:, None] & col_ok[None, :]
-                keep = valid[:, None] & col_ok[None, :]
-                hoff = rows[:, None] * H + cols[None, :]
-                wp = ws_ptr + ws_base + rows[:, None] * WS + cols[None, :]
-                dh = _ld(dh_ptr + hoff, m, ACC)
-                ch = _ld(wp + 8 * H, m, ACC)
-                dlc = _ld(dl_ptr + l_base + hoff, m, ACC)
-                from_h = rstd_c[:, None] * (dlc * _ld(gc_ptr + cols, col_ok, ACC)[None, :] - mg[:, None]
-                                            - ch * mgc[:, None])
-                dc = (_ld(gcs_ptr + out_base + hoff, m, ACC) + _ld(cc_ptr + rd + hoff, m, ACC)
-                      + tl.where(keep, from_h, 0.0))
-                if TRACK:
-                    sq_c += _row_sq(dc, keep)
-                si = _ld(wp, m, ACC)
-                sf = _ld(wp + H, m, ACC)
-                tg = _ld(wp + 2 * H, m, ACC)
-                so = _ld(wp + 3 * H, m, ACC)
-                t = _ld(wp + 9 * H, m, ACC)
-                c_prev = _ld(cs_ptr + in_base + hoff, m, ACC)
-                d_i, d_f, d_g, d_o = _lstm_gate_grads(dc, dh, si, sf, tg, so, c_prev, t, keep, clip, HAS_CLIP)
-                gp = gx_ptr + n_base + rows[:, None] * N + cols[None, :]
-                tl.store(gp, d_i, mask=m)
-                tl.store(gp + H, d_f, mask=m)
-                tl.store(gp + 2 * H, d_g, mask=m)
-                tl.store(gp + 3 * H, d_o, mask=m)
-                tl.store(cc_ptr + wr + hoff, tl.where(keep, dc * sf, dc), mask=m)
-                tile_g, tile_gy = _ln_grad_sums(d_i, d_f, d_g, d_o, gam_ptr, wp, cols, col_ok, m, H, ACC,
-                                                True)
-                sg += tile_g
-                sgy += tile_gy
+                t_sq, t1, t2 = _ln_bwd_cell_tile(gcs_ptr, cs_ptr, ws_ptr, gam_ptr, gc_ptr, gx_ptr, dl_ptr,
+                                                 dh_ptr, cc_ptr, in_base, out_base, n_base, l_base, ws_base,
+                                                 rd, wr, rows, cols, col_ok,
+                                                 row_ok[:, None] & col_ok[None, :],
+                                                 valid[:, None] & col_ok[None, :], mg, mgc, rstd_c, clip, H,
+                                                 HAS_CLIP, ACC)
+                sq_c += t_sq
+                s1 += t1
+                s2 += t2
         # The LN backward into dy = d(W_hh h_prev), from the gradients this step stored.
         tl.debug_barrier()
-        mean_g = sg / N
-        mean_gy = sgy / N
-        if LSTM:
-            src_ptr = gx_ptr + n_base
-        else:
-            src_ptr = dl_ptr + l_base
+        rstd = _ld(row_ws, row_ok, ACC)
         for n0 in range(0, N, BLOCK_N):
             cols = n0 + tl.arange(0, BLOCK_N)
             col_ok = cols < N
-            m = row_ok[:, None] & col_ok[None, :]
-            keep = valid[:, None] & col_ok[None, :]
-            g = (_ld(src_ptr + rows[:, None] * N + cols[None, :], m, ACC)
-                 * _ld(gam_ptr + cols, col_ok, ACC)[None, :])
-            yh = _ld(ws_ptr + ws_base + rows[:, None] * WS + 4 * H + cols[None, :], m, ACC)
-            dy = rstd[:, None] * (g - mean_g[:, None] - yh * mean_gy[:, None])
-            tl.store(dy_ptr + n_base + rows[:, None] * N + cols[None, :], tl.where(keep, dy, 0.0), mask=m)
-        if TRACK:
-            sq_ptr = gsq_ptr + tl.cast(pos, tl.int64) * B + rows
-            tl.store(sq_ptr, tl.where(valid, sq_h, 0.0), mask=row_ok)
             if LSTM:
-                tl.store(sq_ptr + tl.cast(T, tl.int64) * B, tl.where(valid, sq_c, 0.0), mask=row_ok)
+                src_ptr = gx_ptr
+            else:
+                src_ptr = dl_ptr
+            _ln_bwd_dy_tile(src_ptr, ws_ptr, gam_ptr, dy_ptr, n_base, ws_base, rows, cols, col_ok,
+                            row_ok[:, None] & col_ok[None, :], valid[:, None] & col_ok[None, :], s1 / N,
+                            s2 / N, rstd, H, LSTM, ACC)
+        if TRACK:
+            tl.store(gsq_h_ptr + tl.cast(pos, tl.int64) * B + rows, sq_h, mask=row_ok)
+            if LSTM:
+                tl.store(gsq_c_ptr + tl.cast(pos, tl.int64) * B + rows, sq_c, mask=row_ok)
         # The next step reads dy and the carries this step wrote, from every tile of the block.
         tl.debug_barrier()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Kernels: the step loop (one launch per pass and step; ``s`` the processed step)
+
+
+@triton.jit
+def _step_tile(len_ptr, T, B, H, s, n_cols, REVERSE: tl.constexpr, HAS_LEN: tl.constexpr,
+               BLOCK_B: tl.constexpr, BLOCK_J: tl.constexpr):
+    """Program (b, j)'s [BLOCK_B, BLOCK_J] tile of a step's [B, n_cols]: (rows, row_ok, cols, col_ok) and
+    :func:`_step`'s (pos, pos_next, in_base, out_base, valid) for processed step s."""
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    row_ok = rows < B
+    cols = tl.program_id(1) * BLOCK_J + tl.arange(0, BLOCK_J)
+    col_ok = cols < n_cols
+    lens = _row_lengths(len_ptr, rows, row_ok, HAS_LEN)
+    pos, pos_next, in_base, out_base, valid = _step(s, T, tl.cast(B, tl.int64) * H, row_ok, lens, REVERSE,
+                                                    HAS_LEN)
+    return rows, row_ok, cols, col_ok, pos, pos_next, in_base, out_base, valid
+
+
+@triton.jit(do_not_specialize=["s"])
+def _ln_fwd_dot_kernel(
+    st_ptr, wt_ptr, y_ptr, ystat_ptr, part_ptr, cnt_ptr, T, B, H, s, k_chunk,
+    LSTM: tl.constexpr, REVERSE: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
+    SPLIT: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Forward: one [BLOCK_B, BLOCK_N] tile of y = h_prev W_hh^T into y [B, N] and its rows' (mean, sqrt(M2))
+    into ystat [tiles, 2, B]. Split K (SPLIT > 1): program (b, n, k) takes rows k * k_chunk .. of W_hh^T,
+    partials in part [SPLIT, B, N], arrival counters cnt [tiles]; the last to arrive finishes the tile."""
+    pid_b = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    N, _, _ = _widths(H, LSTM)
+    # every row steps: the lengths only decide, in the gates kernel, which rows keep their state
+    rows, row_ok, cols, col_ok, _, _, in_base, _, _ = _step_tile(st_ptr, T, B, H, s, N, REVERSE, False,
+                                                                 BLOCK_B, BLOCK_N)
+    k_begin = pid_k * k_chunk
+    acc = _rec_dot(st_ptr + in_base, wt_ptr, rows, row_ok, cols, col_ok, k_begin,
+                   tl.minimum(k_begin + k_chunk, H), H, N, tl.zeros([BLOCK_B, BLOCK_N], dtype=ACC), DOT,
+                   PRECISION, BLOCK_K)
+    m = row_ok[:, None] & col_ok[None, :]
+    row_out = row_ok
+    if SPLIT > 1:
+        acc, last = _split_fixup(acc, part_ptr, cnt_ptr, pid_b * tl.num_programs(1) + pid_n, pid_k,
+                                 rows[:, None] * N + cols[None, :], m, tl.cast(B, tl.int64) * N, BLOCK_B,
+                                 SPLIT)
+        m = m & last[:, None]
+        row_out = row_ok & last
+    _ln_y_tile(acc, y_ptr, ystat_ptr, rows, row_out, cols, m, pid_n, B, N, BLOCK_N)
+
+
+@triton.jit(do_not_specialize=["s"])
+def _ln_fwd_gates_kernel(
+    x_ptr, st_ptr, cs_ptr, ws_ptr, y_ptr, ystat_ptr, cstat_ptr, gam_ptr, sh_ptr, len_ptr, eps_ptr,
+    T, B, H, s, n_ytiles,
+    LSTM: tl.constexpr, REVERSE: tl.constexpr, HAS_LEN: tl.constexpr, ACC: tl.constexpr, Y_TILE: tl.constexpr,
+    NT_Y: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_J: tl.constexpr,
+):
+    """Forward: y's row statistics from ystat (tiles of Y_TILE columns), then :func:`_ln_gates_tile` for one
+    [BLOCK_B, BLOCK_J] tile; the LSTM's tile of c leaves its rows' (mean, sqrt(M2)) in cstat [tiles, 2, B]."""
+    pid_j = tl.program_id(1)
+    eps = tl.load(eps_ptr).to(ACC)
+    N, WS, R_OFF = _widths(H, LSTM)
+    rows, row_ok, cols, col_ok, pos, _, in_base, out_base, valid = _step_tile(len_ptr, T, B, H, s, H, REVERSE,
+                                                                              HAS_LEN, BLOCK_B, BLOCK_J)
+    ws_base = tl.cast(pos, tl.int64) * B * WS
+    mean, rstd = _row_moments(ystat_ptr, rows, row_ok, B, N, n_ytiles, eps, Y_TILE, NT_Y)
+    m = row_ok[:, None] & col_ok[None, :]
+    new = _ln_gates_tile(x_ptr, tl.cast(pos, tl.int64) * B * N, st_ptr, cs_ptr, in_base, out_base, ws_ptr,
+                         ws_base, y_ptr, gam_ptr, sh_ptr, rows, cols, col_ok, m,
+                         valid[:, None] & col_ok[None, :], mean, rstd, H, LSTM, ACC)
+    tl.store(ws_ptr + ws_base + rows * WS + R_OFF, tl.where(valid, rstd, 0.0),
+             mask=_first_tile(rows, row_ok, pid_j))
+    if LSTM:
+        mean_t, root_t = _tile_stats(new, m, tl.minimum(H - pid_j * BLOCK_J, BLOCK_J))
+        _store_pair(cstat_ptr, pid_j, B, rows, row_ok, mean_t, root_t)
+
+
+@triton.jit(do_not_specialize=["s"])
+def _ln_fwd_cell_kernel(
+    st_ptr, cs_ptr, ws_ptr, cstat_ptr, gc_ptr, bc_ptr, len_ptr, eps_ptr, T, B, H, s,
+    REVERSE: tl.constexpr, HAS_LEN: tl.constexpr, ACC: tl.constexpr, NT_C: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_J: tl.constexpr,
+):
+    """Forward, LSTM: c's row statistics from cstat (tiles of BLOCK_J columns), then :func:`_ln_cell_tile`
+    for one [BLOCK_B, BLOCK_J] tile."""
+    pid_j = tl.program_id(1)
+    eps = tl.load(eps_ptr).to(ACC)
+    _, WS, R_OFF = _widths(H, True)
+    rows, row_ok, cols, col_ok, pos, _, in_base, out_base, valid = _step_tile(len_ptr, T, B, H, s, H, REVERSE,
+                                                                              HAS_LEN, BLOCK_B, BLOCK_J)
+    ws_base = tl.cast(pos, tl.int64) * B * WS
+    mean_c, rstd_c = _row_moments(cstat_ptr, rows, row_ok, B, H, tl.cdiv(H, BLOCK_J), eps, BLOCK_J, NT_C)
+    _ln_cell_tile(st_ptr, cs_ptr, in_base, out_base, ws_ptr, ws_base, gc_ptr, bc_ptr, rows, cols, col_ok,
+                  row_ok[:, None] & col_ok[None, :], valid[:, None] & col_ok[None, :], mean_c, rstd_c, H, ACC)
+    tl.store(ws_ptr + ws_base + rows * WS + R_OFF + 1, tl.where(valid, rstd_c, 0.0),
+             mask=_first_tile(rows, row_ok, pid_j))
+
+
+@triton.jit(do_not_specialize=["s"])
+def _ln_bwd_dot_kernel(
+    gs_ptr, st_ptr, ws_ptr, w_ptr, gam_ptr, gc_ptr, len_ptr, gx_ptr, dl_ptr, dy_ptr, dh_ptr, ch_ptr,
+    hstat_ptr, gsq_ptr, part_ptr, cnt_ptr, clip_ptr, T, B, H, s, k_chunk,
+    LSTM: tl.constexpr, REVERSE: tl.constexpr, HAS_LEN: tl.constexpr, HAS_CLIP: tl.constexpr,
+    TRACK: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr, SPLIT: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Backward: rec = dY_next W_hh for one [BLOCK_B, BLOCK_J] tile of hidden units (split K as in
+    :func:`_ln_fwd_dot_kernel`, partials [SPLIT, B, H]), then :func:`_ln_bwd_state_tile`; the tile's row
+    sums go to hstat [tiles, 2, B] and dh's squared norms to gsq [tiles, T, B]."""
+    pid_b = tl.program_id(0)
+    pid_j = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    clip = tl.load(clip_ptr).to(ACC)
+    N, WS, _ = _widths(H, LSTM)
+    if LSTM:
+        DL = H
+    else:
+        DL = N
+    BH = tl.cast(B, tl.int64) * H
+    rows, row_ok, cols, col_ok, pos, pos_next, in_base, out_base, valid = _step_tile(
+        len_ptr, T, B, H, s, H, REVERSE, HAS_LEN, BLOCK_B, BLOCK_J)
+    # The last processed step has no successor: its recurrent term is empty.
+    k_end = tl.minimum((T - 1 - s) * N, N)
+    k_begin = pid_k * k_chunk
+    rec = _rec_dot(dy_ptr + tl.cast(pos_next, tl.int64) * B * N, w_ptr, rows, row_ok, cols, col_ok, k_begin,
+                   tl.minimum(k_end, k_begin + k_chunk), N, H, tl.zeros([BLOCK_B, BLOCK_J], dtype=ACC), DOT,
+                   PRECISION, BLOCK_K)
+    m = row_ok[:, None] & col_ok[None, :]
+    keep = valid[:, None] & col_ok[None, :]
+    row_out = row_ok
+    if SPLIT > 1:
+        rec, last = _split_fixup(rec, part_ptr, cnt_ptr, pid_b * tl.num_programs(1) + pid_j, pid_k,
+                                 rows[:, None] * H + cols[None, :], m, BH, BLOCK_B, SPLIT)
+        m = m & last[:, None]
+        keep = keep & last[:, None]
+        row_out = row_ok & last
+    sq, s1, s2 = _ln_bwd_state_tile(rec, gs_ptr, st_ptr, ws_ptr, gam_ptr, gc_ptr, gx_ptr, dl_ptr, dh_ptr,
+                                    ch_ptr, in_base, out_base, tl.cast(pos, tl.int64) * B * N,
+                                    tl.cast(pos, tl.int64) * B * DL, tl.cast(pos, tl.int64) * B * WS,
+                                    tl.cast((s + 1) % 2, tl.int64) * BH, tl.cast(s % 2, tl.int64) * BH, rows,
+                                    cols, col_ok, m, keep, clip, H, LSTM, HAS_CLIP, ACC)
+    _store_pair(hstat_ptr, pid_j, B, rows, row_out, s1, s2)
+    if TRACK:
+        tl.store(gsq_ptr + (tl.cast(pid_j, tl.int64) * T + pos) * B + rows, sq, mask=row_out)
+
+
+@triton.jit(do_not_specialize=["s"])
+def _ln_bwd_cell_kernel(
+    gcs_ptr, cs_ptr, ws_ptr, gam_ptr, gc_ptr, len_ptr, gx_ptr, dl_ptr, dh_ptr, cc_ptr, hstat_ptr, gstat_ptr,
+    gsq_ptr, clip_ptr, T, B, H, s, n_htiles,
+    REVERSE: tl.constexpr, HAS_LEN: tl.constexpr, HAS_CLIP: tl.constexpr, TRACK: tl.constexpr,
+    ACC: tl.constexpr, NT_H: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_J: tl.constexpr,
+):
+    """Backward, LSTM: the cell LN's row sums from hstat [n_htiles, 2, B], then :func:`_ln_bwd_cell_tile`
+    for one [BLOCK_B, BLOCK_J] tile; its row sums go to gstat [tiles, 2, B], dc's squared norms to gsq
+    [tiles, T, B]."""
+    pid_j = tl.program_id(1)
+    clip = tl.load(clip_ptr).to(ACC)
+    _, WS, R_OFF = _widths(H, True)
+    BH = tl.cast(B, tl.int64) * H
+    rows, row_ok, cols, col_ok, pos, _, in_base, out_base, valid = _step_tile(len_ptr, T, B, H, s, H, REVERSE,
+                                                                              HAS_LEN, BLOCK_B, BLOCK_J)
+    ws_base = tl.cast(pos, tl.int64) * B * WS
+    s1, s2 = _row_sums(hstat_ptr, rows, row_ok, B, n_htiles, NT_H)
+    rstd_c = _ld(ws_ptr + ws_base + rows * WS + R_OFF + 1, row_ok, ACC)
+    sq, t1, t2 = _ln_bwd_cell_tile(gcs_ptr, cs_ptr, ws_ptr, gam_ptr, gc_ptr, gx_ptr, dl_ptr, dh_ptr, cc_ptr,
+                                   in_base, out_base, tl.cast(pos, tl.int64) * B * 4 * H,
+                                   tl.cast(pos, tl.int64) * B * H, ws_base,
+                                   tl.cast((s + 1) % 2, tl.int64) * BH, tl.cast(s % 2, tl.int64) * BH, rows,
+                                   cols, col_ok, row_ok[:, None] & col_ok[None, :],
+                                   valid[:, None] & col_ok[None, :], s1 / H, s2 / H, rstd_c, clip, H,
+                                   HAS_CLIP, ACC)
+    _store_pair(gstat_ptr, pid_j, B, rows, row_ok, t1, t2)
+    if TRACK:
+        tl.store(gsq_ptr + (tl.cast(pid_j, tl.int64) * T + pos) * B + rows, sq, mask=row_ok)
+
+
+@triton.jit(do_not_specialize=["s"])
+def _ln_bwd_dy_kernel(
+    ws_ptr, gam_ptr, len_ptr, src_ptr, dy_ptr, gstat_ptr, T, B, H, s, n_gtiles,
+    LSTM: tl.constexpr, REVERSE: tl.constexpr, HAS_LEN: tl.constexpr, ACC: tl.constexpr, NT_G: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Backward: the row sums of LN(W_hh h)'s backward from gstat [n_gtiles, 2, B], then
+    :func:`_ln_bwd_dy_tile` for one [BLOCK_B, BLOCK_N] tile of gate columns (src: gx for the LSTM, dl for
+    the GRU)."""
+    N, WS, R_OFF = _widths(H, LSTM)
+    rows, row_ok, cols, col_ok, pos, _, _, _, valid = _step_tile(len_ptr, T, B, H, s, N, REVERSE, HAS_LEN,
+                                                                 BLOCK_B, BLOCK_N)
+    ws_base = tl.cast(pos, tl.int64) * B * WS
+    s1, s2 = _row_sums(gstat_ptr, rows, row_ok, B, n_gtiles, NT_G)
+    rstd = _ld(ws_ptr + ws_base + rows * WS + R_OFF, row_ok, ACC)
+    _ln_bwd_dy_tile(src_ptr, ws_ptr, gam_ptr, dy_ptr, tl.cast(pos, tl.int64) * B * N, ws_base, rows, cols,
+                    col_ok, row_ok[:, None] & col_ok[None, :], valid[:, None] & col_ok[None, :], s1 / N,
+                    s2 / N, rstd, H, LSTM, ACC)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Kernels: the Jacobian norms (after the forward)
 
 
 @triton.jit
@@ -442,14 +753,7 @@ def _ln_jacobian_kernel(
     if HAS_LEN:
         lens = tl.load(len_ptr + rows % B, mask=row_ok, other=0)
         valid = valid & (t0 + rows // B < lens)
-    if LSTM:
-        N = 4 * H
-        WS = 10 * H + 2
-        R_OFF = 10 * H
-    else:
-        N = 3 * H
-        WS = 7 * H + 1
-        R_OFF = 7 * H
+    N, WS, R_OFF = _widths(H, LSTM)
     rows64 = tl.cast(rows, tl.int64)
     RH = tl.cast(R, tl.int64) * H
     RN = tl.cast(R, tl.int64) * N
@@ -552,9 +856,10 @@ def _ln_jacobian_kernel(
             gcj = tl.load(gc_ptr + cols, mask=col_ok, other=0.0).to(tl.float64)
             kappa = so * (1.0 - t * t) * gcj[None, :] * rstd_c[:, None]
             # dc_j/dh_prev (alpha on the rows i, f, g) and dh_j/dh_prev (kappa * alpha, beta_o on the row o).
-            a0 = tg * si * (1.0 - si) * sc0
-            a1 = cp * sf * (1.0 - sf) * sc1
-            a2 = si * (1.0 - tg * tg) * sc2
+            a0, a1, a2 = _lstm_alpha(si, sf, tg, cp)
+            a0 = a0 * sc0
+            a1 = a1 * sc1
+            a2 = a2 * sc2
             b0 = kappa * a0
             b1 = kappa * a1
             b2 = kappa * a2
@@ -592,10 +897,10 @@ def _ln_jacobian_kernel(
             n = tl.load(wp + 2 * H, mask=m, other=0.0).to(tl.float64)
             hn = tl.load(wp + 3 * H, mask=m, other=0.0).to(tl.float64)
             hp = tl.load(hp_ptr + hoff, mask=m, other=0.0).to(tl.float64)
-            dn = (1.0 - z) * (1.0 - n * n)
-            w0 = dn * hn * r * (1.0 - r) * sc0
-            w1 = (hp - n) * z * (1.0 - z) * sc1
-            w2 = dn * r * sc2
+            w0, w1, w2 = _gru_gamma(r, z, n, hn, hp)
+            w0 = w0 * sc0
+            w1 = w1 * sc1
+            w2 = w2 * sc2
             s = w0 + w1 + w2
             p = w0 * y0 + w1 * y1 + w2 * y2
             ru = w0 * wu0 + w1 * wu1 + w2 * wu2
@@ -617,16 +922,79 @@ def _ln_jacobian_kernel(
 # Launch planning and checks
 
 
-def _plan(H: int, G: int, dtype: torch.dtype) -> dict:
-    """Block sizes. tl.dot needs every block dimension >= 16 on a GPU, so all are at least 16.
+MAX_STAT_TILES = 128
 
-    A program keeps all G gates of its tile live through the gate update: tiles of 32 columns (16 for
-    float64) over 8 warps keep it within the registers (bench/results/aot_*.md).
+
+def plan(B: int, H: int, G: int, dtype: torch.dtype, sms: int | None, loop: str = "auto") -> dict:
+    """Loop kind and launch parameters for a layer of batch B, hidden size H and G gates.
+
+    ``sms``: the GPU's multiprocessor count, None under the interpreter. ``loop``: "auto", "persistent" or
+    "step" (auto: the plain cells' rule, :func:`vgkernels.triton.recurrent.loop_kind`). tl.dot needs every
+    block dimension >= 16 on a GPU.
+
+    Persistent: 16 rows per program; a program keeps all G gates of its tile live through the gate update,
+    so tiles of 32 columns (16 for float64) over 8 warps, and no software pipelining of the K loops (their
+    prefetched tiles stay live across the loops over tiles and steps), keep it within the registers.
+
+    Step: "fwd" and "bwd" are the dot kernels' tiles over [B, G*H] (K = H) and [B, H] (K = G*H), chosen
+    like the plain cells' step tiles (fewest reads among the tiles that keep the SMs busy, split K
+    where even 16 x 16 tiles do not); "gates" the element-wise tiles over [B, H] (the gates, the cell LN
+    and its backward) and "dy" those over [B, G*H] (LN(W_hh h)'s backward), the largest that keep the
+    SMs busy (bench/results/aot_*.md has every launch's registers and grid).
     """
-    half = dtype in (torch.bfloat16, torch.float16)
-    cols = 16 if dtype == torch.float64 else 32
-    return {"BLOCK_B": 16, "BLOCK_N": _pow2_between(G * H, 16, cols), "BLOCK_J": _pow2_between(H, 16, cols),
-            "BLOCK_K": _pow2_between(H, 16, 64 if half else 32), "num_warps": 8}
+    loop = _plain.loop_kind(B, H, G, sms, loop)
+    word = 2 if dtype == torch.float64 else 1
+    if loop == "persistent":
+        cols = 16 if word == 2 else 32
+        # The row statistics hold every y tile's (mean, sqrt(M2)) of 16 rows at once: at most 128 tiles;
+        # for float64 at most 64 tiles of at most 64 columns (more tiles, or wider ones, spill on sm_90).
+        if word == 2:
+            y_cols = min(64, triton.next_power_of_2(triton.cdiv(G * H, MAX_STAT_TILES // 4)))
+        else:
+            y_cols = triton.next_power_of_2(triton.cdiv(G * H, MAX_STAT_TILES))
+        y_cols = max(cols, y_cols)
+        return {"loop": loop, "BLOCK_B": 16, "BLOCK_N": _pow2_between(G * H, 16, y_cols),
+                "BLOCK_J": _pow2_between(H, 16, cols), "BLOCK_K": _plain.k_tile(H, dtype), "num_warps": 8,
+                "num_stages": 1}
+    target = _host.busy_target(sms)
+    max_tile = 512 if word == 2 else 1024
+    return {"loop": loop, "fwd": _dot_plan(B, G * H, H, 1, dtype, target),
+            "bwd": _dot_plan(B, H, G * H, G, dtype, target),
+            "gates": _pointwise_plan(B, H, target, max_tile),
+            "dy": _pointwise_plan(B, G * H, target, max_tile)}
+
+
+def _dot_plan(B: int, cols: int, K: int, live: int, dtype: torch.dtype, target: int) -> dict:
+    """Tiles, split and warps of a step's dot kernel over [B, cols] with K-long dots; ``live``: the gate
+    tiles its epilogue keeps live (register budget)."""
+    word = 2 if dtype == torch.float64 else 1
+    block_b, block_j, programs = _plain.cover(B, cols, live, word, target)
+    wanted = _plain.wanted_split(programs, target)
+    block_k = _plain.k_tile(K, dtype)
+    if wanted > 1:
+        block_k = _plain.split_block_k(K, wanted, block_k)
+    num_warps, block_k = _plain.dot_warps(live, block_b, block_j, word, block_k)
+    return {"BLOCK_B": block_b, "BLOCK_J": block_j, "BLOCK_K": block_k,
+            "SPLIT": max(1, min(wanted, triton.cdiv(K, block_k))), "num_warps": num_warps, "num_stages": 3}
+
+
+def _pointwise_plan(B: int, cols: int, target: int, max_tile: int) -> dict:
+    block_b, block_j, num_warps = _plain.pointwise_tiles(B, cols, target, max_tile)
+    return {"BLOCK_B": block_b, "BLOCK_J": block_j, "num_warps": num_warps}
+
+
+def _plan(B: int, H: int, G: int, device: torch.device, dtype: torch.dtype) -> dict:
+    """:func:`plan` for a launch on ``device``, with the loop kind from ``VGK_RNN_TRITON_LOOP``."""
+    return plan(B, H, G, dtype, *_plain.sms_and_loop(device))
+
+
+def _nt(tiles: int) -> int:
+    """Block width that holds ``tiles`` per-tile values (a power of two, at least 2)."""
+    return max(2, triton.next_power_of_2(tiles))
+
+
+def _freeze(p: dict) -> tuple:
+    return tuple(sorted((k, _freeze(v) if isinstance(v, dict) else v) for k, v in p.items()))
 
 
 def _dot_tl(dtype: torch.dtype, device: torch.device):
@@ -655,6 +1023,16 @@ def _check_optional(op, name, t, required, mode, shape, dtype, device) -> None:
 
 # ---------------------------------------------------------------------------------------------------
 # Forward
+
+
+def _jacobian_rows(R: int, device: torch.device) -> int:
+    """BLOCK_R of the Jacobian post-pass over R rows: 16, halved (to 2) while the grid would leave SMs
+    idle."""
+    target = _host.busy_target(_plain.sms_and_loop(device)[0])
+    block_r = 16
+    while block_r > 2 and triton.cdiv(R, block_r) < target:
+        block_r //= 2
+    return block_r
 
 
 def _ln_project(g, gamma, yh, rstd):
@@ -702,13 +1080,12 @@ def _jacobian_sq(ws, states, cells, w_hh, gamma, gamma_c, lengths, mode, reverse
         v = torch.stack(z) @ wd  # [K, R, H]
         q = v @ wd.t()  # [K, R, N]
         hp = (prev_c if lstm else prev)[t0:t1].reshape(R, H).contiguous()
-        grid = (triton.cdiv(R, 16),)
-        _host.launch(_ln_jacobian_kernel, grid, wsc.contiguous(), hp, hp, gamma.contiguous(),
-                     gamma_c.contiguous() if lstm else gamma.contiguous(), v.contiguous(), q.contiguous(),
-                     u.contiguous(), wu, gram, diag, len_dev, jac[t0:t1].view(-1),
-                     R, B, H, t0,
-                     LSTM=lstm, HAS_LEN=lengths is not None, BLOCK_R=16, BLOCK_J=16, num_warps=8,
-                     maxnreg=MAXNREG)
+        block_r = _jacobian_rows(R, device)
+        _host.launch(_ln_jacobian_kernel, (triton.cdiv(R, block_r),), wsc.contiguous(), hp, hp,
+                     gamma.contiguous(), gamma_c.contiguous() if lstm else gamma.contiguous(), v.contiguous(),
+                     q.contiguous(), u.contiguous(), wu, gram, diag, len_dev, jac[t0:t1].view(-1), R, B, H,
+                     t0, LSTM=lstm, HAS_LEN=lengths is not None, BLOCK_R=block_r, BLOCK_J=16,
+                     num_warps=max(1, block_r // 2), maxnreg=MAXNREG)
     return jac.to(torch.float32)
 
 
@@ -743,30 +1120,75 @@ def _forward_impl(xproj, h0, c0, w_hh, b_hh, ln_hh_weight, ln_hh_bias, ln_cell_w
     _plain._check_lengths(op, lengths, B)
 
     acc = _plain._acc_dtype(dtype)
-    plan = _plan(H, G, dtype)
+    N = G * H
+    p = _plan(B, H, G, device, dtype)
+    persistent = p["loop"] == "persistent"
+    meta = dict(LSTM=lstm, REVERSE=bool(reverse), ACC=_TL[acc])
+    dots = dict(DOT=_dot_tl(dtype, device), PRECISION=_plain._precision(dtype, device))
+    key = None if persistent else ("ln-fwd", T, B, H, dtype, device, lengths is not None, _freeze(p),
+                                   tuple(sorted(meta.items())), tuple(sorted(dots.items())))
+    loop = _graphs.StepLoop(key, device, {})
+    empty = xproj.new_empty(0, dtype=acc)
+    x = loop.copy_in("xproj", xproj)
+    wt = loop.copy_in("wt", w_hh.t())
+    gam = loop.copy_in("gam", ln_hh_weight)
+    # b_hh enters the GRU's gates as one shift with LN(W_hh h)'s.
+    sh = loop.copy_in("shift", ln_hh_bias if b_hh is None else ln_hh_bias + b_hh)
+    gc = loop.copy_in("gc", ln_cell_weight) if lstm else empty
+    bc = loop.copy_in("bc", ln_cell_bias) if lstm else empty
+    len_dev = loop.copy_in("lengths", lengths.to(device)) if lengths is not None else empty
+    eps_t = loop.copy_in("eps", torch.full((1,), eps, dtype=acc, device=device))
+    states, cells = _plain._initial_states(loop, T, h0, c0, reverse, acc)
     alloc = _plain._alloc
-    states, cells = _plain._initial_states(T, h0, c0, reverse, acc)
-    ws = alloc((T, B, workspace_width(mode, H)), acc, device)
-    y = alloc((B, G * H), acc, device)
-    shift = ln_hh_bias if b_hh is None else ln_hh_bias + b_hh
-    gc = ln_cell_weight.contiguous() if lstm else states.new_empty(0)
-    bc = ln_cell_bias.contiguous() if lstm else states.new_empty(0)
-    len_dev = lengths.to(device) if lengths is not None else states.new_empty(0, dtype=torch.int64)
-    with _plain._device_ctx(device):
-        _host.launch(
-            _ln_forward_kernel, (triton.cdiv(B, plan["BLOCK_B"]),), xproj.contiguous(), states, cells, ws, y,
-            w_hh.t().contiguous(), ln_hh_weight.contiguous(),
-            shift.contiguous(), gc, bc, len_dev, torch.tensor([eps], dtype=acc, device=device), T, B, H,
-            LSTM=lstm, REVERSE=bool(reverse), HAS_LEN=lengths is not None, ACC=_TL[acc],
-            DOT=_dot_tl(dtype, device), PRECISION=_plain._precision(dtype, device), BLOCK_B=plan["BLOCK_B"],
-            BLOCK_N=plan["BLOCK_N"],
-            BLOCK_J=plan["BLOCK_J"], BLOCK_K=plan["BLOCK_K"], num_warps=plan["num_warps"], maxnreg=MAXNREG,
-        )
-        if track:
+    ws = loop.buffer("ws", lambda: alloc((T, B, workspace_width(mode, H)), acc, device))
+    y = loop.buffer("y", lambda: alloc((B, N), acc, device))
+    y_tile, c_tile = (p["BLOCK_N"], p["BLOCK_J"]) if persistent else (p["fwd"]["BLOCK_J"],
+                      p["gates"]["BLOCK_J"])
+    n_y, n_c = triton.cdiv(N, y_tile), triton.cdiv(H, c_tile)
+    ystat = loop.buffer("ystat", lambda: alloc((n_y, 2, B), acc, device))
+    cstat = loop.buffer("cstat", lambda: alloc((n_c, 2, B), acc, device)) if lstm else empty
+    if persistent:
+        split = 1
+    else:
+        fwd, gates = p["fwd"], p["gates"]
+        split = fwd["SPLIT"]
+        n_fb, n_gb = triton.cdiv(B, fwd["BLOCK_B"]), triton.cdiv(B, gates["BLOCK_B"])
+        chunk = _plain._k_chunk(H, split, fwd["BLOCK_K"])
+    part, counters = _plain._split_buffers(loop, split, (split, B, N), (n_fb * n_y) if split > 1 else 1, acc,
+                                           device)
+    has_len = lengths is not None
+
+    def launch_all():
+        with _plain._device_ctx(device):
+            if persistent:
+                _host.launch(_ln_forward_kernel, (triton.cdiv(B, p["BLOCK_B"]),), x, states, cells, ws, y,
+                             ystat, cstat, wt, gam, sh, gc, bc, len_dev, eps_t, T, B, H, HAS_LEN=has_len,
+                             BLOCK_B=p["BLOCK_B"], BLOCK_N=p["BLOCK_N"], BLOCK_J=p["BLOCK_J"],
+                             BLOCK_K=p["BLOCK_K"], NT_Y=_nt(n_y), NT_C=_nt(n_c), num_warps=p["num_warps"],
+                             num_stages=p["num_stages"], maxnreg=MAXNREG, **meta, **dots)
+                return
+            for s in range(T):
+                _host.launch(_ln_fwd_dot_kernel, (n_fb, n_y, split), states, wt, y, ystat, part, counters, T,
+                             B, H, s, chunk, SPLIT=split, BLOCK_B=fwd["BLOCK_B"], BLOCK_N=fwd["BLOCK_J"],
+                             BLOCK_K=fwd["BLOCK_K"], num_warps=fwd["num_warps"], num_stages=fwd["num_stages"],
+                             maxnreg=MAXNREG, **meta, **dots)
+                _host.launch(_ln_fwd_gates_kernel, (n_gb, n_c), x, states, cells, ws, y, ystat, cstat, gam,
+                             sh, len_dev, eps_t, T, B, H, s, n_y, HAS_LEN=has_len, Y_TILE=y_tile,
+                             NT_Y=_nt(n_y), BLOCK_B=gates["BLOCK_B"], BLOCK_J=gates["BLOCK_J"],
+                             num_warps=gates["num_warps"], maxnreg=MAXNREG, **meta)
+                if lstm:
+                    _host.launch(_ln_fwd_cell_kernel, (n_gb, n_c), states, cells, ws, cstat, gc, bc, len_dev,
+                                 eps_t, T, B, H, s, REVERSE=bool(reverse), HAS_LEN=has_len, ACC=_TL[acc],
+                                 NT_C=_nt(n_c), BLOCK_B=gates["BLOCK_B"], BLOCK_J=gates["BLOCK_J"],
+                                 num_warps=gates["num_warps"], maxnreg=MAXNREG)
+
+    loop.run(launch_all)
+    if track:
+        with _plain._device_ctx(device):
             jac_sq = _jacobian_sq(ws, states, cells, w_hh, ln_hh_weight, ln_cell_weight, lengths, mode,
                                   reverse)
-        else:
-            jac_sq = states.new_empty(0, dtype=torch.float32)
+    else:
+        jac_sq = states.new_empty(0, dtype=torch.float32)
     return states.to(dtype), cells.to(dtype), ws, jac_sq
 
 
@@ -844,42 +1266,95 @@ def _backward_impl(grad_states, grad_cell_states, states, cell_states, workspace
         _plain._fail(op, ValueError, "has_b_hh is for mode 'gru' only (the LSTM's b_hh is in xproj), got "
                      "has_b_hh=True with mode 'lstm'")
 
-    plan = _plan(H, G, dtype)
+    p = _plan(B, H, G, device, dtype)
+    persistent = p["loop"] == "persistent"
+    meta = dict(REVERSE=bool(reverse), HAS_LEN=lengths is not None, ACC=_TL[acc])
+    flags = dict(HAS_CLIP=grad_clip is not None, TRACK=bool(track))
+    dots = dict(DOT=_dot_tl(dtype, device), PRECISION=_plain._precision(dtype, device))
     alloc = _plain._alloc
-    gs = grad_states.to(acc).contiguous()
-    gcs = grad_cell_states.to(acc).contiguous() if lstm else gs.new_empty(0)
-    st = states.to(acc).contiguous()
-    cs = cell_states.to(acc).contiguous() if lstm else st.new_empty(0)
+    empty = states.new_empty(0, dtype=acc)
+    # The forward's outputs and the weights are read in place (in their own dtypes): a graph captured on
+    # them replays for the backward of every forward that returned the same buffers.
+    st = states.contiguous()
+    cs = cell_states.contiguous() if lstm else empty
     ws = workspace.contiguous()
-    w = w_hh.to(acc).contiguous()
-    gx = alloc((T, B, N), acc, device)
-    dl = alloc((T, B, H if lstm else N), acc, device)
-    dy = alloc((T, B, N), acc, device)
-    dh = alloc((B, H), acc, device)
-    carry_h = torch.zeros(2, B, H, dtype=acc, device=device)
-    carry_c = torch.zeros(2, B, H, dtype=acc, device=device) if lstm else carry_h
-    gsq = alloc((2 if lstm else 1, T, B), torch.float64, device) if track else gs.new_empty(0)
-    len_dev = lengths.to(device) if lengths is not None else gs.new_empty(0, dtype=torch.int64)
-    gc = ln_cell_weight.contiguous() if lstm else gs.new_empty(0)
-    with _plain._device_ctx(device):
-        _host.launch(
-            _ln_backward_kernel, (triton.cdiv(B, plan["BLOCK_B"]),), gs, gcs, st, cs, ws, w,
-            ln_hh_weight.contiguous(), gc, len_dev, gx, dl, dy, dh, carry_h, carry_c,
-            gsq, torch.tensor([grad_clip if grad_clip is not None else 0.0], dtype=acc, device=device),
-            T, B, H,
-            LSTM=lstm, REVERSE=bool(reverse), HAS_LEN=lengths is not None, HAS_CLIP=grad_clip is not None,
-            TRACK=bool(track), ACC=_TL[acc], DOT=_dot_tl(dtype, device),
-            PRECISION=_plain._precision(dtype, device), BLOCK_B=plan["BLOCK_B"],
-            BLOCK_N=plan["BLOCK_N"], BLOCK_J=plan["BLOCK_J"], BLOCK_K=plan["BLOCK_K"],
-            num_warps=plan["num_warps"], maxnreg=MAXNREG,
-        )
+    w = w_hh.contiguous()
+    gam = ln_hh_weight.contiguous()
+    gc = ln_cell_weight.contiguous() if lstm else empty
+    adopted = {"states": st, "cells": cs, "ws": ws, "w": w, "gam": gam, "gc": gc}
+    key = None if persistent else ("ln-bwd", T, B, H, dtype, device, mode, _freeze(p),
+                                   tuple(sorted(meta.items())), tuple(sorted(flags.items())),
+                                   tuple(sorted(dots.items())))
+    loop = _graphs.StepLoop(key, device, adopted)
+    gs = loop.copy_in("gs", grad_states.to(acc))
+    gcs = loop.copy_in("gcs", grad_cell_states.to(acc)) if lstm else empty
+    len_dev = loop.copy_in("lengths", lengths.to(device)) if lengths is not None else empty
+    clip_t = loop.copy_in("clip", torch.full((1,), grad_clip if grad_clip is not None else 0.0, dtype=acc,
+                                             device=device))
+    gx = loop.buffer("gx", lambda: alloc((T, B, N), acc, device))
+    dl = loop.buffer("dl", lambda: alloc((T, B, H if lstm else N), acc, device))
+    dy = loop.buffer("dy", lambda: alloc((T, B, N), acc, device))
+    dh = loop.buffer("dh", lambda: alloc((B, H), acc, device)) if lstm else empty
+    carry_h = loop.buffer("carry_h", lambda: torch.empty(2, B, H, dtype=acc, device=device))
+    carry_h.zero_()
+    if lstm:
+        carry_c = loop.buffer("carry_c", lambda: torch.empty(2, B, H, dtype=acc, device=device))
+        carry_c.zero_()
+    else:
+        carry_c = carry_h
+    if persistent:
+        n_h = n_c = 1
+        split = 1
+    else:
+        bwd, gates, dyp = p["bwd"], p["gates"], p["dy"]
+        n_h, n_c = triton.cdiv(H, bwd["BLOCK_J"]), triton.cdiv(H, gates["BLOCK_J"])
+        n_bb = triton.cdiv(B, bwd["BLOCK_B"])
+        split = bwd["SPLIT"]
+        chunk = _plain._k_chunk(N, split, bwd["BLOCK_K"])
+        hstat = loop.buffer("hstat", lambda: alloc((n_h, 2, B), acc, device))
+        gstat = loop.buffer("gstat", lambda: alloc((n_c, 2, B), acc, device)) if lstm else hstat
+        n_g = n_c if lstm else n_h
+    gsq_h = loop.buffer("gsq_h", lambda: alloc((n_h, T, B), torch.float64, device)) if track else empty
+    gsq_c = (loop.buffer("gsq_c", lambda: alloc((n_c, T, B), torch.float64, device)) if track and lstm
+             else empty)
+    part, counters = _plain._split_buffers(loop, split, (split, B, H), (n_bb * n_h) if split > 1 else 1, acc,
+                                           device)
+
+    def launch_all():
+        with _plain._device_ctx(device):
+            if persistent:
+                _host.launch(_ln_backward_kernel, (triton.cdiv(B, p["BLOCK_B"]),), gs, gcs, st, cs, ws, w,
+                             gam, gc, len_dev, gx, dl, dy, dh, carry_h, carry_c, gsq_h, gsq_c, clip_t, T, B,
+                             H, LSTM=lstm, BLOCK_B=p["BLOCK_B"], BLOCK_N=p["BLOCK_N"], BLOCK_J=p["BLOCK_J"],
+                             BLOCK_K=p["BLOCK_K"], num_warps=p["num_warps"], num_stages=p["num_stages"],
+                             maxnreg=MAXNREG, **meta, **flags, **dots)
+                return
+            for s in range(T - 1, -1, -1):
+                _host.launch(_ln_bwd_dot_kernel, (n_bb, n_h, split), gs, st, ws, w, gam, gc, len_dev, gx, dl,
+                             dy, dh, carry_h, hstat, gsq_h, part, counters, clip_t, T, B, H, s, chunk,
+                             LSTM=lstm, SPLIT=split, BLOCK_B=bwd["BLOCK_B"], BLOCK_J=bwd["BLOCK_J"],
+                             BLOCK_K=bwd["BLOCK_K"], num_warps=bwd["num_warps"], num_stages=bwd["num_stages"],
+                             maxnreg=MAXNREG, **meta, **flags, **dots)
+                if lstm:
+                    _host.launch(_ln_bwd_cell_kernel, (triton.cdiv(B, gates["BLOCK_B"]), n_c), gcs, cs, ws,
+                                 gam, gc, len_dev, gx, dl, dh, carry_c, hstat, gstat, gsq_c, clip_t, T, B, H,
+                                 s, n_h, NT_H=_nt(n_h), BLOCK_B=gates["BLOCK_B"], BLOCK_J=gates["BLOCK_J"],
+                                 num_warps=gates["num_warps"], maxnreg=MAXNREG, **meta, **flags)
+                _host.launch(_ln_bwd_dy_kernel,
+                             (triton.cdiv(B, dyp["BLOCK_B"]), triton.cdiv(N, dyp["BLOCK_J"])), ws, gam,
+                             len_dev, gx if lstm else dl, dy, gstat, T, B, H, s, n_g, LSTM=lstm,
+                             NT_G=_nt(n_g), BLOCK_B=dyp["BLOCK_B"], BLOCK_N=dyp["BLOCK_J"],
+                             num_warps=dyp["num_warps"], maxnreg=MAXNREG, **meta)
+
+    loop.run(launch_all)
     # The step processed first leaves its dy for the initial state.
     first, init = (T - 1, T) if reverse else (0, 0)
-    grad_h0 = gs[init] + carry_h[0] + dy[first] @ w
+    w_acc = w.to(acc)
+    grad_h0 = gs[init] + carry_h[0] + _gemm.mm(dy[first], w_acc)
     grad_c0 = (gcs[init] + carry_c[0]).to(dtype) if lstm else st.new_empty(0, dtype=dtype)
     h_prev = st[1:] if reverse else st[:-1]
     # One GEMM over all steps for grad_w_hh; the gains and shifts: sums over all rows.
-    grad_w_hh = dy.reshape(T * B, N).t() @ h_prev.reshape(T * B, H)
+    grad_w_hh = _gemm.mm(dy.reshape(T * B, N).t(), h_prev.reshape(T * B, H).to(acc))
     ln_grad = (gx if lstm else dl).reshape(T * B, N)
     ws2 = ws.reshape(T * B, -1)
     g_gamma = (ln_grad * ws2[:, 4 * H: 4 * H + N]).sum(0)
@@ -889,13 +1364,16 @@ def _backward_impl(grad_states, grad_cell_states, states, cell_states, workspace
         g_gamma_c, g_beta_c = (dl2 * ws2[:, 8 * H: 9 * H]).sum(0).to(dtype), dl2.sum(0).to(dtype)
     else:
         g_gamma_c = g_beta_c = None
-    empty = st.new_empty(0, dtype=dtype)
+    out_empty = st.new_empty(0, dtype=dtype)
     # b_hh and the LN shift enter the GRU's gates as one sum; a copy, since outputs may not alias.
-    grad_b_hh = g_beta.to(dtype, copy=True) if has_b_hh else empty
-    grad_sq = gsq if track else st.new_empty(0, dtype=torch.float64)
+    grad_b_hh = g_beta.to(dtype, copy=True) if has_b_hh else out_empty
+    if track:
+        grad_sq = torch.stack([gsq_h.sum(0), gsq_c.sum(0)]) if lstm else gsq_h.sum(0)[None]
+    else:
+        grad_sq = st.new_empty(0, dtype=torch.float64)
     return (gx.to(dtype), grad_h0.to(dtype), grad_c0, grad_w_hh.to(w_hh.dtype), grad_b_hh, g_gamma.to(dtype),
-            g_beta.to(dtype), empty.clone() if g_gamma_c is None else g_gamma_c,
-            empty.clone() if g_beta_c is None else g_beta_c, grad_sq)
+            g_beta.to(dtype), out_empty.clone() if g_gamma_c is None else g_gamma_c,
+            out_empty.clone() if g_beta_c is None else g_beta_c, grad_sq)
 
 
 @triton_op("vgk::rnn_ln_backward_triton", mutates_args=())
