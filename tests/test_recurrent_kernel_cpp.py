@@ -658,6 +658,28 @@ def test_layer_float32_size_256_matches_reference():
             check_layer_against_oracle(mode, 3, 9, 256, 256, torch.float32, reverse, True, F32)
 
 
+@pytest.fixture
+def two_threads():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.mark.parametrize("mode,B,H",
+                         [(mode, 3, 512) for mode in MODES] + [("lstm", 37, 256), ("gru", 37, 384)])
+def test_layer_one_step_split_by_columns_matches_reference(mode, B, H, two_threads):
+    # T = 1 calls of at least 2^20 multiply-adds (B * G*H * (I + H)) run both products over the threads by
+    # blocks of columns where the weights take 4 MiB or more, or the batch has fewer than 4 rows a thread.
+    G = GATES[mode]
+    assert B * G * H * 2 * H >= 2**20
+    assert B < 8 or G * H * 2 * H * 8 >= 4 << 20
+    for reverse, lengths, bias in ((False, False, True), (True, True, True), (False, True, False)):
+        check_layer_against_oracle(mode, 1, B, H, H, torch.float64, reverse, lengths, F64, bias=bias)
+    if B < 8:
+        check_layer_against_oracle(mode, 1, B, H, H, torch.float32, False, False, F32)
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_layer_without_bias(mode):
     for B in (3, 8):

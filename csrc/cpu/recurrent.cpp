@@ -152,6 +152,31 @@ constexpr int64_t kStepProjectionRows = 2 * kRowGrain;
 // add its whole size to the peak memory; beyond it, the projection runs per step, which needs none.
 constexpr int64_t kWholeProjectionBytes = int64_t(16) << 20;
 
+// A one-step call (T = 1) runs both products of the step over the threads by blocks of columns
+// (column_split_gemm) before the pointwise pass where the weights are large or the batch leaves threads
+// without rows: split by rows, every thread reads all of W_ih and W_hh (an LSTM at B = 32, H = 1024 on 2
+// threads reads 64 MB instead of 32; 4.3 -> 3.4 ms a call on a Zen 5), and a batch of fewer than
+// kRowGrain rows a thread runs on one. Measured there, weights of 2 MB (H = 256) ran faster split by
+// rows at B = 8 and 32, and 6-8 MB ones (H = 512) faster by columns. Below kColumnSplitMacs
+// multiply-adds (B * G*H * (I + H)) the parallel region costs more than it saves.
+constexpr int64_t kColumnSplitMacs = int64_t(1) << 20;
+constexpr int64_t kColumnSplitWeightBytes = int64_t(4) << 20;
+
+// C[M, N] = A[M, K] W^T (+ bias on every row) with W [N, K] row-major, over the threads by blocks of
+// columns: each thread reads only its rows of W. The library GEMM runs single-threaded inside the
+// parallel region, as in the time loops.
+template <typename T>
+void column_split_gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* w, const T* bias, T* C,
+                       int64_t ldc) {
+  constexpr int64_t kColumnGrain = 64;
+  at::parallel_for(0, N, kColumnGrain, [&](int64_t n0, int64_t n1) {
+    if (bias != nullptr) {
+      for (int64_t m = 0; m < M; ++m) std::copy(bias + n0, bias + n1, C + m * ldc + n0);
+    }
+    gemm<T>(false, true, M, n1 - n0, K, A, lda, w + n0 * K, K, bias != nullptr ? T(1) : T(0), C + n0, ldc);
+  });
+}
+
 int64_t position(int64_t s, int64_t T, bool reverse) { return reverse ? T - 1 - s : s; }
 
 // The rows of each time step. Padded input [T, B, *]: step t holds all B rows, from row t * B. Packed
@@ -292,6 +317,7 @@ struct InputSide {
   int64_t I = 0;
   const RowsGemm<T>* w_ih = nullptr;  // x_t W_ih^T; nullptr: xproj
   const T* bias = nullptr;            // with x: [G*H] b_ih + b_hh (GRU: b_ih alone), zeros if none
+  const T* hh_first = nullptr;        // with xproj and T = 1: h0 W_hh^T [B, G*H], already computed
 };
 
 // The LSTM's projection (proj_size P > 0): the cell computes hf = o * tanh(c) [H] and the state it
@@ -377,7 +403,11 @@ void forward_loop(Cell cell, int64_t G, const Steps& steps, int64_t H, const Inp
       const int64_t row = steps.offset(t) + b0;
       const PrevRows<T> hp = prev_rows(hs, t, b0, n);
       if (!fused) {
-        prev_rows_gemm(step_gemm, hp, n, Wh, /*accumulate=*/false, hhp, GH);
+        if (in.hh_first != nullptr) {
+          st.hh = in.hh_first + b0 * GH;
+        } else {
+          prev_rows_gemm(step_gemm, hp, n, Wh, /*accumulate=*/false, hhp, GH);
+        }
         st.x = in.xproj + row * GH;
         st.xs = GH;
       } else if (gru) {
@@ -832,13 +862,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     // backward 4% faster than per step on a Zen 5 core, at AVX-512 and at AVX2) and its buffer is at most
     // kWholeProjectionBytes, or where the batch is too small for per-step GEMMs.
     const TiledGemm<T> whole(wih, /*trans_w=*/true, R >= kTiledMinRows);
-    const bool per_step = B >= kStepProjectionRows &&
+    const int64_t threads = at::in_parallel_region() ? 1 : at::get_num_threads();
+    const bool column_split = s.T == 1 && !s.proj && threads > 1 && B * GH * (I + H) >= kColumnSplitMacs &&
+                              (GH * (I + H) * static_cast<int64_t>(sizeof(T)) >= kColumnSplitWeightBytes ||
+                               B < threads * kRowGrain);
+    const bool per_step = !column_split && B >= kStepProjectionRows &&
                           (whole.path() != GemmPath::kBrgemm ||
                            R * GH * static_cast<int64_t>(sizeof(T)) > kWholeProjectionBytes);
     std::optional<RowsGemm<T>> proj_in;
-    at::Tensor xproj;
+    at::Tensor xproj, hh_first;
     InputSide<T> in;
-    if (per_step) {
+    if (column_split) {
+      xproj = cached_empty({R, GH}, opts);
+      hh_first = cached_empty({B, GH}, opts);
+      column_split_gemm<T>(R, GH, I, xc.const_data_ptr<T>(), I, wih.const_data_ptr<T>(), bias.const_data_ptr<T>(),
+                           xproj.data_ptr<T>(), GH);
+      column_split_gemm<T>(B, GH, H, h0c.const_data_ptr<T>(), H, whh.const_data_ptr<T>(), nullptr,
+                           hh_first.data_ptr<T>(), GH);
+      in.xproj = xproj.const_data_ptr<T>();
+      in.hh_first = hh_first.const_data_ptr<T>();
+    } else if (per_step) {
       in.x = xc.const_data_ptr<T>();
       in.I = I;
       in.w_ih = &proj_in.emplace(wih, /*trans_w=*/true, R >= kTiledMinRows, parallel_chunk(B, kRowGrain));
