@@ -122,6 +122,18 @@ def test_assigning_a_weight_updates_the_flat_weights():
     torch.testing.assert_close(m(x)[0], theirs(x)[0], **TOL)
 
 
+def test_a_weight_replaced_behind_setattr_is_seen_at_the_next_forward():
+    # The check at every forward (_weights_have_changed) reads _parameters first.
+    m = vgk.nn.GRU(3, 4)
+    new = nn.Parameter(torch.zeros_like(m.weight_hh_l0))
+    m._parameters["weight_hh_l0"] = new
+    theirs = nn.GRU(3, 4)
+    theirs.load_state_dict(m.state_dict())
+    x = torch.randn(3, 1, 3)
+    torch.testing.assert_close(m(x)[0], theirs(x)[0], **TOL)
+    assert m._flat_weights[1] is new
+
+
 def test_functional_call_uses_the_given_weights():
     ours, theirs = pair("LSTM", 3, 4)
     new = {n: torch.randn_like(p) for n, p in ours.named_parameters()}

@@ -92,6 +92,22 @@ class RecurrentBase(nn.RNNBase):
                 gain = owner.pop().rsplit("_l", 1)[0].endswith("weight")
                 (nn.init.ones_ if gain else nn.init.zeros_)(weight)
 
+    def _weights_have_changed(self) -> bool:
+        """torch.nn's check at every forward that no weight was replaced since the flat list was built
+        (torch.func.functional_call, parametrizations), with one lookup a weight instead of two through
+        Module.__getattr__: a decoder's T = 1 call feels each microsecond."""
+        parameters = self._parameters
+        for ref, name in zip(self._flat_weight_refs, self._flat_weights_names, strict=True):
+            weight = parameters.get(name)
+            if weight is None:
+                # Parametrized (a property of the class, computed at each access: spectral_norm steps its
+                # power iteration there), assigned otherwise, or absent: torch.nn's two accesses, so that
+                # such state moves as under torch.nn.
+                weight = getattr(self, name) if hasattr(self, name) else None
+            if weight is not None and ref is not None and ref() is not weight:
+                return True
+        return False
+
     def extra_repr(self) -> str:
         s = super().extra_repr()
         if self.mode == "RNN_SIGMOID":

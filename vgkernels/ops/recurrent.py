@@ -424,19 +424,19 @@ def _build_weight_layout(mode, input_size, hidden_size, num_layers, num_directio
     return tuple(names), tuple(shapes)
 
 
-def check_weights(
-    weights: list[torch.Tensor], mode: str, input_size: int, hidden_size: int, num_layers: int,
-    num_directions: int, bias: bool, proj_size: int = 0,
-) -> None:
-    """Check the flat weight list: per layer-direction (w_ih, w_hh[, b_ih, b_hh][, w_hr]) in torch.nn's
-    order, with w_hh [G*H, P] and w_hr [P, H] for an LSTM with proj_size P (P = H without)."""
-    names, shapes = _weight_layout(mode, input_size, hidden_size, num_layers, num_directions, bool(bias),
-                                   proj_size)
+def _check_weights(weights: list[torch.Tensor], names: tuple[str, ...], shapes: tuple[tuple[int, ...], ...],
+                   input: torch.Tensor) -> None:
+    """Check the flat weight list against its layout (:func:`_weight_layout`): per layer-direction
+    (w_ih, w_hh[, b_ih, b_hh][, w_hr]) in torch.nn's order, each of the input's dtype and device. One pass,
+    as it runs at every call (a decoder's T = 1 calls feel each microsecond)."""
     if len(weights) != len(names):
         raise ValueError(f"weights: expected {len(names)} tensors ({', '.join(names)}), got {len(weights)}")
+    dtype, device = input.dtype, input.device
     for name, shape, tensor in zip(names, shapes, weights, strict=True):
         if tensor.shape != shape:
             raise ValueError(f"{name}: expected shape {shape}, got {tuple(tensor.shape)}")
+        if tensor.dtype != dtype or tensor.device != device:
+            _check_like_input(input, [(name, tensor)])
 
 
 def _check_like_input(input: torch.Tensor, named: list[tuple[str, torch.Tensor | None]]) -> None:
@@ -450,7 +450,7 @@ def _check_like_input(input: torch.Tensor, named: list[tuple[str, torch.Tensor |
             raise TypeError(f"{name}: expected dtype {input.dtype} like input, got {t.dtype}")
 
 
-def _check_inputs(input, h0, c0, weights, names, mode, lengths, backend, grad_clip):
+def _check_inputs(input, h0, c0, weights, names, shapes, lengths, backend, grad_clip):
     if not torch.is_floating_point(input):
         raise TypeError(f"input: expected a floating-point tensor, got dtype {input.dtype}")
     if input.shape[0] == 0:
@@ -462,7 +462,8 @@ def _check_inputs(input, h0, c0, weights, names, mode, lengths, backend, grad_cl
             f"input: backend {backend!r} supports dtypes {[str(d) for d in allowed]} on "
             f"{input.device.type}, got {input.dtype}"
         )
-    _check_like_input(input, [("h0", h0), ("c0", c0)] + list(zip(names, weights, strict=False)))
+    _check_like_input(input, [("h0", h0), ("c0", c0)])
+    _check_weights(weights, names, shapes, input)
     if lengths is not None:
         B = input.shape[1]
         if lengths.dtype != torch.int64 or lengths.dim() != 1 or lengths.shape[0] != B:
@@ -782,10 +783,9 @@ def recurrent(
     for name, t, size in (("h0", h0_all, P), ("c0", c0_all, hidden_size)):
         if t is not None and t.shape != (L, B, size):
             raise ValueError(f"hx: expected {name} of shape {(L, B, size)}, got {tuple(t.shape)}")
-    names, _ = _weight_layout(mode, input.shape[-1], hidden_size, num_layers, num_directions, bool(bias),
-                              proj_size)
-    _check_inputs(input, h0_all, c0_all, weights, names, mode, lengths, backend, grad_clip)
-    check_weights(weights, mode, input.shape[-1], hidden_size, num_layers, num_directions, bias, proj_size)
+    names, shapes = _weight_layout(mode, input.shape[-1], hidden_size, num_layers, num_directions, bool(bias),
+                                   proj_size)
+    _check_inputs(input, h0_all, c0_all, weights, names, shapes, lengths, backend, grad_clip)
     if layer_norm_weights is not None:
         _check_layer_norm_weights(layer_norm_weights, input, mode, hidden_size, num_layers, num_directions)
     if B == 0:
