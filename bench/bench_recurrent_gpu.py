@@ -188,7 +188,10 @@ def test_recurrent_fwd_bwd(mode, B, H, dtype_name, benchmark, compare_record):
                              baseline="cudnn", rounds=2 if SMOKE else ROUNDS, warmup=1 if SMOKE else 2,
                              device=device)
     comparison.extra.update(extra)
-    compare_record(comparison)
+    if SMOKE:
+        print(comparison.summary())  # a check that the file runs, not a result to record
+    else:
+        compare_record(comparison)
     benchmark.extra_info.update(comparison.summary())
     benchmark.pedantic(lambda: (candidates["vgkernels"](), _sync()), rounds=2 if SMOKE else 5,
                        iterations=1, warmup_rounds=1)

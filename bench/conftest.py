@@ -1,5 +1,10 @@
+import os
 import sys
 from pathlib import Path
+
+if os.environ.get("VGK_BENCH_SMOKE") == "1":
+    # bench_recurrent_gpu.py's CPU smoke run: the interpreter must be on before vgkernels imports triton.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
 import torch

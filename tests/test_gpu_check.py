@@ -31,6 +31,21 @@ def test_script_stops_without_a_gpu(tmp_path):
     assert "no CUDA device" in proc.stderr and not (tmp_path / "out").exists()
 
 
+def test_gpu_benchmark_smoke_run_on_the_cpu_records_nothing():
+    # VGK_BENCH_SMOKE=1 runs one tiny case of bench_recurrent_gpu.py under the Triton interpreter: the
+    # file works without a GPU, and a CPU run leaves no GPU result behind.
+    results = ROOT / "bench" / "results"
+    before = set(results.iterdir())
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(VGK_BENCH_SMOKE="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-c", str(ROOT / "bench" / "pytest.ini"), "-q",
+                           str(ROOT / "bench" / "bench_recurrent_gpu.py")], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "1 passed" in proc.stdout
+    assert set(results.iterdir()) == before
+
+
 def _row(dtype, ours, cudnn, eager=None, **extra):
     row = {"case": f"lstm T=100 B=64 H=512 {dtype} fwd+bwd", "mode": "lstm", "B": 64, "H": 512,
            "dtype": dtype, "auto_loop": "step", "vgkernels median ms": ours, "cudnn median ms": cudnn,
