@@ -8,7 +8,8 @@
 //   output [T, B, H], h_n and c_n as separate tensors and take their gradients directly.
 //
 // Samples are independent, so each thread takes a block of batch rows and runs the whole time loop
-// on it, with no barrier between steps.
+// on it, with no barrier between steps. One-step calls (T = 1) with large weights or few rows compute
+// both products first, split over the threads by columns instead (kColumnSplitMacs).
 // Forward, per step: the GEMM h_prev W_hh^T (and x_t W_ih^T) for the thread's rows into a preallocated
 // buffer, then ONE fused pointwise pass over those rows (gates, new state, workspace, Jacobian-norm
 // terms).
