@@ -29,9 +29,7 @@ the CPU under the Triton interpreter, only to check that the file works.
 
 import os
 
-SMOKE = os.environ.get("VGK_BENCH_SMOKE") == "1"
-if SMOKE:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+SMOKE = os.environ.get("VGK_BENCH_SMOKE") == "1"  # bench/conftest.py turns the interpreter on for it
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
