@@ -420,3 +420,16 @@ def test_layer_norm_parameters_live_beside_torchs_machinery():
     # torch.nn's own state_dict keys, then the layer-norm parameters
     keys = list(m.state_dict())
     assert keys[:len(m._flat_weights_names)] == m._flat_weights_names
+
+
+def test_the_sigmoid_rnn_is_never_handed_to_cudnn(monkeypatch):
+    """torch.nn's flatten_parameters (run by .cuda() and .to()) asks cuDNN for the layer's mode and raises
+    on RNN_SIGMOID; the sigmoid RNN skips it, every other mode still runs torch.nn's."""
+    modules = [vgk.nn.RNN(3, 4, nonlinearity="sigmoid"), vgk.nn.RNN(3, 4), vgk.nn.GRU(3, 4, layer_norm=True)]
+    calls = []
+    monkeypatch.setattr(nn.RNNBase, "flatten_parameters", lambda self: calls.append(self.mode))
+    modules[0].flatten_parameters()
+    assert calls == []
+    for m in modules:
+        m.float()  # .to() and its kin flatten again, as under torch.nn
+    assert calls == ["RNN_TANH", "GRU"]

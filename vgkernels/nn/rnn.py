@@ -35,7 +35,7 @@ class RecurrentBase(nn.RNNBase):
 
     ``mode`` is torch.nn's: ``"LSTM"``, ``"GRU"``, ``"RNN_TANH"``, ``"RNN_RELU"``, and ``"RNN_SIGMOID"``
     for the sigmoid RNN, a mode torch.nn has no kernel for (its code paths reject it instead of
-    running another cell).
+    running another cell; ``flatten_parameters`` leaves it alone).
     """
 
     def _init_extras(self, track: bool, grad_clip: float | None, layer_norm: bool,
@@ -91,6 +91,12 @@ class RecurrentBase(nn.RNNBase):
                 # names are layer_norm_<ih|hh|cell>_<weight|bias>_l<k>[_reverse]
                 gain = owner.pop().rsplit("_l", 1)[0].endswith("weight")
                 (nn.init.ones_ if gain else nn.init.zeros_)(weight)
+
+    def flatten_parameters(self) -> None:
+        """torch.nn's, except for the sigmoid RNN: cuDNN has no such cell (torch.nn's version raises on
+        its mode), so on a GPU its weights stay apart, as torch.nn leaves weights it cannot flatten."""
+        if self.mode != "RNN_SIGMOID":
+            super().flatten_parameters()
 
     def _weights_have_changed(self) -> bool:
         """torch.nn's check at every forward that no weight was replaced since the flat list was built
