@@ -590,19 +590,28 @@ def _torch_lstm_uses_onednn(input: torch.Tensor) -> bool:
                         or (input.dtype == torch.float16 and fp16 and not torch.is_grad_enabled()))
 
 
+def _torch_rnn_uses_cudnn() -> bool:
+    """Whether torch.nn's RNNs run a floating CUDA input on cuDNN (``cudnn_is_acceptable``)."""
+    return torch.backends.cudnn.enabled and torch.backends.cudnn.is_available()
+
+
 def _autocast_precision(input, h0, c0, mode, packed) -> _Precision | None:
     """The outcome of torch.nn's RNNs under an active torch.autocast, or None outside one.
 
-    On CUDA (cuDNN) and for the oneDNN LSTM on the CPU, input, states and weights are cast to the
-    autocast dtype A and every output is in A. torch's native CPU cells run their GEMMs in A and their
-    state updates in the states' dtype D (the input's dtype when hx is None): the Elman RNN returns A
-    (its state is the activation of an A sum), the GRU and LSTM promote(D, A). float64 inputs are not
+    On CUDA with cuDNN, input, states and weights are cast to float16 whatever A is (torch's autocast
+    wrapper of ``_cudnn_rnn`` casts to half), and every output is float16. On CUDA without cuDNN and
+    for the oneDNN LSTM on the CPU, they are cast to the autocast dtype A and every output is in A.
+    torch's native CPU cells run their GEMMs in A and their state updates in the states' dtype D (the
+    input's dtype when hx is None): the Elman RNN returns A (its state is the activation of an A sum),
+    the GRU and LSTM promote(D, A). float64 inputs are not
     autocast (torch then fails on the float64/A GEMM, and so does the dtype check here).
     """
     device_type = input.device.type
     if not torch.is_autocast_enabled(device_type) or input.dtype not in _AUTOCAST_ELIGIBLE:
         return None
     low = torch.get_autocast_dtype(device_type)
+    if device_type == "cuda" and _torch_rnn_uses_cudnn():
+        return _Precision(torch.float16, torch.float16, True, torch.float16)
     if device_type != "cpu" or (mode == "lstm" and not packed and _torch_lstm_uses_onednn(input)):
         return _Precision(low, low, True, low)
     if mode.startswith("rnn"):
