@@ -28,3 +28,13 @@ def _seed():
     torch.manual_seed(0)
     yield
 
+
+
+@pytest.fixture
+def ieee_float32():
+    """IEEE float32 everywhere on CUDA for the test, then torch's switches as they were: torch's matmuls,
+    cuDNN, and our float32 dots, which follow cuDNN's TF32 switch (TF32 rounds operands to 10 bits)."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved

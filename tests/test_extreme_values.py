@@ -305,9 +305,9 @@ def test_layer_norm_inf_and_nan_rows_give_nan_as_torch(backend):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("kind,layer_norm", CELLS, ids=CELL_IDS)
-def test_gpu_weight_scale_sweep(kind, layer_norm):
+def test_gpu_weight_scale_sweep(kind, layer_norm, ieee_float32):
     """The Triton kernels compiled for the GPU (tl.exp there is an approximation) against the same
-    CPU oracles."""
+    CPU oracles, in IEEE float32 (TF32 would round the products' operands to 10 bits)."""
     assert CUDA and torch.cuda.is_available()
     run_sweep(kind, layer_norm, "triton", range(31), device="cuda")
 
@@ -315,9 +315,10 @@ def test_gpu_weight_scale_sweep(kind, layer_norm):
 @pytest.mark.gpu
 @pytest.mark.parametrize("nonlinearity,torch_fn", [("sigmoid", torch.sigmoid), ("tanh", torch.tanh),
                                                    ("relu", torch.relu)])
-def test_gpu_nonlinearities_saturate_as_torch(nonlinearity, torch_fn):
+def test_gpu_nonlinearities_saturate_as_torch(nonlinearity, torch_fn, ieee_float32):
     """On the GPU: exactly 0, 1 and -1 (and derivatives exactly 0) beyond a margin around where float32
-    saturates, where the approximate exp may round differently than torch's by an ulp."""
+    saturates, where the approximate exp may round differently than torch's by an ulp.
+    IEEE float32: TF32 would round the input on its way through W_ih = 1."""
     assert CUDA and torch.cuda.is_available()
     x = activation_points(200_001).cuda()
     ours = x[None, :, None].clone().requires_grad_()

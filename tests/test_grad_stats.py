@@ -3,7 +3,8 @@ interpreter) against the eager reference, torch.linalg.vector_norm and torch.his
 
 Tolerances: sums of squares rtol 1e-12 (C++, accumulates in float64), rtol 1e-6 for float32-class
 inputs and 1e-12 for float64 in Triton (float32 accumulation within a chunk); histogram counts exactly
-equal (random values never sit within an ulp of a bin edge).
+equal (random values never sit within an ulp of a bin edge), except on a GPU, where log2 is approximate:
+there a value within about 20 float32 ulps of a bin edge may land in the neighbouring bin.
 """
 
 import pytest
@@ -50,14 +51,33 @@ def tensor_list(big):
     ]
 
 
-def check_equal(ours, theirs, rtols):
+def check_equal(ours, theirs, rtols, movable=None):
+    """Sums of squares within rtols; histograms equal, except that up to ``movable[i]`` values of tensor
+    i may sit in a neighbouring column (each such move changes two counts by one)."""
     sumsq, hist = ours
     ref_sumsq, ref_hist = theirs
     assert sumsq.dtype == torch.float64 and hist.dtype == torch.int64
     assert hist.shape == ref_hist.shape
     for i, rtol in enumerate(rtols):
         torch.testing.assert_close(sumsq[i], ref_sumsq[i], rtol=rtol, atol=0, equal_nan=True)
-    assert torch.equal(hist, ref_hist), (hist - ref_hist).nonzero()
+    if movable is None:
+        assert torch.equal(hist, ref_hist), (hist - ref_hist).nonzero()
+        return
+    assert torch.equal(hist.sum(1), ref_hist.sum(1))
+    moved = (hist - ref_hist).abs().sum(1).cpu()
+    assert (moved <= 2 * torch.tensor(movable)).all(), (moved.tolist(), movable)
+
+
+def near_bin_edges(t, inv_scale, spec=DEFAULT_BINS, decades=1e-6):
+    """How many values of t lie within ``decades`` of a bin edge in log10|g| (about 20 float32 ulps):
+    where the GPU's approximate log2 and torch.log10 may disagree on the bin."""
+    x = reference.scaled_values(t, inv_scale).double().abs().flatten()
+    logs = torch.log10(x[(x > 0) & torch.isfinite(x)]).cpu()
+    edges = spec.edges()
+    right = torch.bucketize(logs, edges).clamp(max=len(edges) - 1)
+    left = (right - 1).clamp(min=0)
+    nearest = torch.minimum((logs - edges[left]).abs(), (logs - edges[right]).abs())
+    return int((nearest < decades).sum())
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -191,4 +211,5 @@ def test_triton_cuda(dtype):
     inv_scale = torch.tensor([1 / 3.0], device="cuda")
     ours = grad_stats(tensors, inv_scale)
     theirs = reference.grad_stats(tensors, inv_scale)
-    check_equal(ours, theirs, [rtol_for("triton", dtype)] * len(tensors))
+    movable = [near_bin_edges(t, inv_scale) for t in tensors]
+    check_equal(ours, theirs, [rtol_for("triton", dtype)] * len(tensors), movable)

@@ -245,11 +245,8 @@ def test_backward_rejects_bad_workspace_and_clip():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("mode", ["lstm", "gru"])
-def test_cuda_matches_cpp(mode):
+def test_cuda_matches_cpp(mode, ieee_float32):
     assert CUDA and torch.cuda.is_available()
-    # float32 dots follow torch's cuDNN TF32 switch: IEEE for a 1e-4 comparison
-    torch.backends.cudnn.allow_tf32 = False
-    torch.backends.cuda.matmul.allow_tf32 = False
     T, B, H = 16, 40, 96
     inp = make_inputs(mode, T, B, H, torch.float32, lengths=[T - b % 5 for b in range(B)])
     gs, gcs = make_output_grads(mode, T, B, H, torch.float32)
