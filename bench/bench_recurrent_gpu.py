@@ -127,8 +127,9 @@ def _cell_loop(mode, cell, x, g_out, compiled):
             cs.append(c)
     torch.stack(hs).backward(g_out)
     norms = torch.stack([s.grad.norm() for s in hs])
-    if cs:
-        norms = norms + torch.stack([s.grad.norm() for s in cs])
+    if cs:  # the last cell state reaches no output: no gradient
+        norms = norms + torch.stack([s.grad.norm() if s.grad is not None else norms.new_zeros(())
+                                     for s in cs])
     return norms
 
 
