@@ -533,6 +533,33 @@ def test_graph_replay_keeps_busy_buffers(monkeypatch):
         _graphs.clear()
 
 
+@pytest.mark.parametrize("mode,layer_norm", [("lstm", False), ("gru", False), ("lstm", True)])
+def test_graph_of_a_half_precision_backward_is_found_again(mode, layer_norm, monkeypatch):
+    """The forward's bfloat16 outputs (converted from the float32 accumulators) live in static buffers,
+    so the backward, which adopts them, finds its captured entry at every training step instead of
+    capturing new ones (and, past the pool, launching without a graph)."""
+    import vgkernels as vgk
+    from vgkernels.triton import _graphs
+
+    monkeypatch.setenv(_graphs.ENV, "replay")
+    monkeypatch.setenv(tr.LOOP_ENV, "step")
+    _graphs.clear()
+    try:
+        cls = vgk.nn.LSTM if mode == "lstm" else vgk.nn.GRU
+        model = cls(8, 16, backend="triton", layer_norm=layer_norm, dtype=torch.bfloat16)
+        x = torch.randn(3, 2, 8, dtype=torch.bfloat16)
+        for _ in range(3):
+            churn = [torch.empty(1 << k) for k in range(8, 16)]  # moves fresh allocations elsewhere
+            out, _ = model(x)
+            out.float().square().sum().backward()
+            del out, churn
+        pools = {key[0]: len(pool) for key, pool in _graphs._entries.items()}
+        prefix = "ln-" if layer_norm else ""
+        assert pools == {f"{prefix}fwd": 1, f"{prefix}bwd": 1}, pools
+    finally:
+        _graphs.clear()
+
+
 def test_graph_mode_choice(monkeypatch):
     from vgkernels.triton import _graphs
 

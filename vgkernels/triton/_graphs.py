@@ -7,6 +7,7 @@ was captured with, so a :class:`StepLoop` hands its launcher *static* buffers th
 - ``buffer(name, ...)``: a buffer the loop writes (or the host fills before it). The launcher gets a
   view of the static tensor; every tensor returned to the caller aliases it through such a view.
 - ``copy_in(name, tensor)``: an input whose content is copied into a static buffer on every call.
+- ``cast_out(name, tensor, dtype)``: a result converted to the caller's dtype, in a static buffer too.
 - ``adopt(name, tensor)``: a read-only input used in place. The graph reads it at its address, so an
   entry is reused only for a call whose adopted inputs sit at the same addresses with the same layout
   (the backward adopts the forward's outputs, which do).
@@ -105,6 +106,16 @@ class StepLoop:
             self.entry.static[name] = t
             self.entry.own_count[name] = _use_count(t)
         return self.entry.static[name].view(self.entry.static[name].shape)
+
+    def cast_out(self, name: str, tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """``tensor`` (a loop's result in its accumulation dtype) in ``dtype``. A converted copy goes to a
+        static buffer: the backward adopts the forward's outputs, and its graph replays only on the
+        addresses it was captured on; fresh copies would move with the allocator and miss it."""
+        if tensor.dtype == dtype:
+            return tensor
+        out = self.buffer(name, lambda: torch.empty(tensor.shape, dtype=dtype, device=tensor.device))
+        out.copy_(tensor)
+        return out
 
     def copy_in(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
         """An input copied into a static buffer (without a graph: the tensor, made contiguous)."""

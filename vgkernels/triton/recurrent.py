@@ -981,7 +981,8 @@ def _forward_impl(xproj, h0, c0, w_hh, b_hh, lengths, mode, reverse, track):
         jac_sq = jac_part.sum(0, dtype=torch.float32) if jac_part.shape[0] > 1 else jac_part[0].float()
     else:
         jac_sq = states.new_empty(0, dtype=torch.float32)
-    return states.to(dtype), cells.to(dtype), ws.to(dtype), jac_sq
+    return (loop.cast_out("states_out", states, dtype), loop.cast_out("cells_out", cells, dtype),
+            loop.cast_out("ws_out", ws, dtype), jac_sq)
 
 
 def _split_buffers(loop, split: int, shape: tuple, tiles: int, acc: torch.dtype, device: torch.device):

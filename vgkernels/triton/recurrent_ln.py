@@ -1189,7 +1189,7 @@ def _forward_impl(xproj, h0, c0, w_hh, b_hh, ln_hh_weight, ln_hh_bias, ln_cell_w
                                   reverse)
     else:
         jac_sq = states.new_empty(0, dtype=torch.float32)
-    return states.to(dtype), cells.to(dtype), ws, jac_sq
+    return loop.cast_out("states_out", states, dtype), loop.cast_out("cells_out", cells, dtype), ws, jac_sq
 
 
 @triton_op("vgk::rnn_ln_forward_triton", mutates_args=())
