@@ -408,7 +408,48 @@ def report(m: Machine = H200) -> tuple[str, dict]:
               "fewer programs, and much faster than the persistent loop, so the package keeps at least 100 "
               "of 132 SMs busy per step. The GPU check times the persistent and step loops and the graph "
               "side by side."]
+    lines += _measured(m)
     return "\n".join(lines) + "\n", acceptance
+
+
+# The bench's precision names -> (the model's precision, torch's matmul switch on TF32).
+_MEASURED_PRECISIONS = {"fp32-default": ("tf32", False), "fp32-tf32": ("tf32", True), "bf16": ("bf16", True),
+                        "fp32-ieee": ("ieee", False)}
+
+
+def _measured(m: Machine) -> list[str]:
+    """The model beside what bench/bench_recurrent_gpu.py recorded on a GPU, where it has run."""
+    import json
+
+    lines = ["", "## Measured on a GPU, beside the model", ""]
+    files = sorted((ROOT / "bench" / "results").glob("recurrent_gpu_*.json"))
+    if not files:
+        return lines + ["Nothing measured yet: `bash bench/gpu_check.sh` records it."]
+    lines += ["Wall-clock medians of forward + backward from the module's call (the host's work included), "
+              "tracking on, from `bench/bench_recurrent_gpu.py`; the model counts device time only.", "",
+              "| GPU | case | model: ours / cuDNN (us) | measured: ours / cuDNN (us) | model ratio | "
+              "measured ratio |", "|---|---|---|---|---|---|"]
+    under: dict[str, list[float]] = {"ours": [], "cuDNN": []}
+    for path in files:
+        payload = json.loads(path.read_text())
+        gpu = payload["machine"].get("gpu", "?")
+        for row in payload["results"]:
+            if row.get("dtype") not in _MEASURED_PRECISIONS or "vgkernels median ms" not in row:
+                continue
+            precision, matmul_tf32 = _MEASURED_PRECISIONS[row["dtype"]]
+            c = Case(row["mode"], row["B"], row["H"], precision=precision)
+            o, d = ours(c, m, matmul_tf32=matmul_tf32)["total"] * US, cudnn(c, m)["total"] * US
+            mo, md = row["vgkernels median ms"] * 1e3, row["cudnn median ms"] * 1e3
+            lines.append(f"| {gpu} | {row['case']} | {o:.0f} / {d:.0f} | {mo:.0f} / {md:.0f} | {o / d:.2f} | "
+                         f"{mo / md:.2f} |")
+            under["ours"].append(mo / o)
+            under["cuDNN"].append(md / d)
+    spans = "; ".join(f"{side} {min(v):.1f} to {max(v):.1f} times" for side, v in under.items() if v)
+    lines += ["", "Where the two disagree the measurement wins. Measured over modelled time: "
+              f"{spans}. cuDNN's real cost per step is far above the sensitivity table's range, and our "
+              "layer's wall time includes the host's work (Python, autograd, launches outside the graphs), "
+              "which the model leaves out."]
+    return lines
 
 
 def _plan_label(p: dict) -> str:

@@ -102,6 +102,20 @@ def test_perf_model_report_states_it_is_an_estimate():
     assert perf_model.ours(c, fast)["total"] <= perf_model.ours(c)["total"]
 
 
+def test_perf_model_sets_every_recorded_gpu_measurement_beside_its_estimate():
+    import json
+
+    text, _ = perf_model.report()
+    section = text.split("## Measured on a GPU, beside the model")[1]
+    recorded = sorted((perf_model.ROOT / "bench" / "results").glob("recurrent_gpu_*.json"))
+    assert recorded, "no GPU measurement is committed"
+    for path in recorded:
+        for row in json.loads(path.read_text())["results"]:
+            ratio = row["vgkernels median ms"] / row["cudnn median ms"]
+            line = next(line for line in section.splitlines() if f"| {row['case']} |" in line)
+            assert line.rstrip(" |").endswith(f"{ratio:.2f}")
+
+
 def test_perf_model_layer_normalized_step_loop():
     """The layer-normalized cells' step loop keeps 100 SMs busy and, at the acceptance shape, beats their
     persistent loop (4 programs) in the model; the TF32 products around the loop run the Triton GEMM
