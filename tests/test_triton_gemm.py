@@ -89,6 +89,33 @@ def test_triton_only_where_the_switches_differ():
     assert not gemm.uses_triton(torch.empty(4, 4))  # the interpreter: torch's product
 
 
+def test_torch_products_skip_the_custom_op(monkeypatch):
+    """Where torch's product is the right one, eager calls make it directly (the op's dispatch costs the
+    host time per call); the Triton kernel still goes through the op."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    a, b, bias = (t.requires_grad_() for t in _operands(3, 4, 2, transposed=False))
+    with Ops() as ops:
+        out = gemm.mm(a, b, bias)
+    assert not any("mm_triton" in name for name in ops.names) and "aten.addmm.default" in ops.names
+    torch.testing.assert_close(out, a @ b + bias)
+    out.sum().backward()  # torch's own autograd
+    torch.testing.assert_close(a.grad, torch.ones(3, 2) @ b.detach().t())
+    monkeypatch.setattr(gemm, "_FORCE_TRITON", True)
+    with Ops() as ops:
+        gemm.mm(a.detach(), b.detach(), bias.detach())
+    assert any("mm_triton" in name for name in ops.names)
+
+
 def test_matmul_switch_reading():
     matmul = torch.backends.cuda.matmul
     old = matmul.fp32_precision
