@@ -44,6 +44,7 @@ Workspace layout (private to this backend): LSTM [T, B, 4H] activated gates (i, 
 [T, B, 4H] (r, z, n, W_hn h + b_hn); Elman RNN: empty, the derivative follows from h.
 """
 
+import functools
 import os
 
 import torch
@@ -767,9 +768,13 @@ def pointwise_tiles(B: int, cols: int, target: int, max_tile: int = 1024) -> tup
     return block_b, block_j, max(1, min(8, block_b * block_j // 128))
 
 
+_cached_plan = functools.lru_cache(maxsize=256)(plan)  # a pure function, asked at every call of a layer
+
+
 def _plan(B: int, H: int, G: int, device: torch.device, dtype: torch.dtype = torch.float32) -> dict:
-    """:func:`plan` for a launch on ``device``, with the loop kind from ``VGK_RNN_TRITON_LOOP``."""
-    return plan(B, H, G, dtype, *sms_and_loop(device))
+    """:func:`plan` for a launch on ``device``, with the loop kind from ``VGK_RNN_TRITON_LOOP``; the
+    same dict for the same arguments (read it, never change it)."""
+    return _cached_plan(B, H, G, dtype, *sms_and_loop(device))
 
 
 def sms_and_loop(device: torch.device) -> tuple[int | None, str]:

@@ -52,6 +52,8 @@ Workspace layout (the C++ backend's): LSTM [T, B, 10H+2] = (si, sf, tg, so | yh 
 rstd_c); GRU [T, B, 7H+1] = (r, z, n, hn | yh (3H) | rstd).
 """
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -983,9 +985,13 @@ def _pointwise_plan(B: int, cols: int, target: int, max_tile: int) -> dict:
     return {"BLOCK_B": block_b, "BLOCK_J": block_j, "num_warps": num_warps}
 
 
+_cached_plan = functools.lru_cache(maxsize=256)(plan)  # a pure function, asked at every call of a layer
+
+
 def _plan(B: int, H: int, G: int, device: torch.device, dtype: torch.dtype) -> dict:
-    """:func:`plan` for a launch on ``device``, with the loop kind from ``VGK_RNN_TRITON_LOOP``."""
-    return plan(B, H, G, dtype, *_plain.sms_and_loop(device))
+    """:func:`plan` for a launch on ``device``, with the loop kind from ``VGK_RNN_TRITON_LOOP``; the
+    same dict for the same arguments (read it, never change it)."""
+    return _cached_plan(B, H, G, dtype, *_plain.sms_and_loop(device))
 
 
 def _nt(tiles: int) -> int:
