@@ -394,3 +394,31 @@ def test_gpu_matches_torch_without_host_sync(norm_type, dtype, monkeypatch):
     rtol = 1e-5 if dtype == torch.float32 else 2e-2
     assert_same_norm(total, want, rtol=rtol)
     assert_same_grads(ours, theirs, rtol=rtol, atol=1e-3 if dtype != torch.float32 else 1e-7)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_scaling_in_place_bumps_version_counters_as_torch(backend):
+    """Autograd sees the in-place scaling of every gradient (a graph that saved one then refuses to
+    backpropagate), as after torch's clip_grad_norm_."""
+    params = [torch.nn.Parameter(torch.zeros(5)), torch.nn.Parameter(torch.zeros(3, 4))]
+    for p in params:
+        p.grad = torch.randn_like(p) * 10
+    before = [p.grad._version for p in params]
+    vgk.clip_grad_norm_(params, 0.1, backend=backend)
+    assert all(p.grad._version > v for p, v in zip(params, before, strict=True))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_compiles_whole_and_matches_torch(backend):
+    """Under torch.compile(fullgraph=True) the fused ops are opaque (their host side reads data pointers,
+    which compile's fake tensors lack): the same norm and gradients as torch's eager function."""
+    torch._dynamo.reset()
+    grads = [torch.randn(5) * 10, torch.randn(3, 4) * 10]
+    ours, theirs = ([torch.nn.Parameter(torch.zeros_like(g)) for g in grads] for _ in range(2))
+    for a, b, g in zip(ours, theirs, grads, strict=True):
+        a.grad, b.grad = g.clone(), g.clone()
+    clip = torch.compile(lambda ps: vgk.clip_grad_norm_(ps, 0.1, backend=backend), fullgraph=True,
+                         backend="aot_eager")
+    torch.testing.assert_close(clip(ours), tu.clip_grad_norm_(theirs, 0.1))
+    for a, b in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(a.grad, b.grad)
