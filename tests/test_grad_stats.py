@@ -213,3 +213,12 @@ def test_triton_cuda(dtype):
     theirs = reference.grad_stats(tensors, inv_scale)
     movable = [near_bin_edges(t, inv_scale) for t in tensors]
     check_equal(ours, theirs, [rtol_for("triton", dtype)] * len(tensors), movable)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_compiles_whole(backend):
+    """Opaque under torch.compile(fullgraph=True): the statistics of the eager call."""
+    torch._dynamo.reset()
+    tensors = [spread(37), spread(5 * 7).reshape(5, 7)]
+    compiled = torch.compile(lambda ts: grad_stats(ts, backend=backend), fullgraph=True, backend="aot_eager")
+    check_equal(compiled(tensors), grad_stats(tensors, backend=backend), [1e-12, 1e-12])

@@ -26,7 +26,6 @@ import numpy as np
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op
 
 from vgkernels.triton import _host
 
@@ -167,7 +166,8 @@ def _kind(norm_type: float) -> int:
     return _POW
 
 
-@triton_op("vgk::multi_tensor_norm_triton", mutates_args=())
+# An opaque op: its host side reads data pointers, which torch.compile's tensors lack.
+@torch.library.custom_op("vgk::multi_tensor_norm_triton", mutates_args=())
 def multi_tensor_norm_triton(tensors: list[torch.Tensor], norm_type: float) -> torch.Tensor:
     """p-norm (p > 0 or inf) of all elements of ``tensors`` together: a 0-dim tensor of their dtype.
 
@@ -206,7 +206,8 @@ def _(tensors, norm_type):
     return tensors[0].new_empty(())
 
 
-@triton_op("vgk::multi_tensor_scale_triton_", mutates_args={"tensors"})
+# An opaque op: its host side reads data pointers, which torch.compile's tensors lack.
+@torch.library.custom_op("vgk::multi_tensor_scale_triton_", mutates_args={"tensors"})
 def multi_tensor_scale_triton_(tensors: list[torch.Tensor], scale: torch.Tensor) -> None:
     """In place: every tensor of ``tensors`` (one dtype, one device) *= ``scale`` (one element there)."""
     scale_launch(tensors, scale)

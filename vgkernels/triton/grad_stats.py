@@ -17,7 +17,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op
 
 from vgkernels.triton import _host
 
@@ -103,7 +102,8 @@ def _finalize_kernel(
     tl.store(hist_ptr + t * NCOL + cols, counts, mask=cols < NCOL)
 
 
-@triton_op("vgk::grad_stats_triton", mutates_args=())
+# An opaque op: its host side reads data pointers, which torch.compile's tensors lack.
+@torch.library.custom_op("vgk::grad_stats_triton", mutates_args=())
 def grad_stats_triton(
     tensors: list[torch.Tensor],
     inv_scale: torch.Tensor | None,
