@@ -5,7 +5,8 @@
 #
 #   bash bench/gpu_check.sh OUT_DIR        (or: OUT=OUT_DIR bash bench/gpu_check.sh)
 #
-# OUT_DIR receives env.txt, build.log, gpu_tests.log (+ .xml), bench_recurrent.log, bench_other.log,
+# OUT_DIR receives env.txt, build.log, gpu_tests.log (+ .xml), profile.txt (device against wall time of
+# the recurrent and LayerNorm calls, bench/gpu_profile.py), bench_recurrent.log, bench_other.log,
 # the recorded results (recurrent_gpu_<gpu>.json / .md, copied from bench/results/), the
 # pytest-benchmark JSON files and summary.md: one verdict per GPU target (the GPU tests; the LSTM
 # against cuDNN in fp32 with TF32, bf16 and IEEE fp32, beside bench/perf_model.py's estimate; the eager
@@ -79,6 +80,10 @@ if [ $rc -ne 0 ]; then
     echo "GPU tests FAILED or timed out (exit $rc; see gpu_tests.log)"; status=1
     tests_status="FAILED or timed out (exit $rc)"
 fi
+
+echo "== profile: device against wall time ($(left) s left)"
+timeout -s INT -k 10 60 "$PY" bench/gpu_profile.py "$OUT_DIR/profile.txt" > "$OUT_DIR/profile.log" 2>&1
+echo "profile exit $? (see profile.txt)"
 
 echo "== recurrent benchmarks ($(left) s left)"
 bench_box=$(( $(left) - 40 ))

@@ -31,6 +31,13 @@ def test_script_stops_without_a_gpu(tmp_path):
     assert "no CUDA device" in proc.stderr and not (tmp_path / "out").exists()
 
 
+def test_profile_stops_without_a_gpu(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_profile.py"), str(tmp_path / "p.txt")],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "needs a CUDA device" in proc.stderr
+
+
 def test_gpu_benchmark_smoke_run_on_the_cpu_records_nothing():
     # VGK_BENCH_SMOKE=1 runs one tiny case of bench_recurrent_gpu.py under the Triton interpreter: the
     # file works without a GPU, and a CPU run leaves no GPU result behind.
