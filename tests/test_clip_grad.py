@@ -422,3 +422,31 @@ def test_compiles_whole_and_matches_torch(backend):
     torch.testing.assert_close(clip(ours), tu.clip_grad_norm_(theirs, 0.1))
     for a, b in zip(ours, theirs, strict=True):
         torch.testing.assert_close(a.grad, b.grad)
+
+
+def test_host_table_in_cpp_equals_the_numpy_one(monkeypatch):
+    """The launch table (addresses, lengths, each tile's tensor and first element) and the alignment,
+    from the C++ pass and from numpy (used without the C++ build); None for a non-contiguous tensor."""
+    base = torch.zeros(3 * tcg.TILE + 40)
+    tensors = [torch.zeros(1), torch.zeros(tcg.TILE), base[1:2 * tcg.TILE + 6], torch.zeros(0),
+               torch.zeros(5, 7)]
+    table, n_tiles, aligned = tcg._host_table(tensors)
+    monkeypatch.setattr(tcg, "cpp_available", lambda: False)
+    want, want_tiles, want_aligned = tcg._host_table(tensors)
+    assert torch.equal(table, want)
+    assert n_tiles == want_tiles == sum(-(-t.numel() // tcg.TILE) for t in tensors)
+    assert aligned is want_aligned is False  # base[1:] starts 4 bytes into an allocation
+    assert tcg._host_table([torch.zeros(4, 4).t()]) is None
+    monkeypatch.undo()
+    assert tcg._host_table([torch.zeros(4, 4).t()]) is None
+    assert tcg._host_table(tensors[:2])[2] is True
+
+
+def test_groups_keep_torchs_order(monkeypatch):
+    a, b, c = torch.zeros(2), torch.zeros(3, dtype=torch.float64), torch.zeros(4)
+    d = torch.zeros(1, dtype=torch.bfloat16)
+    groups = clip_ops._groups([a, b, c, d])
+    monkeypatch.setattr(clip_ops, "cpp_available", lambda: False)
+    assert list(groups) == list(clip_ops._groups([a, b, c, d])) == [
+        (a.device, torch.float32), (a.device, torch.float64), (a.device, torch.bfloat16)]
+    assert [[id(t) for t in g] for g in groups.values()] == [[id(a), id(c)], [id(b)], [id(d)]]

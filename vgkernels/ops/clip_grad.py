@@ -36,13 +36,13 @@ import torch
 import torch.nn.utils as nn_utils
 from torch.utils._foreach_utils import _device_has_foreach_support
 
-from vgkernels._library import cpp_available
+from vgkernels._library import _C, cpp_available
 from vgkernels.backends import resolve_backend
 from vgkernels.ops.autodiff import transforms_active
 from vgkernels.reference import clip_grad as reference
 
 FUSED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-_PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
+_PLAIN_TYPES = frozenset((torch.Tensor, torch.nn.Parameter))
 
 TensorOrTensors = torch.Tensor | Iterable[torch.Tensor]
 Groups = dict[tuple[torch.device, torch.dtype], list[torch.Tensor]]
@@ -78,9 +78,10 @@ def _tensor_list(value, name: str) -> list[torch.Tensor]:
     except TypeError:
         got = type(value).__name__
         raise TypeError(f"{name}: expected a tensor or an iterable of tensors, got {got}") from None
-    for i, t in enumerate(items):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name}[{i}]: expected a tensor, got {type(t).__name__}")
+    if not set(map(type, items)) <= _PLAIN_TYPES:  # one C-level pass for the common case
+        for i, t in enumerate(items):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{name}[{i}]: expected a tensor, got {type(t).__name__}")
     return items
 
 
@@ -98,10 +99,14 @@ def _number(value, name: str) -> float:
 
 def _is_plain(tensors: list[torch.Tensor]) -> bool:
     """False when any tensor is a subclass (e.g. DTensor): those go to torch.nn.utils."""
-    return all(type(t) in _PLAIN_TYPES for t in tensors)
+    return set(map(type, tensors)) <= _PLAIN_TYPES
 
 
 def _groups(tensors: list[torch.Tensor]) -> Groups:
+    """The tensors by (device, dtype), in order of first appearance, as torch.nn.utils groups them."""
+    if cpp_available() and not torch.compiler.is_compiling():  # one C++ pass; Python's reads a device
+        # object per tensor
+        return {(group[0].device, group[0].dtype): group for group in _C.group_by_device_dtype(tensors)}
     groups: Groups = {}
     for t in tensors:
         groups.setdefault((t.device, t.dtype), []).append(t)
@@ -245,7 +250,7 @@ def clip_grads_with_norm_(
     stays on the device (no host synchronisation).
     """
     parameters = _tensor_list(parameters, "parameters")
-    grads = [p.grad for p in parameters if p.grad is not None]
+    grads = [g for g in [p.grad for p in parameters] if g is not None]  # one read of each .grad
     max_norm = _number(max_norm, "max_norm")
     if not isinstance(total_norm, torch.Tensor):
         raise TypeError(f"total_norm: expected a tensor, got {type(total_norm).__name__}")
@@ -282,7 +287,7 @@ def clip_grad_norm_(
     parameters = _tensor_list(parameters, "parameters")
     if is_generator and not parameters:
         warnings.warn("`parameters` is an empty generator, no gradient clipping will occur.", stacklevel=2)
-    grads = [p.grad for p in parameters if p.grad is not None]
+    grads = [g for g in [p.grad for p in parameters] if g is not None]  # one read of each .grad
     if not _is_plain(grads):
         return nn_utils.clip_grad_norm_(parameters, max_norm, norm_type, error_if_nonfinite, foreach)
     norm_type = _number(norm_type, "norm_type")

@@ -27,6 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
+from vgkernels._library import _C, cpp_available
 from vgkernels.triton import _host
 
 TILE = 4096  # elements per tile; tests lower it to cover several tiles on tiny tensors
@@ -123,29 +124,41 @@ def _scale_kernel(meta_ptr, like_ptr, scale_ptr, n_tensors, n_tiles, TILE: tl.co
 # ---------------------------------------------------------------------------------------------------
 # Host side
 
-_cache: dict[str, object] = {"key": None, "meta": None}
+_cache: dict[str, object] = {"host": None, "device": None, "meta": None}
 
 
-def _meta(tensors: list[torch.Tensor], device: torch.device) -> tuple[torch.Tensor, int, bool]:
-    """Device table of addresses, lengths and tiles (cached for the last key), the tile count, and
-    whether every address is 16-byte aligned."""
-    addresses = [t.data_ptr() for t in tensors]
-    numels = [t.numel() for t in tensors]
-    key = (device, TILE, tuple(addresses), tuple(numels))
-    if _cache["key"] == key:
-        return _cache["meta"]
-    lengths = np.asarray(numels, dtype=np.int64)
+def _host_table(tensors: list[torch.Tensor]) -> tuple[torch.Tensor, int, bool] | None:
+    """The int64 host table (addresses [N], lengths [N], each tile's tensor and first element), the tile
+    count, and whether every address is 16-byte aligned; None when a tensor is not contiguous."""
+    if cpp_available():
+        return _C.tensor_table(tensors, TILE)
+    if not all(t.is_contiguous() for t in tensors):  # without the C++ build: the same table in numpy
+        return None
+    addresses = np.asarray([t.data_ptr() for t in tensors], dtype=np.int64)
+    lengths = np.asarray([t.numel() for t in tensors], dtype=np.int64)
     tiles = (lengths + TILE - 1) // TILE
     tile_tensor = np.repeat(np.arange(len(tensors), dtype=np.int64), tiles)
     first_tile = np.cumsum(tiles) - tiles
     tile_start = (np.arange(tile_tensor.size, dtype=np.int64) - np.repeat(first_tile, tiles)) * TILE
-    host = torch.from_numpy(np.concatenate([np.asarray(addresses, dtype=np.int64), lengths, tile_tensor,
-                                            tile_start]))
-    if device.type == "cuda":
-        host = host.pin_memory()
-    aligned = TILE % 16 == 0 and all(a % 16 == 0 for a in addresses)
-    meta = (host.to(device, non_blocking=True), int(tile_tensor.size), aligned)
-    _cache["key"], _cache["meta"] = key, meta
+    aligned = TILE % 16 == 0 and bool((addresses % 16 == 0).all())
+    table = torch.from_numpy(np.concatenate([addresses, lengths, tile_tensor, tile_start]))
+    return table, int(tile_tensor.size), aligned
+
+
+def _meta(tensors: list[torch.Tensor], device: torch.device) -> tuple[torch.Tensor, int, bool] | None:
+    """The table of :func:`_host_table` on ``device`` (the copy kept for the last table seen: a training
+    loop's gradients sit at the same addresses step after step), the tile count and the alignment; None
+    when a tensor is not contiguous."""
+    made = _host_table(tensors)
+    if made is None:
+        return None
+    host, n_tiles, aligned = made
+    cached = _cache["host"]
+    if _cache["device"] == device and cached is not None and torch.equal(cached, host):
+        return _cache["meta"]
+    staged = host.pin_memory() if device.type == "cuda" else host
+    meta = (staged.to(device, non_blocking=True), n_tiles, aligned)
+    _cache["host"], _cache["device"], _cache["meta"] = host, device, meta
     return meta
 
 
@@ -180,13 +193,17 @@ def multi_tensor_norm_triton(tensors: list[torch.Tensor], norm_type: float) -> t
 
 def norm_launch(tensors, norm_type):
     """The launches behind :func:`multi_tensor_norm_triton` (also called directly by the AOT check)."""
-    data = [t if t.is_contiguous() else t.contiguous() for t in tensors]
+    data = tensors
+    made = _meta(data, data[0].device)
+    if made is None:  # read non-contiguous tensors through contiguous copies
+        data = [t if t.is_contiguous() else t.contiguous() for t in tensors]
+        made = _meta(data, data[0].device)
     device, dtype = data[0].device, data[0].dtype
     acc_dtype = torch.float64 if dtype == torch.float64 else torch.float32
     kind = _kind(norm_type)
     out = torch.empty((), dtype=dtype, device=device)
     with _host.device_ctx(device):
-        meta, n_tiles, aligned = _meta(data, device)
+        meta, n_tiles, aligned = made
         programs = _programs(n_tiles, device)
         partials = torch.zeros(programs, dtype=acc_dtype, device=device)
         if n_tiles > 0:
@@ -217,15 +234,18 @@ def scale_launch(tensors, scale):
     """The launches behind :func:`multi_tensor_scale_triton_` (also called directly by the AOT check)."""
     if not tensors:
         return
-    dense = [t for t in tensors if t.is_contiguous()]
-    for t in tensors:
-        if not t.is_contiguous():  # rare for gradients: torch's own kernel
-            t.mul_(scale)
-    if not dense:
-        return
+    dense, made = tensors, _meta(tensors, tensors[0].device)
+    if made is None:
+        dense = [t for t in tensors if t.is_contiguous()]
+        for t in tensors:
+            if not t.is_contiguous():  # rare for gradients: torch's own kernel
+                t.mul_(scale)
+        if not dense:
+            return
+        made = _meta(dense, dense[0].device)
     device = dense[0].device
     with _host.device_ctx(device):
-        meta, n_tiles, aligned = _meta(dense, device)
+        meta, n_tiles, aligned = made
         if n_tiles > 0:
             _host.launch(
                 _scale_kernel, (_programs(n_tiles, device),), meta, dense[0], scale, len(dense), n_tiles,
