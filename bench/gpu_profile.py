@@ -3,15 +3,17 @@
     python bench/gpu_profile.py [OUT_FILE]
 
 For the recurrent acceptance case (LSTM, T = 100, B = 64, input = hidden = 512, forward + backward;
-float32 under torch's defaults, and bfloat16), tracked and untracked, and for LayerNorm forward +
-backward at (8192, 4096) in bfloat16, beside cuDNN and torch: the median wall time of 10 calls each
-run alone, and one call under torch.profiler (CPU and CUDA time per operator). A diagnostic for
-bench/gpu_check.sh, not a benchmark: the interleaved comparisons are bench_recurrent_gpu.py's and
-bench_layer_norm.py's. Needs a CUDA device.
+float32 under torch's defaults, and bfloat16), tracked and untracked; for LayerNorm forward + backward
+at (8192, 4096) in bfloat16; and for clip_grad_norm_ over 1000 gradients; beside cuDNN and torch: the
+median wall time of 10 calls each run alone, and one call under torch.profiler (CPU and CUDA time per
+operator). A diagnostic for bench/gpu_check.sh, not a benchmark: the interleaved comparisons are
+bench_recurrent_gpu.py's, bench_layer_norm.py's and bench_clip_grad.py's. Needs a CUDA device;
+``VGK_PROFILE_SMOKE=1`` runs it on the CPU at tiny sizes, only to check that the file works.
 """
 
 from __future__ import annotations
 
+import os
 import statistics
 import sys
 import time
@@ -22,14 +24,24 @@ from torch.profiler import ProfilerActivity, profile
 
 import vgkernels as vgk
 
+SMOKE = os.environ.get("VGK_PROFILE_SMOKE") == "1"
+DEVICE = "cpu" if SMOKE else "cuda"
+T, B, H = (3, 2, 8) if SMOKE else (100, 64, 512)
+ROWS, COLS = (4, 16) if SMOKE else (8192, 4096)
+
+
+def _sync() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
 
 def _median_ms(fn: Callable[[], None], calls: int = 10) -> float:
     times = []
     for _ in range(calls):
-        torch.cuda.synchronize()
+        _sync()
         start = time.perf_counter()
         fn()
-        torch.cuda.synchronize()
+        _sync()
         times.append((time.perf_counter() - start) * 1e3)
     return statistics.median(times)
 
@@ -38,9 +50,10 @@ def _profile(name: str, fn: Callable[[], None], out) -> None:
     for _ in range(3):
         fn()
     wall = _median_ms(fn)
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEVICE == "cuda" else [])
+    with profile(activities=activities) as prof:
         fn()
-        torch.cuda.synchronize()
+        _sync()
     events = prof.key_averages()
     device_us = sum(e.self_device_time_total for e in events)
     print(f"## {name}: wall {wall:.3f} ms alone (median of 10); device time {device_us / 1e3:.3f} ms in one "
@@ -50,9 +63,9 @@ def _profile(name: str, fn: Callable[[], None], out) -> None:
           flush=True)
 
 
-def _recurrent(dtype: torch.dtype, module: torch.nn.Module):
-    x = torch.randn(100, 64, 512, device="cuda", dtype=dtype, requires_grad=True)
-    g = torch.randn(100, 64, 512, device="cuda", dtype=dtype)
+def _recurrent(dtype: torch.dtype, module: torch.nn.Module) -> Callable[[], None]:
+    x = torch.randn(T, B, H, device=DEVICE, dtype=dtype, requires_grad=True)
+    g = torch.randn(T, B, H, device=DEVICE, dtype=dtype)
 
     def run() -> None:
         out, _ = module(x)
@@ -60,9 +73,9 @@ def _recurrent(dtype: torch.dtype, module: torch.nn.Module):
     return run
 
 
-def _layer_norm(norm: Callable[[torch.Tensor], torch.Tensor]):
-    x = torch.randn(8192, 4096, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    g = torch.randn(8192, 4096, device="cuda", dtype=torch.bfloat16)
+def _layer_norm(norm: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[], None]:
+    x = torch.randn(ROWS, COLS, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+    g = torch.randn(ROWS, COLS, device=DEVICE, dtype=torch.bfloat16)
 
     def run() -> None:
         norm(x).backward(g)
@@ -70,20 +83,29 @@ def _layer_norm(norm: Callable[[torch.Tensor], torch.Tensor]):
 
 
 def main(out=sys.stdout) -> int:
-    if not torch.cuda.is_available():
-        print("gpu_profile.py needs a CUDA device", file=sys.stderr)
+    if DEVICE == "cuda" and not torch.cuda.is_available():
+        print("gpu_profile.py needs a CUDA device (VGK_PROFILE_SMOKE=1 checks the file on the CPU)",
+              file=sys.stderr)
         return 2
     torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = True, False  # torch's defaults
-    factory = {"device": "cuda"}
+    factory = {"device": DEVICE}
     for dtype in (torch.float32, torch.bfloat16):
         torch.manual_seed(0)
-        for name, module in (("vgkernels tracked", vgk.nn.LSTM(512, 512, track=True, dtype=dtype, **factory)),
-                             ("vgkernels untracked", vgk.nn.LSTM(512, 512, dtype=dtype, **factory)),
-                             ("cuDNN", torch.nn.LSTM(512, 512, dtype=dtype, **factory))):
-            _profile(f"LSTM T=100 B=64 H=512 {dtype} fwd+bwd, {name}", _recurrent(dtype, module), out)
-    for name, norm in (("vgkernels", vgk.nn.LayerNorm(4096, dtype=torch.bfloat16, **factory)),
-                       ("torch", torch.nn.LayerNorm(4096, dtype=torch.bfloat16, **factory))):
-        _profile(f"LayerNorm (8192, 4096) bf16 fwd+bwd, {name}", _layer_norm(norm), out)
+        for name, module in (("vgkernels tracked", vgk.nn.LSTM(H, H, track=True, dtype=dtype, **factory)),
+                             ("vgkernels untracked", vgk.nn.LSTM(H, H, dtype=dtype, **factory)),
+                             ("torch.nn", torch.nn.LSTM(H, H, dtype=dtype, **factory))):
+            _profile(f"LSTM T={T} B={B} H={H} {dtype} fwd+bwd, {name}", _recurrent(dtype, module), out)
+    for name, norm in (("vgkernels", vgk.nn.LayerNorm(COLS, dtype=torch.bfloat16, **factory)),
+                       ("torch", torch.nn.LayerNorm(COLS, dtype=torch.bfloat16, **factory))):
+        _profile(f"LayerNorm ({ROWS}, {COLS}) bf16 fwd+bwd, {name}", _layer_norm(norm), out)
+    params = []
+    for shape in [(H // 2, H // 2), (H // 2,)] * 500:
+        params.append(torch.nn.Parameter(torch.empty(shape, **factory)))
+        params[-1].grad = torch.randn(shape, **factory)
+    for name, clip in (("vgkernels", lambda: vgk.clip_grad_norm_(params, 1.0)),
+                       ("torch foreach", lambda: torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True))):
+        side = H // 2
+        _profile(f"clip_grad_norm_ 1000 gradients ({side}, {side}) and ({side},) fp32, {name}", clip, out)
     return 0
 
 

@@ -31,11 +31,16 @@ def test_script_stops_without_a_gpu(tmp_path):
     assert "no CUDA device" in proc.stderr and not (tmp_path / "out").exists()
 
 
-def test_profile_stops_without_a_gpu(tmp_path):
+def test_profile_stops_without_a_gpu_and_its_smoke_run_works(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_profile.py"), str(tmp_path / "p.txt")],
-                          env=env, capture_output=True, text=True, timeout=120)
+    command = [sys.executable, str(ROOT / "bench" / "gpu_profile.py"), str(tmp_path / "p.txt")]
+    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "needs a CUDA device" in proc.stderr
+    proc = subprocess.run(command, env={**env, "VGK_PROFILE_SMOKE": "1"}, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    headers = [line for line in (tmp_path / "p.txt").read_text().splitlines() if line.startswith("## ")]
+    assert len(headers) == 10 and all("wall" in line and "device time" in line for line in headers)
 
 
 def test_gpu_benchmark_smoke_run_on_the_cpu_records_nothing():
