@@ -537,7 +537,8 @@ def test_graph_replay_keeps_busy_buffers(monkeypatch):
 def test_graph_of_a_half_precision_backward_is_found_again(mode, layer_norm, monkeypatch):
     """The forward's bfloat16 outputs (converted from the float32 accumulators) live in static buffers,
     so the backward, which adopts them, finds its captured entry at every training step instead of
-    capturing new ones (and, past the pool, launching without a graph)."""
+    capturing new ones (and, past the pool, launching without a graph); a held output is never
+    overwritten."""
     import vgkernels as vgk
     from vgkernels.triton import _graphs
 
@@ -556,6 +557,12 @@ def test_graph_of_a_half_precision_backward_is_found_again(mode, layer_norm, mon
         pools = {key[0]: len(pool) for key, pool in _graphs._entries.items()}
         prefix = "ln-" if layer_norm else ""
         assert pools == {f"{prefix}fwd": 1, f"{prefix}bwd": 1}, pools
+        # An output still held keeps its buffers from the next call, which takes another entry.
+        with torch.no_grad():
+            held, _ = model(x)
+            expected = held.clone()
+            model(x * 2)
+        assert torch.equal(held, expected)
     finally:
         _graphs.clear()
 
