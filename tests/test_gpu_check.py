@@ -128,6 +128,25 @@ def test_perf_model_sets_every_recorded_gpu_measurement_beside_its_estimate():
             assert line.rstrip(" |").endswith(f"{ratio:.2f}")
 
 
+def test_perf_model_calibration_recovers_what_made_the_measurements():
+    """Rows made by the model itself with a known cuDNN step cost and our residual: calibrate() finds
+    both, and the calibrated model then gives those rows' times back."""
+    step, residual = 30e-6, 2e-3
+    fit_rows = []
+    for dtype in perf_model._MEASURED_PRECISIONS:
+        row = {"mode": "gru", "B": 64, "H": 512, "T": 100, "dtype": dtype}
+        c, matmul_tf32 = perf_model._case_of(row)
+        row["vgkernels median ms"] = (perf_model.ours(c, matmul_tf32=matmul_tf32)["total"] + residual) * 1e3
+        row["cudnn median ms"] = perf_model.cudnn(c, step_s=step)["total"] * 1e3
+        fit_rows.append(row)
+    fit = perf_model.calibrate(fit_rows)
+    assert fit["cudnn_step_s"] == pytest.approx(step) and fit["residual_s"] == pytest.approx(residual)
+    c, matmul_tf32 = perf_model._case_of(fit_rows[0])
+    o, d = perf_model.calibrated(c, fit, matmul_tf32=matmul_tf32)
+    assert o * 1e3 == pytest.approx(fit_rows[0]["vgkernels median ms"])
+    assert d * 1e3 == pytest.approx(fit_rows[0]["cudnn median ms"])
+
+
 def test_perf_model_layer_normalized_step_loop():
     """The layer-normalized cells' step loop keeps 100 SMs busy and, at the acceptance shape, beats their
     persistent loop (4 programs) in the model; the TF32 products around the loop run the Triton GEMM
