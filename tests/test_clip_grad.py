@@ -325,11 +325,16 @@ def test_cpp_norm_does_not_depend_on_thread_count():
     assert torch.equal(results[0], results[1])
 
 
-def test_opcheck_cpp_ops():
+@pytest.mark.parametrize("ops", [("multi_tensor_norm", "multi_tensor_scale_"),
+                                 ("multi_tensor_norm_triton", "multi_tensor_scale_triton_")],
+                         ids=["cpp", "triton"])
+def test_opcheck(ops):
+    """The C++ ops, and the Triton ones (opaque custom ops; under the interpreter here)."""
     tensors = [torch.randn(3), torch.randn(4, 5), torch.randn(1)]
+    norm, scale = (getattr(torch.ops.vgk, name) for name in ops)
     for p in (1.0, 2.0, 3.5, math.inf):
-        torch.library.opcheck(torch.ops.vgk.multi_tensor_norm, (tensors, p))
-    torch.library.opcheck(torch.ops.vgk.multi_tensor_scale_, (tensors, torch.tensor(0.5)))
+        torch.library.opcheck(norm, (tensors, p))
+    torch.library.opcheck(scale, (tensors, torch.tensor(0.5)))
 
 
 def test_cpp_ops_reject_mixed_groups():

@@ -162,10 +162,16 @@ def test_empty_list():
     assert sumsq.shape == (0,) and hist.shape == (0, DEFAULT_BINS.num_columns)
 
 
-def test_opcheck_cpp():
+@pytest.mark.parametrize("name", ["grad_stats", "grad_stats_triton"])
+def test_opcheck(name):
+    """The C++ op, and the Triton one (an opaque custom op; under the interpreter here)."""
+    op = getattr(torch.ops.vgk, name)
     tensors = [spread(37), torch.randn(3, 5).t(), spread(3, torch.float64)]
-    torch.library.opcheck(torch.ops.vgk.grad_stats, (tensors, None, -20.0, 5.0, 50))
-    torch.library.opcheck(torch.ops.vgk.grad_stats, (tensors, torch.tensor([0.5]), -20.0, 5.0, 50))
+    if name == "grad_stats_triton":
+        import vgkernels.triton.grad_stats  # noqa: F401  (registers the op)
+    op_inputs = [(tensors, None, -20.0, 5.0, 50), (tensors, torch.tensor([0.5]), -20.0, 5.0, 50)]
+    for args in op_inputs:
+        torch.library.opcheck(op, args)
 
 
 def test_fake_triton():
