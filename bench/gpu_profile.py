@@ -14,15 +14,14 @@ bench_recurrent_gpu.py's, bench_layer_norm.py's and bench_clip_grad.py's. Needs 
 from __future__ import annotations
 
 import os
-import statistics
 import sys
-import time
 from collections.abc import Callable
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
 import vgkernels as vgk
+from vgkernels.benchmark import interleaved
 
 SMOKE = os.environ.get("VGK_PROFILE_SMOKE") == "1"
 DEVICE = "cpu" if SMOKE else "cuda"
@@ -30,34 +29,17 @@ T, B, H = (3, 2, 8) if SMOKE else (100, 64, 512)
 ROWS, COLS = (4, 16) if SMOKE else (8192, 4096)
 
 
-def _sync() -> None:
-    if DEVICE == "cuda":
-        torch.cuda.synchronize()
-
-
-def _median_ms(fn: Callable[[], None], calls: int = 10) -> float:
-    times = []
-    for _ in range(calls):
-        _sync()
-        start = time.perf_counter()
-        fn()
-        _sync()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
-
-
 def _profile(name: str, fn: Callable[[], None], out) -> None:
-    for _ in range(3):
-        fn()
-    wall = _median_ms(fn)
+    alone = interleaved(name, {"alone": fn}, baseline="alone", rounds=10, warmup=3, device=DEVICE)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEVICE == "cuda" else [])
     with profile(activities=activities) as prof:
         fn()
-        _sync()
+        if DEVICE == "cuda":
+            torch.cuda.synchronize()
     events = prof.key_averages()
     device_us = sum(e.self_device_time_total for e in events)
-    print(f"## {name}: wall {wall:.3f} ms alone (median of 10); device time {device_us / 1e3:.3f} ms in one "
-          "profiled call", file=out, flush=True)
+    print(f"## {name}: wall {alone.median('alone') * 1e3:.3f} ms alone (median of 10); device time "
+          f"{device_us / 1e3:.3f} ms in one profiled call", file=out, flush=True)
     print(events.table(sort_by="self_cuda_time_total", row_limit=12, max_name_column_width=50), file=out)
     print(events.table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=50), file=out,
           flush=True)

@@ -19,10 +19,8 @@ sys.path.insert(0, str(HERE))
 
 import perf_model  # noqa: E402
 
-# The acceptance case and the precisions it is judged in, with the model's estimate beside it.
-# name -> (the model's precision, torch's matmul switch on TF32)
-ACCEPTANCE = {"fp32-default": ("tf32", False), "fp32-tf32": ("tf32", True), "bf16": ("bf16", True),
-              "fp32-ieee": ("ieee", False)}
+# The acceptance case is judged in every precision the benchmark runs, with the model's estimate beside.
+ACCEPTANCE = perf_model.BENCH_PRECISIONS
 LOOPS = ("vgkernels_persistent", "vgkernels_step_nograph", "vgkernels")
 # The measured value a "target ..." key of a recorded row is judged on, where it is not named alike.
 MEASURED_BY = {"target fraction": "vgkernels fraction of copy bandwidth"}

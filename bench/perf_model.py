@@ -415,8 +415,8 @@ def report(m: Machine = H200) -> tuple[str, dict]:
     return "\n".join(lines) + "\n", acceptance
 
 
-# The bench's precision names -> (the model's precision, torch's matmul switch on TF32).
-_MEASURED_PRECISIONS = {"fp32-default": ("tf32", False), "fp32-tf32": ("tf32", True), "bf16": ("bf16", True),
+# bench_recurrent_gpu.py's precision names -> (the model's precision, torch's matmul switch on TF32).
+BENCH_PRECISIONS = {"fp32-default": ("tf32", False), "fp32-tf32": ("tf32", True), "bf16": ("bf16", True),
                         "fp32-ieee": ("ieee", False)}
 
 
@@ -428,12 +428,12 @@ def measured_rows() -> list[tuple[str, dict]]:
     for path in sorted((ROOT / "bench" / "results").glob("recurrent_gpu_*.json")):
         payload = json.loads(path.read_text())
         rows += [(payload["machine"].get("gpu", "?"), row) for row in payload["results"]
-                 if row.get("dtype") in _MEASURED_PRECISIONS and "vgkernels median ms" in row]
+                 if row.get("dtype") in BENCH_PRECISIONS and "vgkernels median ms" in row]
     return rows
 
 
 def _case_of(row: dict) -> tuple[Case, bool]:
-    precision, matmul_tf32 = _MEASURED_PRECISIONS[row["dtype"]]
+    precision, matmul_tf32 = BENCH_PRECISIONS[row["dtype"]]
     return Case(row["mode"], row["B"], row["H"], T=row.get("T", 100), precision=precision), matmul_tf32
 
 

@@ -133,7 +133,7 @@ def test_perf_model_calibration_recovers_what_made_the_measurements():
     both, and the calibrated model then gives those rows' times back."""
     step, residual = 30e-6, 2e-3
     fit_rows = []
-    for dtype in perf_model._MEASURED_PRECISIONS:
+    for dtype in perf_model.BENCH_PRECISIONS:
         row = {"mode": "gru", "B": 64, "H": 512, "T": 100, "dtype": dtype}
         c, matmul_tf32 = perf_model._case_of(row)
         row["vgkernels median ms"] = (perf_model.ours(c, matmul_tf32=matmul_tf32)["total"] + residual) * 1e3
