@@ -44,6 +44,25 @@ def test_kernel_matches_torch(M, K, N, transposed, sms, force_triton, monkeypatc
     torch.testing.assert_close(gemm.mm(a, b, bias), torch.addmm(bias, a, b), **F32)
 
 
+def test_host_integer_helpers_equal_tritons():
+    """The launch plans' host arithmetic gives what triton.cdiv and triton.next_power_of_2 give."""
+    import triton
+
+    for n in range(0, 2100):
+        assert _host.next_power_of_2(n) == triton.next_power_of_2(n), n
+        for d in (1, 3, 16, 37, 128):
+            assert _host.cdiv(n, d) == triton.cdiv(n, d), (n, d)
+
+
+def test_cached_plan_is_not_changed_by_a_product(force_triton, monkeypatch):
+    """The product takes SPLIT out of its copy of the plan: the cached plan keeps it for the next call."""
+    monkeypatch.setattr(gemm, "_INTERPRETER_SMS", 64)
+    a, b, _ = _operands(17, 130, 33, transposed=False)
+    for _ in range(2):
+        torch.testing.assert_close(gemm.mm(a, b), a @ b, **F32)
+        assert gemm._cached_plan(17, 33, 130, 64) == gemm.plan(17, 33, 130, 64)
+
+
 def test_gradients_through_the_kernel(force_triton):
     a, b, bias = _operands(7, 19, 5, transposed=False)
     leaves = [t.clone().requires_grad_() for t in (a, b, bias)]

@@ -265,12 +265,12 @@ def _forward_impl(input, hx, cx, w_ih, w_hh, b_ih, b_hh, mode, track):
     else:
         gram = diag = ws
     p = _plan(B, H, device)
-    n_tiles = triton.cdiv(H, p["BLOCK_J"])
+    n_tiles = _host.cdiv(H, p["BLOCK_J"])
     jac_part = _alloc((n_tiles, B), acc_dtype, device) if track else ws
     bhh = b_hh.contiguous() if b_hh is not None and mode != "gru" else ws
     with _host.device_ctx(device):
         _host.launch(
-            _cell_forward_kernel, (triton.cdiv(B, p["BLOCK_B"]), n_tiles),
+            _cell_forward_kernel, (_host.cdiv(B, p["BLOCK_B"]), n_tiles),
             acc.contiguous(), xr.contiguous(), bhh, hp, cp, h, c, ws, gram, diag, jac_part, B, H,
             MODE=_MODE_ID[mode], G=G, HAS_BHH=b_hh is not None and mode != "gru", TRACK=bool(track), **p,
         )
@@ -319,7 +319,7 @@ def _backward_impl(grad_h, grad_c, input, hx, cx, w_ih, w_hh, h, c, workspace, m
     dhp = _alloc((B, H), acc_dtype, device) if gru else d
     dcp = _alloc((B, H), acc_dtype, device) if lstm else d
     p = _plan(B, H, device)
-    n_tiles = triton.cdiv(H, p["BLOCK_J"]) if H else 0
+    n_tiles = _host.cdiv(H, p["BLOCK_J"]) if H else 0
     sq_part = _alloc((n_tiles, K, B), torch.float64, device) if track else d
     zeros = input.new_zeros(B, H) if hx is None else None
     hp = hx if hx is not None else zeros
@@ -327,7 +327,7 @@ def _backward_impl(grad_h, grad_c, input, hx, cx, w_ih, w_hh, h, c, workspace, m
     if B and H:
         with _host.device_ctx(device):
             _host.launch(
-                _cell_backward_kernel, (triton.cdiv(B, p["BLOCK_B"]), n_tiles),
+                _cell_backward_kernel, (_host.cdiv(B, p["BLOCK_B"]), n_tiles),
                 grad_h.contiguous() if has_gh else d, grad_c.contiguous() if has_gc else d,
                 workspace.contiguous() if lstm or gru else d, h.contiguous(), c.contiguous() if lstm else d,
                 hp.contiguous(), cp.contiguous() if lstm else d, d, rec, dhp, dcp, sq_part, B, H,

@@ -213,7 +213,7 @@ def norm_launch(tensors, norm_type):
             )
         _host.launch(
             _norm_finish_kernel, (1,), partials, out, programs, 1.0 / float(norm_type), KIND=kind,
-            BLOCK=triton.next_power_of_2(programs),
+            BLOCK=_host.next_power_of_2(programs),
         )
     return out
 

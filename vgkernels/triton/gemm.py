@@ -23,6 +23,8 @@ read in place.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -92,18 +94,18 @@ def plan(M: int, N: int, K: int, sms: int | None) -> dict:
     """
     block_k = 32
     if sms is None:
-        return {"BLOCK_M": max(16, min(64, triton.next_power_of_2(M))),
-                "BLOCK_N": max(16, min(64, triton.next_power_of_2(N))), "BLOCK_K": 16, "SPLIT": 1,
+        return {"BLOCK_M": max(16, min(64, _host.next_power_of_2(M))),
+                "BLOCK_N": max(16, min(64, _host.next_power_of_2(N))), "BLOCK_K": 16, "SPLIT": 1,
                 "num_warps": 4, "num_stages": 1}
 
     def side(n: int) -> int:
-        return 128 if n >= 1024 else 64 if n >= 64 else max(16, triton.next_power_of_2(n))
+        return 128 if n >= 1024 else 64 if n >= 64 else max(16, _host.next_power_of_2(n))
 
     block_m, block_n = side(M), side(N)
     target = _host.busy_target(sms)
 
     def tiles() -> int:
-        return triton.cdiv(M, block_m) * triton.cdiv(N, block_n)
+        return _host.cdiv(M, block_m) * _host.cdiv(N, block_n)
 
     while tiles() < target and max(block_m, block_n) > 16:
         if block_m >= block_n:
@@ -112,10 +114,13 @@ def plan(M: int, N: int, K: int, sms: int | None) -> dict:
             block_n //= 2
     split = 1
     if tiles() < target:
-        split = min(MAX_SPLIT, triton.next_power_of_2(triton.cdiv(target, tiles())),
+        split = min(MAX_SPLIT, _host.next_power_of_2(_host.cdiv(target, tiles())),
                     max(1, K // (2 * block_k)))
     return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT": split,
             "num_warps": 8 if block_m * block_n >= 128 * 128 else 4, "num_stages": 3}
+
+
+_cached_plan = functools.lru_cache(maxsize=256)(plan)  # a pure function, asked at every product
 
 
 def matmul_tf32(device: torch.device) -> bool:
@@ -144,12 +149,12 @@ def _mm_impl(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None) -> tor
     N = b.shape[1]
     device = a.device
     sms = _host.sm_count(device)
-    p = plan(M, N, K, _INTERPRETER_SMS if sms is None else sms)
+    p = dict(_cached_plan(M, N, K, _INTERPRETER_SMS if sms is None else sms))
     split = p.pop("SPLIT")
-    k_chunk = triton.cdiv(triton.cdiv(K, split), p["BLOCK_K"]) * p["BLOCK_K"]
+    k_chunk = _host.cdiv(_host.cdiv(K, split), p["BLOCK_K"]) * p["BLOCK_K"]
     out = torch.empty((split, M, N) if split > 1 else (M, N), dtype=torch.float32, device=device)
     precision = "tf32" if _host.fp32_dot_tf32(device) else "ieee"
-    grid = (triton.cdiv(M, p["BLOCK_M"]) * triton.cdiv(N, p["BLOCK_N"]), split)
+    grid = (_host.cdiv(M, p["BLOCK_M"]) * _host.cdiv(N, p["BLOCK_N"]), split)
     in_kernel = bias is not None and split == 1  # with split K the bias comes after the partials' sum
     if M and N:
         with _host.device_ctx(device):

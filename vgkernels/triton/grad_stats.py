@@ -125,7 +125,7 @@ def grad_stats_launch(tensors, inv_scale, log10_min, log10_max, bins):
     device = tensors[0].device
     n = len(tensors)
     ncol = bins + 4
-    ncol_pad = triton.next_power_of_2(ncol + 1)  # one spare column for masked lanes
+    ncol_pad = _host.next_power_of_2(ncol + 1)  # one spare column for masked lanes
     data = [t.detach().contiguous() for t in tensors]
 
     # Tensors grouped by dtype (one launch per dtype); each group's chunks are contiguous.

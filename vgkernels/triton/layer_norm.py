@@ -265,7 +265,7 @@ def _launch_shape(n: int, dtype: torch.dtype) -> tuple[bool, int, int]:
     """(fused, block, num_warps) for rows of n elements; float64 rows are held whole up to half the
     length (the backward's registers would spill above)."""
     fused = n <= (MAX_FUSED // 2 if dtype == torch.float64 else MAX_FUSED)
-    block = triton.next_power_of_2(n) if fused else LOOP_BLOCK
+    block = _host.next_power_of_2(n) if fused else LOOP_BLOCK
     return fused, block, min(16, max(1, block // 512))
 
 
@@ -360,11 +360,11 @@ def backward_launch(grad_output, input, mean, rstd, weight, normalized_ndim, gra
             HAS_W=weight is not None, DW=weight_grad, DB=bias_grad, HAS_CLIP=grad_clip is not None,
             BLOCK=block, num_warps=warps,
         )
-        sum_block = min(1024, triton.next_power_of_2(n))
+        sum_block = min(1024, _host.next_power_of_2(n))
         for part, out, wanted in ((dw_part, grad_weight, weight_grad), (db_part, grad_bias, bias_grad)):
             if wanted:
                 _host.launch(
-                    _sum_partials_kernel, (triton.cdiv(n, sum_block),), part, out, programs, n,
+                    _sum_partials_kernel, (_host.cdiv(n, sum_block),), part, out, programs, n,
                     BLOCK=sum_block, num_warps=4,
                 )
     return grad_input, grad_weight, grad_bias

@@ -623,7 +623,7 @@ def _interpreted(device: torch.device) -> bool:
 
 
 def _pow2_between(n: int, lo: int, hi: int) -> int:
-    return max(lo, min(hi, triton.next_power_of_2(n)))
+    return max(lo, min(hi, _host.next_power_of_2(n)))
 
 
 # Tests set this to plan interpreted launches as if for a GPU with that many SMs (to cover split K).
@@ -656,7 +656,7 @@ def cover(B: int, cols: int, G: int, word: int, target: int) -> tuple[int, int, 
                 continue
             if G * block_b * block_j * word > ACC_WORDS:
                 continue
-            programs = triton.cdiv(B, block_b) * triton.cdiv(cols, block_j)
+            programs = _host.cdiv(B, block_b) * _host.cdiv(cols, block_j)
             reads = 1 / block_j + G / block_b
             rank = (0, reads, -block_b) if programs >= target else (1, -programs, reads)
             candidates.append((rank, block_b, block_j, programs))
@@ -669,13 +669,13 @@ def wanted_split(programs: int, target: int) -> int:
     of two (with K a power of two every program then gets an equal share, in whole K tiles)."""
     if programs >= target:
         return 1
-    return min(triton.next_power_of_2(triton.cdiv(target, programs)), MAX_SPLIT)
+    return min(_host.next_power_of_2(_host.cdiv(target, programs)), MAX_SPLIT)
 
 
 def split_block_k(K: int, wanted: int, block_k: int) -> int:
     """Shorter K tiles where K split ``wanted`` ways would not give every program whole ones: the largest
     power of two up to ``block_k`` that divides K / wanted (at least 16)."""
-    share = triton.cdiv(K, wanted)
+    share = _host.cdiv(K, wanted)
     while block_k > 16 and share % block_k:
         block_k //= 2
     return block_k
@@ -691,7 +691,7 @@ def loop_kind(B: int, H: int, G: int, sms: int | None, loop: str = "auto") -> st
     # One program per 16 rows does a whole step: worth it while a step is tiny (its launches would
     # cost more than its work) or while the batch alone fills the GPU.
     small = G * H * H <= 16384
-    return "persistent" if sms is None or small or triton.cdiv(B, 16) >= sms else "step"
+    return "persistent" if sms is None or small or _host.cdiv(B, 16) >= sms else "step"
 
 
 def k_tile(K: int, dtype: torch.dtype) -> int:
@@ -740,7 +740,7 @@ def plan(B: int, H: int, G: int, dtype: torch.dtype, sms: int | None, loop: str 
         block_k = split_block_k(H, wanted, block_k)
 
     def split(k: int) -> int:
-        return max(1, min(wanted, triton.cdiv(k, block_k)))
+        return max(1, min(wanted, _host.cdiv(k, block_k)))
 
     num_warps, block_k = dot_warps(G, block_b, block_j, word, block_k)
     return {"loop": loop, "BLOCK_B": block_b, "BLOCK_J": block_j, "BLOCK_K": block_k,
@@ -755,13 +755,13 @@ def pointwise_tiles(B: int, cols: int, target: int, max_tile: int = 1024) -> tup
     """
     candidates = []
     for block_j in (16, 32, 64, 128):
-        if block_j > max(16, triton.next_power_of_2(cols)):
+        if block_j > max(16, _host.next_power_of_2(cols)):
             continue
         for block_b in (2, 4, 8, 16):
             area = block_b * block_j
-            if block_b > max(2, triton.next_power_of_2(B)) or not 32 <= area <= max_tile:
+            if block_b > max(2, _host.next_power_of_2(B)) or not 32 <= area <= max_tile:
                 continue
-            programs = triton.cdiv(B, block_b) * triton.cdiv(cols, block_j)
+            programs = _host.cdiv(B, block_b) * _host.cdiv(cols, block_j)
             rank = (0, -area, -block_j) if programs >= target else (1, -programs, -block_j)
             candidates.append((rank, block_b, block_j))
     _, block_b, block_j = min(candidates)
@@ -791,7 +791,7 @@ def sms_and_loop(device: torch.device) -> tuple[int | None, str]:
 
 def _k_chunk(K: int, split: int, block_k: int) -> int:
     """Rows of the K range per split program: a multiple of BLOCK_K."""
-    return triton.cdiv(triton.cdiv(K, split), block_k) * block_k
+    return _host.cdiv(_host.cdiv(K, split), block_k) * block_k
 
 
 def _dot_f32(dtype: torch.dtype, device: torch.device) -> bool:
@@ -942,8 +942,8 @@ def _forward_impl(xproj, h0, c0, w_hh, b_hh, lengths, mode, reverse, track):
     acc = _acc_dtype(dtype)
     plan = _plan(B, H, G, device, dtype)
     persistent = plan["loop"] == "persistent"
-    n_b = triton.cdiv(B, plan["BLOCK_B"])
-    n_tiles = triton.cdiv(H, plan["BLOCK_J"])
+    n_b = _host.cdiv(B, plan["BLOCK_B"])
+    n_tiles = _host.cdiv(H, plan["BLOCK_J"])
     split = plan["SPLIT_FWD"]
     meta = dict(
         MODE=_MODE_ID[mode], G=G, REVERSE=bool(reverse), HAS_LEN=lengths is not None,
@@ -1078,8 +1078,8 @@ def _backward_impl(grad_states, grad_cell_states, states, cell_states, workspace
     acc = _acc_dtype(dtype)
     plan = _plan(B, H, G, device, dtype)
     persistent = plan["loop"] == "persistent"
-    n_b = triton.cdiv(B, plan["BLOCK_B"])
-    n_tiles = triton.cdiv(H, plan["BLOCK_J"])
+    n_b = _host.cdiv(B, plan["BLOCK_B"])
+    n_tiles = _host.cdiv(H, plan["BLOCK_J"])
     split = plan["SPLIT_BWD"]
     nsq = 2 if mode == "lstm" else 1
     clip = float(grad_clip) if grad_clip is not None else 0.0

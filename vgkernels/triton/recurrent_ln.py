@@ -951,9 +951,9 @@ def plan(B: int, H: int, G: int, dtype: torch.dtype, sms: int | None, loop: str 
         # The row statistics hold every y tile's (mean, sqrt(M2)) of 16 rows at once: at most 128 tiles;
         # for float64 at most 64 tiles of at most 64 columns (more tiles, or wider ones, spill on sm_90).
         if word == 2:
-            y_cols = min(64, triton.next_power_of_2(triton.cdiv(G * H, MAX_STAT_TILES // 4)))
+            y_cols = min(64, _host.next_power_of_2(_host.cdiv(G * H, MAX_STAT_TILES // 4)))
         else:
-            y_cols = triton.next_power_of_2(triton.cdiv(G * H, MAX_STAT_TILES))
+            y_cols = _host.next_power_of_2(_host.cdiv(G * H, MAX_STAT_TILES))
         y_cols = max(cols, y_cols)
         return {"loop": loop, "BLOCK_B": 16, "BLOCK_N": _pow2_between(G * H, 16, y_cols),
                 "BLOCK_J": _pow2_between(H, 16, cols), "BLOCK_K": _plain.k_tile(H, dtype), "num_warps": 8,
@@ -977,7 +977,7 @@ def _dot_plan(B: int, cols: int, K: int, live: int, dtype: torch.dtype, target: 
         block_k = _plain.split_block_k(K, wanted, block_k)
     num_warps, block_k = _plain.dot_warps(live, block_b, block_j, word, block_k)
     return {"BLOCK_B": block_b, "BLOCK_J": block_j, "BLOCK_K": block_k,
-            "SPLIT": max(1, min(wanted, triton.cdiv(K, block_k))), "num_warps": num_warps, "num_stages": 3}
+            "SPLIT": max(1, min(wanted, _host.cdiv(K, block_k))), "num_warps": num_warps, "num_stages": 3}
 
 
 def _pointwise_plan(B: int, cols: int, target: int, max_tile: int) -> dict:
@@ -996,7 +996,7 @@ def _plan(B: int, H: int, G: int, device: torch.device, dtype: torch.dtype) -> d
 
 def _nt(tiles: int) -> int:
     """Block width that holds ``tiles`` per-tile values (a power of two, at least 2)."""
-    return max(2, triton.next_power_of_2(tiles))
+    return max(2, _host.next_power_of_2(tiles))
 
 
 def _freeze(p: dict) -> tuple:
@@ -1036,7 +1036,7 @@ def _jacobian_rows(R: int, device: torch.device) -> int:
     idle."""
     target = _host.busy_target(_plain.sms_and_loop(device)[0])
     block_r = 16
-    while block_r > 2 and triton.cdiv(R, block_r) < target:
+    while block_r > 2 and _host.cdiv(R, block_r) < target:
         block_r //= 2
     return block_r
 
@@ -1087,7 +1087,7 @@ def _jacobian_sq(ws, states, cells, w_hh, gamma, gamma_c, lengths, mode, reverse
         q = v @ wd.t()  # [K, R, N]
         hp = (prev_c if lstm else prev)[t0:t1].reshape(R, H).contiguous()
         block_r = _jacobian_rows(R, device)
-        _host.launch(_ln_jacobian_kernel, (triton.cdiv(R, block_r),), wsc.contiguous(), hp, hp,
+        _host.launch(_ln_jacobian_kernel, (_host.cdiv(R, block_r),), wsc.contiguous(), hp, hp,
                      gamma.contiguous(), gamma_c.contiguous() if lstm else gamma.contiguous(), v.contiguous(),
                      q.contiguous(), u.contiguous(), wu, gram, diag, len_dev, jac[t0:t1].view(-1), R, B, H,
                      t0, LSTM=lstm, HAS_LEN=lengths is not None, BLOCK_R=block_r, BLOCK_J=16,
@@ -1150,7 +1150,7 @@ def _forward_impl(xproj, h0, c0, w_hh, b_hh, ln_hh_weight, ln_hh_bias, ln_cell_w
     y = loop.buffer("y", lambda: alloc((B, N), acc, device))
     y_tile, c_tile = (p["BLOCK_N"], p["BLOCK_J"]) if persistent else (p["fwd"]["BLOCK_J"],
                       p["gates"]["BLOCK_J"])
-    n_y, n_c = triton.cdiv(N, y_tile), triton.cdiv(H, c_tile)
+    n_y, n_c = _host.cdiv(N, y_tile), _host.cdiv(H, c_tile)
     ystat = loop.buffer("ystat", lambda: alloc((n_y, 2, B), acc, device))
     cstat = loop.buffer("cstat", lambda: alloc((n_c, 2, B), acc, device)) if lstm else empty
     if persistent:
@@ -1158,7 +1158,7 @@ def _forward_impl(xproj, h0, c0, w_hh, b_hh, ln_hh_weight, ln_hh_bias, ln_cell_w
     else:
         fwd, gates = p["fwd"], p["gates"]
         split = fwd["SPLIT"]
-        n_fb, n_gb = triton.cdiv(B, fwd["BLOCK_B"]), triton.cdiv(B, gates["BLOCK_B"])
+        n_fb, n_gb = _host.cdiv(B, fwd["BLOCK_B"]), _host.cdiv(B, gates["BLOCK_B"])
         chunk = _plain._k_chunk(H, split, fwd["BLOCK_K"])
     part, counters = _plain._split_buffers(loop, split, (split, B, N), (n_fb * n_y) if split > 1 else 1, acc,
                                            device)
@@ -1167,7 +1167,7 @@ def _forward_impl(xproj, h0, c0, w_hh, b_hh, ln_hh_weight, ln_hh_bias, ln_cell_w
     def launch_all():
         with _plain._device_ctx(device):
             if persistent:
-                _host.launch(_ln_forward_kernel, (triton.cdiv(B, p["BLOCK_B"]),), x, states, cells, ws, y,
+                _host.launch(_ln_forward_kernel, (_host.cdiv(B, p["BLOCK_B"]),), x, states, cells, ws, y,
                              ystat, cstat, wt, gam, sh, gc, bc, len_dev, eps_t, T, B, H, HAS_LEN=has_len,
                              BLOCK_B=p["BLOCK_B"], BLOCK_N=p["BLOCK_N"], BLOCK_J=p["BLOCK_J"],
                              BLOCK_K=p["BLOCK_K"], NT_Y=_nt(n_y), NT_C=_nt(n_c), num_warps=p["num_warps"],
@@ -1313,8 +1313,8 @@ def _backward_impl(grad_states, grad_cell_states, states, cell_states, workspace
         split = 1
     else:
         bwd, gates, dyp = p["bwd"], p["gates"], p["dy"]
-        n_h, n_c = triton.cdiv(H, bwd["BLOCK_J"]), triton.cdiv(H, gates["BLOCK_J"])
-        n_bb = triton.cdiv(B, bwd["BLOCK_B"])
+        n_h, n_c = _host.cdiv(H, bwd["BLOCK_J"]), _host.cdiv(H, gates["BLOCK_J"])
+        n_bb = _host.cdiv(B, bwd["BLOCK_B"])
         split = bwd["SPLIT"]
         chunk = _plain._k_chunk(N, split, bwd["BLOCK_K"])
         hstat = loop.buffer("hstat", lambda: alloc((n_h, 2, B), acc, device))
@@ -1329,7 +1329,7 @@ def _backward_impl(grad_states, grad_cell_states, states, cell_states, workspace
     def launch_all():
         with _plain._device_ctx(device):
             if persistent:
-                _host.launch(_ln_backward_kernel, (triton.cdiv(B, p["BLOCK_B"]),), gs, gcs, st, cs, ws, w,
+                _host.launch(_ln_backward_kernel, (_host.cdiv(B, p["BLOCK_B"]),), gs, gcs, st, cs, ws, w,
                              gam, gc, len_dev, gx, dl, dy, dh, carry_h, carry_c, gsq_h, gsq_c, clip_t, T, B,
                              H, LSTM=lstm, BLOCK_B=p["BLOCK_B"], BLOCK_N=p["BLOCK_N"], BLOCK_J=p["BLOCK_J"],
                              BLOCK_K=p["BLOCK_K"], num_warps=p["num_warps"], num_stages=p["num_stages"],
@@ -1342,12 +1342,12 @@ def _backward_impl(grad_states, grad_cell_states, states, cell_states, workspace
                              BLOCK_K=bwd["BLOCK_K"], num_warps=bwd["num_warps"], num_stages=bwd["num_stages"],
                              maxnreg=MAXNREG, **meta, **flags, **dots)
                 if lstm:
-                    _host.launch(_ln_bwd_cell_kernel, (triton.cdiv(B, gates["BLOCK_B"]), n_c), gcs, cs, ws,
+                    _host.launch(_ln_bwd_cell_kernel, (_host.cdiv(B, gates["BLOCK_B"]), n_c), gcs, cs, ws,
                                  gam, gc, len_dev, gx, dl, dh, carry_c, hstat, gstat, gsq_c, clip_t, T, B, H,
                                  s, n_h, NT_H=_nt(n_h), BLOCK_B=gates["BLOCK_B"], BLOCK_J=gates["BLOCK_J"],
                                  num_warps=gates["num_warps"], maxnreg=MAXNREG, **meta, **flags)
                 _host.launch(_ln_bwd_dy_kernel,
-                             (triton.cdiv(B, dyp["BLOCK_B"]), triton.cdiv(N, dyp["BLOCK_J"])), ws, gam,
+                             (_host.cdiv(B, dyp["BLOCK_B"]), _host.cdiv(N, dyp["BLOCK_J"])), ws, gam,
                              len_dev, gx if lstm else dl, dy, gstat, T, B, H, s, n_g, LSTM=lstm,
                              NT_G=_nt(n_g), BLOCK_B=dyp["BLOCK_B"], BLOCK_N=dyp["BLOCK_J"],
                              num_warps=dyp["num_warps"], maxnreg=MAXNREG, **meta)
