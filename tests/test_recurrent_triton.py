@@ -567,6 +567,47 @@ def test_graph_of_a_half_precision_backward_is_found_again(mode, layer_norm, mon
         _graphs.clear()
 
 
+@pytest.mark.parametrize("mode, layer_norm", [("lstm", False), ("gru", False), ("lstm", True)])
+def test_graph_of_a_backward_is_found_again_with_fresh_weights(mode, layer_norm, monkeypatch):
+    """A parametrized weight (here weight_norm; autocast's casts likewise) is a fresh tensor at every
+    call. The backward copies the weights into its graph's buffers rather than reading them at their
+    address, so it finds its captured entry at every training step, and its gradients stay right."""
+    from torch.nn.utils.parametrizations import weight_norm
+
+    import vgkernels as vgk
+    from vgkernels.triton import _graphs
+
+    monkeypatch.setenv(_graphs.ENV, "replay")
+    monkeypatch.setenv(tr.LOOP_ENV, "step")
+    _graphs.clear()
+    try:
+        cls = vgk.nn.LSTM if mode == "lstm" else vgk.nn.GRU
+        torch.manual_seed(0)
+        model = cls(8, 16, backend="triton", layer_norm=layer_norm, dtype=torch.float64)
+        reference = cls(8, 16, backend="reference", layer_norm=layer_norm, dtype=torch.float64)
+        reference.load_state_dict(model.state_dict())
+        names = ["weight_hh_l0"] + (["layer_norm_hh_weight_l0", "layer_norm_cell_weight_l0"] if layer_norm
+                                    else [])
+        for net in (model, reference):
+            for name in names:
+                weight_norm(net, name, dim=None)
+        x = torch.randn(3, 2, 8, dtype=torch.float64)
+        for _ in range(3):
+            for net in (model, reference):
+                net.zero_grad()
+                out, _ = net(x)
+                out.square().sum().backward()
+                del out
+            pairs = zip(model.named_parameters(), reference.named_parameters(), strict=True)
+            for (name, got), (_, want) in pairs:
+                torch.testing.assert_close(got.grad, want.grad, rtol=1e-10, atol=1e-12, msg=name)
+        pools = {key[0]: len(pool) for key, pool in _graphs._entries.items()}
+        prefix = "ln-" if layer_norm else ""
+        assert pools == {f"{prefix}fwd": 1, f"{prefix}bwd": 1}, pools
+    finally:
+        _graphs.clear()
+
+
 def test_graph_mode_choice(monkeypatch):
     from vgkernels.triton import _graphs
 

@@ -8,9 +8,10 @@ was captured with, so a :class:`StepLoop` hands its launcher *static* buffers th
   view of the static tensor; every tensor returned to the caller aliases it through such a view.
 - ``copy_in(name, tensor)``: an input whose content is copied into a static buffer on every call.
 - ``cast_out(name, tensor, dtype)``: a result converted to the caller's dtype, in a static buffer too.
-- ``adopt(name, tensor)``: a read-only input used in place. The graph reads it at its address, so an
-  entry is reused only for a call whose adopted inputs sit at the same addresses with the same layout
-  (the backward adopts the forward's outputs, which do).
+- ``adopted`` (given to the constructor): read-only inputs used in place. The graph reads them at their
+  addresses, so an entry is reused only for a call whose adopted inputs sit at the same addresses with
+  the same layout. The backward adopts the forward's outputs, which do (they are static buffers); it
+  copies in the weights, which a parametrization or autocast makes afresh at every call.
 
 An entry is busy while any tensor aliasing one of its buffers is alive (its storage's use count is
 above the entry's own), e.g. while autograd holds the forward's outputs for the backward; a call then

@@ -1093,12 +1093,13 @@ def _backward_impl(grad_states, grad_cell_states, states, cell_states, workspace
     st = states.contiguous()
     cs = cell_states.contiguous() if mode == "lstm" else st.new_empty(0)
     ws = workspace.contiguous() if mode in ("lstm", "gru") else st.new_empty(0)
-    w = w_hh.contiguous()
-    # The forward's outputs and the weights are read in place: a graph captured on them replays for
-    # the backward of every forward that returned the same buffers.
-    adopted = {"states": st, "cells": cs, "ws": ws, "w": w}
+    # The forward's outputs are read in place: a graph captured on them replays for the backward of
+    # every forward that returned the same buffers. The weights are copied in: a parametrized or
+    # autocast weight is a fresh tensor at every call, whose address would miss the graph.
+    adopted = {"states": st, "cells": cs, "ws": ws}
     key = None if persistent else ("bwd", T, B, H, dtype, device, clip, tuple(sorted(meta.items())))
     loop = _graphs.StepLoop(key, device, adopted)
+    w = loop.copy_in("w", w_hh)
     gs = loop.copy_in("gs", grad_states.to(acc))
     gcs = loop.copy_in("gcs", grad_cell_states.to(acc)) if mode == "lstm" else gs.new_empty(0)
     len_dev = (loop.copy_in("lengths", lengths.to(device)) if lengths is not None

@@ -1279,19 +1279,20 @@ def _backward_impl(grad_states, grad_cell_states, states, cell_states, workspace
     dots = dict(DOT=_dot_tl(dtype, device), PRECISION=_plain._precision(dtype, device))
     alloc = _plain._alloc
     empty = states.new_empty(0, dtype=acc)
-    # The forward's outputs and the weights are read in place (in their own dtypes): a graph captured on
-    # them replays for the backward of every forward that returned the same buffers.
+    # The forward's outputs are read in place (in their own dtypes): a graph captured on them replays for
+    # the backward of every forward that returned the same buffers. The weights are copied in: a
+    # parametrized or autocast weight is a fresh tensor at every call, whose address would miss the graph.
     st = states.contiguous()
     cs = cell_states.contiguous() if lstm else empty
     ws = workspace.contiguous()
-    w = w_hh.contiguous()
-    gam = ln_hh_weight.contiguous()
-    gc = ln_cell_weight.contiguous() if lstm else empty
-    adopted = {"states": st, "cells": cs, "ws": ws, "w": w, "gam": gam, "gc": gc}
+    adopted = {"states": st, "cells": cs, "ws": ws}
     key = None if persistent else ("ln-bwd", T, B, H, dtype, device, mode, _freeze(p),
                                    tuple(sorted(meta.items())), tuple(sorted(flags.items())),
                                    tuple(sorted(dots.items())))
     loop = _graphs.StepLoop(key, device, adopted)
+    w = loop.copy_in("w", w_hh)
+    gam = loop.copy_in("gam", ln_hh_weight)
+    gc = loop.copy_in("gc", ln_cell_weight) if lstm else empty
     gs = loop.copy_in("gs", grad_states.to(acc))
     gcs = loop.copy_in("gcs", grad_cell_states.to(acc)) if lstm else empty
     len_dev = loop.copy_in("lengths", lengths.to(device)) if lengths is not None else empty
