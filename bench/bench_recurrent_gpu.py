@@ -133,16 +133,10 @@ def _cell_loop(mode, cell, x, g_out, compiled):
     return norms
 
 
-@pytest.mark.parametrize("mode,B,H,dtype_name", _grid())
-def test_recurrent_fwd_bwd(mode, B, H, dtype_name, benchmark, compare_record):
-    device = "cpu" if SMOKE else "cuda"
-    if not SMOKE and not torch.cuda.is_available():
-        pytest.fail("bench_recurrent_gpu.py needs a CUDA device (or VGK_BENCH_SMOKE=1 for a CPU smoke run)")
-    dtype, tf32, matmul_tf32 = DTYPES[dtype_name]
-    # cuDNN and every product of our layer follow cuDNN's switch; torch's matmuls only the cell loops'.
-    torch.backends.cudnn.allow_tf32 = tf32
-    torch.backends.cuda.matmul.allow_tf32 = matmul_tf32
-    steps = 3 if SMOKE else T
+def candidates(mode: str, B: int, H: int, dtype: torch.dtype, device: str, steps: int,
+               compiled: bool) -> dict:
+    """The benchmark's candidates for one case (see the module docstring), on one input, output gradient
+    and weights; ``compiled`` adds the compiled cell loop."""
     torch.manual_seed(0)
     nn_cls, vgk_cls = (torch.nn.LSTM, vgk.nn.LSTM) if mode == "lstm" else (torch.nn.GRU, vgk.nn.GRU)
     cell_cls = torch.nn.LSTMCell if mode == "lstm" else torch.nn.GRUCell
@@ -167,7 +161,7 @@ def test_recurrent_fwd_bwd(mode, B, H, dtype_name, benchmark, compare_record):
             return out
         return run
 
-    candidates = {
+    found = {
         "cudnn": layer(cudnn),
         "vgkernels": layer(ours),
         "vgkernels_untracked": layer(ours_plain),
@@ -177,13 +171,27 @@ def test_recurrent_fwd_bwd(mode, B, H, dtype_name, benchmark, compare_record):
         "vgkernels_ln_persistent": _Env(layer(ours_ln), VGK_RNN_TRITON_LOOP="persistent"),
         "eager_cell_loop": lambda: _cell_loop(mode, cell, x, g_out, compiled=False),
     }
+    if compiled:
+        found["compiled_cell_loop"] = lambda: _cell_loop(mode, cell, x, g_out, compiled=True)
+    return found
+
+
+@pytest.mark.parametrize("mode,B,H,dtype_name", _grid())
+def test_recurrent_fwd_bwd(mode, B, H, dtype_name, benchmark, compare_record):
+    device = "cpu" if SMOKE else "cuda"
+    if not SMOKE and not torch.cuda.is_available():
+        pytest.fail("bench_recurrent_gpu.py needs a CUDA device (or VGK_BENCH_SMOKE=1 for a CPU smoke run)")
+    dtype, tf32, matmul_tf32 = DTYPES[dtype_name]
+    # cuDNN and every product of our layer follow cuDNN's switch; torch's matmuls only the cell loops'.
+    torch.backends.cudnn.allow_tf32 = tf32
+    torch.backends.cuda.matmul.allow_tf32 = matmul_tf32
+    steps = 3 if SMOKE else T
+    timed = candidates(mode, B, H, dtype, device, steps, compiled=not SMOKE)
     plan = triton_recurrent._plan(B, H, 4 if mode == "lstm" else 3, torch.device(device), dtype)
     extra = {"mode": mode, "T": steps, "B": B, "H": H, "dtype": dtype_name, "tf32": tf32,
              "matmul_tf32": matmul_tf32,
              "auto_loop": plan["loop"], "plan": {k: v for k, v in plan.items() if k != "loop"}}
-    if not SMOKE:
-        candidates["compiled_cell_loop"] = lambda: _cell_loop(mode, cell, x, g_out, compiled=True)
-    comparison = interleaved(f"{mode} T={steps} B={B} H={H} {dtype_name} fwd+bwd", candidates,
+    comparison = interleaved(f"{mode} T={steps} B={B} H={H} {dtype_name} fwd+bwd", timed,
                              baseline="cudnn", rounds=2 if SMOKE else ROUNDS, warmup=1 if SMOKE else 2,
                              device=device)
     comparison.extra.update(extra)
@@ -192,7 +200,7 @@ def test_recurrent_fwd_bwd(mode, B, H, dtype_name, benchmark, compare_record):
     else:
         compare_record(comparison)
     benchmark.extra_info.update(comparison.summary())
-    benchmark.pedantic(lambda: (candidates["vgkernels"](), _sync()), rounds=2 if SMOKE else 5,
+    benchmark.pedantic(lambda: (timed["vgkernels"](), _sync()), rounds=2 if SMOKE else 5,
                        iterations=1, warmup_rounds=1)
     for name in comparison.times:
         assert comparison.median(name) > 0
