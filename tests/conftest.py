@@ -38,3 +38,38 @@ def ieee_float32():
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     yield
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+class GraphCalls(list):
+    """(phase, loop kind, outcome) per step-loop call: outcome "new" (a new graph entry), "found" (an
+    entry captured before) or "ungraphed"; ``phase`` is whatever the test last set."""
+
+    phase = "first"
+
+    def of(self, phase: str) -> list[tuple[str, str, str]]:
+        return [call for call in self if call[0] == phase]
+
+
+@pytest.fixture
+def graph_calls(monkeypatch):
+    """Step loops in the CPU's graph simulation (``replay``: launches on the graph entries' static
+    buffers, the addresses a graph replays on), the step loop forced, every loop's entry recorded;
+    the entries are dropped before and after."""
+    from vgkernels.triton import _graphs
+    from vgkernels.triton import recurrent as tr
+
+    monkeypatch.setenv(_graphs.ENV, "replay")
+    monkeypatch.setenv(tr.LOOP_ENV, "step")
+    calls = GraphCalls()
+    make = _graphs.StepLoop.__init__
+
+    def recorded(self, key, device, adopted):
+        make(self, key, device, adopted)
+        if key is not None and self.kind != "off":
+            outcome = "new" if self.fresh else "ungraphed" if self.entry is None else "found"
+            calls.append((calls.phase, key[0], outcome))
+
+    monkeypatch.setattr(_graphs.StepLoop, "__init__", recorded)
+    _graphs.clear()
+    yield calls
+    _graphs.clear()

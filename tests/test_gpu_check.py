@@ -70,45 +70,26 @@ def _row(dtype, ours, cudnn, eager=None, **extra):
 
 
 @pytest.mark.parametrize("mode", ["lstm", "gru"])
-def test_gpu_benchmark_times_graph_replays_not_captures(mode, monkeypatch):
+def test_gpu_benchmark_times_graph_replays_not_captures(mode, graph_calls):
     """The interleaved GPU benchmark, simulated on the CPU: after the warmup, every step-loop call of its
     bf16 candidates (forward and backward, plain and layer-normalized, tracked and not) finds a captured
-    graph entry; none captures again or runs without a graph. ``replay`` launches on the entries' static
-    buffers (the addresses a graph replays on), and every timed call runs beside fresh allocations, as
-    the other candidates move a GPU's allocator. Before the forward's bf16 outputs lived in static
-    buffers, half of the timed backward calls captured and the other half ran without a graph."""
+    graph entry; none captures again or runs without a graph. Every timed call runs beside fresh
+    allocations, as the other candidates move a GPU's allocator. Before the forward's bf16 outputs lived
+    in static buffers, half of the timed backward calls captured and the other half ran without a graph."""
     import bench_recurrent_gpu
 
     from vgkernels.benchmark import interleaved
-    from vgkernels.triton import _graphs
 
-    monkeypatch.setenv(_graphs.ENV, "replay")
-    monkeypatch.setenv("VGK_RNN_TRITON_LOOP", "step")
-    phase, calls = ["warmup"], []
-    make = _graphs.StepLoop.__init__
-
-    def counted(self, key, device, adopted):
-        make(self, key, device, adopted)
-        if key is not None and self.kind != "off":
-            calls.append((phase[0], key[0], "new" if self.fresh else "ungraphed" if self.entry is None
-                          else "found"))
-
-    monkeypatch.setattr(_graphs.StepLoop, "__init__", counted)
     held = []
 
     def timed_call_setup():
-        phase[0] = "timed"
+        graph_calls.phase = "timed"
         held[:] = [torch.empty(1 << k) for k in range(8, 14)]  # alive through the timed call
 
-    _graphs.clear()
-    try:
-        candidates = bench_recurrent_gpu.candidates(mode, 2, 16, torch.bfloat16, "cpu", 3, compiled=False)
-        interleaved("sim", candidates, baseline="cudnn", rounds=3, warmup=2, setup=timed_call_setup)
-    finally:
-        _graphs.clear()
-    timed = [call for call in calls if call[0] == "timed"]
-    kinds = {kind for _, kind, _ in timed}
-    assert kinds == {"fwd", "bwd", "ln-fwd", "ln-bwd"}, calls
+    candidates = bench_recurrent_gpu.candidates(mode, 2, 16, torch.bfloat16, "cpu", 3, compiled=False)
+    interleaved("sim", candidates, baseline="cudnn", rounds=3, warmup=2, setup=timed_call_setup)
+    timed = graph_calls.of("timed")
+    assert {kind for _, kind, _ in timed} == {"fwd", "bwd", "ln-fwd", "ln-bwd"}, graph_calls
     assert all(outcome == "found" for _, _, outcome in timed), timed
 
 

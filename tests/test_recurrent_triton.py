@@ -15,6 +15,7 @@ against cuDNN: float32 rtol 1e-4 (atol 1e-5), bfloat16 normwise 2e-2. Every outp
 NaN-filled, so an element a kernel fails to write fails the comparison.
 """
 
+import collections
 import copy
 import os
 
@@ -533,79 +534,95 @@ def test_graph_replay_keeps_busy_buffers(monkeypatch):
         _graphs.clear()
 
 
+def _later_calls_find_their_graphs(graph_calls, kinds: set[str]) -> None:
+    later = graph_calls.of("later")
+    assert {kind for _, kind, _ in later} == kinds, graph_calls
+    assert all(outcome == "found" for _, _, outcome in later), graph_calls
+
+
 @pytest.mark.parametrize("mode,layer_norm", [("lstm", False), ("gru", False), ("lstm", True)])
-def test_graph_of_a_half_precision_backward_is_found_again(mode, layer_norm, monkeypatch):
+def test_graph_of_a_half_precision_backward_is_found_again(mode, layer_norm, graph_calls):
     """The forward's bfloat16 outputs (converted from the float32 accumulators) live in static buffers,
     so the backward, which adopts them, finds its captured entry at every training step instead of
     capturing new ones (and, past the pool, launching without a graph); a held output is never
     overwritten."""
     import vgkernels as vgk
-    from vgkernels.triton import _graphs
 
-    monkeypatch.setenv(_graphs.ENV, "replay")
-    monkeypatch.setenv(tr.LOOP_ENV, "step")
-    _graphs.clear()
-    try:
-        cls = vgk.nn.LSTM if mode == "lstm" else vgk.nn.GRU
-        model = cls(8, 16, backend="triton", layer_norm=layer_norm, dtype=torch.bfloat16)
-        x = torch.randn(3, 2, 8, dtype=torch.bfloat16)
-        for _ in range(3):
-            churn = [torch.empty(1 << k) for k in range(8, 16)]  # moves fresh allocations elsewhere
-            out, _ = model(x)
-            out.float().square().sum().backward()
-            del out, churn
-        pools = {key[0]: len(pool) for key, pool in _graphs._entries.items()}
-        prefix = "ln-" if layer_norm else ""
-        assert pools == {f"{prefix}fwd": 1, f"{prefix}bwd": 1}, pools
-        # An output still held keeps its buffers from the next call, which takes another entry.
-        with torch.no_grad():
-            held, _ = model(x)
-            expected = held.clone()
-            model(x * 2)
-        assert torch.equal(held, expected)
-    finally:
-        _graphs.clear()
+    cls = vgk.nn.LSTM if mode == "lstm" else vgk.nn.GRU
+    model = cls(8, 16, backend="triton", layer_norm=layer_norm, dtype=torch.bfloat16)
+    x = torch.randn(3, 2, 8, dtype=torch.bfloat16)
+    for step in range(3):
+        graph_calls.phase = "first" if step == 0 else "later"
+        churn = [torch.empty(1 << k) for k in range(8, 16)]  # moves fresh allocations elsewhere
+        out, state = model(x)
+        out.float().square().sum().backward()
+        del out, state, churn  # a held state would keep its entry busy: the next call takes another
+    prefix = "ln-" if layer_norm else ""
+    _later_calls_find_their_graphs(graph_calls, {f"{prefix}fwd", f"{prefix}bwd"})
+    # An output still held keeps its buffers from the next call, which takes another entry.
+    with torch.no_grad():
+        held, _ = model(x)
+        expected = held.clone()
+        model(x * 2)
+    assert torch.equal(held, expected)
 
 
 @pytest.mark.parametrize("mode, layer_norm", [("lstm", False), ("gru", False), ("lstm", True)])
-def test_graph_of_a_backward_is_found_again_with_fresh_weights(mode, layer_norm, monkeypatch):
+def test_graph_of_a_backward_is_found_again_with_fresh_weights(mode, layer_norm, graph_calls):
     """A parametrized weight (here weight_norm; autocast's casts likewise) is a fresh tensor at every
     call. The backward copies the weights into its graph's buffers rather than reading them at their
     address, so it finds its captured entry at every training step, and its gradients stay right."""
     from torch.nn.utils.parametrizations import weight_norm
 
     import vgkernels as vgk
+
+    cls = vgk.nn.LSTM if mode == "lstm" else vgk.nn.GRU
+    model = cls(8, 16, backend="triton", layer_norm=layer_norm, dtype=torch.float64)
+    reference = cls(8, 16, backend="reference", layer_norm=layer_norm, dtype=torch.float64)
+    reference.load_state_dict(model.state_dict())
+    names = ["weight_hh_l0"] + (["layer_norm_hh_weight_l0", "layer_norm_cell_weight_l0"] if layer_norm
+                                else [])
+    for net in (model, reference):
+        for name in names:
+            weight_norm(net, name, dim=None)
+    x = torch.randn(3, 2, 8, dtype=torch.float64)
+    for step in range(3):
+        graph_calls.phase = "first" if step == 0 else "later"
+        for net in (model, reference):
+            net.zero_grad()
+            out, state = net(x)
+            out.square().sum().backward()
+            del out, state
+        pairs = zip(model.named_parameters(), reference.named_parameters(), strict=True)
+        for (name, got), (_, want) in pairs:
+            torch.testing.assert_close(got.grad, want.grad, rtol=1e-10, atol=1e-12, msg=name)
+    prefix = "ln-" if layer_norm else ""
+    _later_calls_find_their_graphs(graph_calls, {f"{prefix}fwd", f"{prefix}bwd"})
+
+
+@pytest.mark.parametrize("extra", [0, 2])
+def test_graphs_of_a_stack_of_equal_layers(extra, graph_calls):
+    """Equal layers share a loop shape; each layer in flight holds its own entry. Up to POOL layers every
+    call after the first step finds its entry. Past POOL, the layers beyond run without a graph, and so
+    do their backwards, without taking entries that would never be found again (their inputs are new
+    at every call): the first POOL layers keep their graphs in both directions."""
+    import vgkernels as vgk
     from vgkernels.triton import _graphs
 
-    monkeypatch.setenv(_graphs.ENV, "replay")
-    monkeypatch.setenv(tr.LOOP_ENV, "step")
-    _graphs.clear()
-    try:
-        cls = vgk.nn.LSTM if mode == "lstm" else vgk.nn.GRU
-        torch.manual_seed(0)
-        model = cls(8, 16, backend="triton", layer_norm=layer_norm, dtype=torch.float64)
-        reference = cls(8, 16, backend="reference", layer_norm=layer_norm, dtype=torch.float64)
-        reference.load_state_dict(model.state_dict())
-        names = ["weight_hh_l0"] + (["layer_norm_hh_weight_l0", "layer_norm_cell_weight_l0"] if layer_norm
-                                    else [])
-        for net in (model, reference):
-            for name in names:
-                weight_norm(net, name, dim=None)
-        x = torch.randn(3, 2, 8, dtype=torch.float64)
-        for _ in range(3):
-            for net in (model, reference):
-                net.zero_grad()
-                out, _ = net(x)
-                out.square().sum().backward()
-                del out
-            pairs = zip(model.named_parameters(), reference.named_parameters(), strict=True)
-            for (name, got), (_, want) in pairs:
-                torch.testing.assert_close(got.grad, want.grad, rtol=1e-10, atol=1e-12, msg=name)
-        pools = {key[0]: len(pool) for key, pool in _graphs._entries.items()}
-        prefix = "ln-" if layer_norm else ""
-        assert pools == {f"{prefix}fwd": 1, f"{prefix}bwd": 1}, pools
-    finally:
-        _graphs.clear()
+    layers = _graphs.POOL + extra
+    model = vgk.nn.GRU(4, 4, num_layers=layers, backend="triton")
+    x = torch.randn(2, 1, 4)
+    for step in range(3):
+        graph_calls.phase = "first" if step == 0 else "later"
+        out, state = model(x)
+        out.square().sum().backward()
+        del out, state
+    later = collections.Counter(graph_calls.of("later"))
+    assert later == {("later", "fwd", "found"): 2 * _graphs.POOL, ("later", "bwd", "found"): 2 * _graphs.POOL,
+                     **({("later", "fwd", "ungraphed"): 2 * extra, ("later", "bwd", "ungraphed"): 2 * extra}
+                        if extra else {})}, later
+    assert {key[0]: len(pool) for key, pool in _graphs._entries.items()} == {"fwd": _graphs.POOL,
+                                                                              "bwd": _graphs.POOL}
 
 
 def test_graph_mode_choice(monkeypatch):

@@ -15,9 +15,11 @@ was captured with, so a :class:`StepLoop` hands its launcher *static* buffers th
 
 An entry is busy while any tensor aliasing one of its buffers is alive (its storage's use count is
 above the entry's own), e.g. while autograd holds the forward's outputs for the backward; a call then
-takes another entry of the pool, captures a new one, or, past ``POOL`` entries per shape, launches
-without a graph. The first call of an entry runs the launches eagerly (its own results; it also
-compiles the kernels), then captures them.
+takes another entry of the pool, captures a new one, or, past ``POOL`` entries per shape (a stack of
+more layers of one shape), launches without a graph. A call whose adopted inputs are not buffers of
+some entry (the backward of a forward that ran without a graph) launches without a graph too: those
+inputs are new at every call, so its entry would never be found again. The first call of an entry
+runs the launches eagerly (its own results; it also compiles the kernels), then captures them.
 
 ``VGK_RNN_TRITON_GRAPH`` = ``1`` (default) | ``0`` switches graphs on CUDA; ``replay`` (tests only)
 launches on the static buffers instead of replaying a graph, so that the interpreter exercises the
@@ -34,10 +36,11 @@ from collections.abc import Callable
 import torch
 
 ENV = "VGK_RNN_TRITON_GRAPH"
-POOL = 4  # entries per loop shape: alternating training steps and several equal layers
+POOL = 8  # entries per loop shape: the layers of one shape in a stack, alternating training steps
 MAX_SHAPES = 16  # loop shapes kept (least recently used dropped)
 
 _entries: collections.OrderedDict[tuple, list[_Entry]] = collections.OrderedDict()
+_owned: set[int] = set()  # storage addresses of every entry's buffers
 
 
 def mode(device: torch.device) -> str:
@@ -54,6 +57,10 @@ def mode(device: torch.device) -> str:
 
 def _use_count(t: torch.Tensor) -> int:
     return torch._C._storage_Use_Count(t.untyped_storage()._cdata)
+
+
+def _storage(t: torch.Tensor) -> int:
+    return t.untyped_storage().data_ptr()
 
 
 def _layout(t: torch.Tensor) -> tuple:
@@ -91,12 +98,13 @@ class StepLoop:
             if entry.adopted == layouts and not entry.busy():
                 self.entry = entry
                 return
-        if len(pool) < POOL:
+        if len(pool) < POOL and all(_storage(t) in _owned for t in adopted.values() if t.numel()):
             self.entry, self.fresh = _Entry(), True
             self.entry.adopted = layouts
             pool.append(self.entry)
             while len(_entries) > MAX_SHAPES:
-                _entries.popitem(last=False)
+                for dropped in _entries.popitem(last=False)[1]:
+                    _owned.difference_update(_storage(t) for t in dropped.static.values())
 
     def buffer(self, name: str, make: Callable[[], torch.Tensor]) -> torch.Tensor:
         """A buffer the loop writes: ``make()`` without a graph, else a view of the static one."""
@@ -106,6 +114,7 @@ class StepLoop:
             t = make()
             self.entry.static[name] = t
             self.entry.own_count[name] = _use_count(t)
+            _owned.add(_storage(t))
         return self.entry.static[name].view(self.entry.static[name].shape)
 
     def cast_out(self, name: str, tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -150,3 +159,4 @@ class StepLoop:
 def clear() -> None:
     """Drops every captured loop and its buffers."""
     _entries.clear()
+    _owned.clear()
