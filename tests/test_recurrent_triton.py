@@ -519,6 +519,7 @@ def test_graph_replay_keeps_busy_buffers(monkeypatch):
         inp_a = make_inputs(mode, T=3, B=2, H=17, lengths=[3, 2])
         inp_b = make_inputs(mode, T=3, B=2, H=17, lengths=[3, 2], scale=2.0)
         gs, gcs = upstream(mode, 3, 2, 17, torch.float32, "cpu")
+        run_ops(mode, inp_a, False, gs, gcs)  # a shape's first call runs without a graph
         held_fwd, held_bwd = run_ops(mode, inp_a, False, gs, gcs)
         expected = [t.clone() for t in list(held_fwd) + list(held_bwd)]
         check_against_oracles(mode, inp_b, False)  # a second entry: the first one's outputs are alive
@@ -551,8 +552,8 @@ def test_graph_of_a_half_precision_backward_is_found_again(mode, layer_norm, gra
     cls = vgk.nn.LSTM if mode == "lstm" else vgk.nn.GRU
     model = cls(8, 16, backend="triton", layer_norm=layer_norm, dtype=torch.bfloat16)
     x = torch.randn(3, 2, 8, dtype=torch.bfloat16)
-    for step in range(3):
-        graph_calls.phase = "first" if step == 0 else "later"
+    for step in range(4):
+        graph_calls.phase = "first" if step < 2 else "later"  # a shape gets its graphs at its second call
         churn = [torch.empty(1 << k) for k in range(8, 16)]  # moves fresh allocations elsewhere
         out, state = model(x)
         out.float().square().sum().backward()
@@ -586,8 +587,8 @@ def test_graph_of_a_backward_is_found_again_with_fresh_weights(mode, layer_norm,
         for name in names:
             weight_norm(net, name, dim=None)
     x = torch.randn(3, 2, 8, dtype=torch.float64)
-    for step in range(3):
-        graph_calls.phase = "first" if step == 0 else "later"
+    for step in range(4):
+        graph_calls.phase = "first" if step < 2 else "later"  # a shape gets its graphs at its second call
         for net in (model, reference):
             net.zero_grad()
             out, state = net(x)
@@ -603,7 +604,7 @@ def test_graph_of_a_backward_is_found_again_with_fresh_weights(mode, layer_norm,
 @pytest.mark.parametrize("extra", [0, 2])
 def test_graphs_of_a_stack_of_equal_layers(extra, graph_calls):
     """Equal layers share a loop shape; each layer in flight holds its own entry. Up to POOL layers every
-    call after the first step finds its entry. Past POOL, the layers beyond run without a graph, and so
+    call after the first two steps finds its entry. Past POOL, the layers beyond run without a graph, and so
     do their backwards, without taking entries that would never be found again (their inputs are new
     at every call): the first POOL layers keep their graphs in both directions."""
     import vgkernels as vgk
@@ -612,8 +613,8 @@ def test_graphs_of_a_stack_of_equal_layers(extra, graph_calls):
     layers = _graphs.POOL + extra
     model = vgk.nn.GRU(4, 4, num_layers=layers, backend="triton")
     x = torch.randn(2, 1, 4)
-    for step in range(3):
-        graph_calls.phase = "first" if step == 0 else "later"
+    for step in range(4):
+        graph_calls.phase = "first" if step < 2 else "later"  # a shape gets its graphs at its second call
         out, state = model(x)
         out.square().sum().backward()
         del out, state
@@ -623,6 +624,32 @@ def test_graphs_of_a_stack_of_equal_layers(extra, graph_calls):
                         if extra else {})}, later
     assert {key[0]: len(pool) for key, pool in _graphs._entries.items()} == {"fwd": _graphs.POOL,
                                                                               "bwd": _graphs.POOL}
+
+
+def test_graphs_of_varying_sequence_lengths(graph_calls, monkeypatch):
+    """A shape's first call runs without a graph: a length seen once captures nothing. Lengths cycling
+    through more loop shapes than the cache keeps (here 3 lengths, 6 shapes with the backward, against
+    4): least-recently-used eviction alone would capture at every call; with each shape waiting twice
+    as many calls before each new pool, the captures die out and most calls find a graph."""
+    import vgkernels as vgk
+    from vgkernels.triton import _graphs
+
+    monkeypatch.setattr(_graphs, "MAX_SHAPES", 4)
+    model = vgk.nn.GRU(4, 4, backend="triton")
+    rounds = 24
+    for round_ in range(rounds):
+        for T in (1, 2, 3):
+            graph_calls.phase = round_
+            out, state = model(torch.randn(T, 1, 4))
+            out.sum().backward()
+            del out, state
+    assert {outcome for _, _, outcome in graph_calls.of(0)} == {"ungraphed"}
+    assert {outcome for _, _, outcome in graph_calls.of(1)} == {"new"}
+    later = collections.Counter(outcome for phase, _, outcome in graph_calls if phase >= 2)
+    calls = 6 * (rounds - 2)
+    assert later["new"] <= 0.15 * calls and later["found"] >= 0.6 * calls, later
+    last = collections.Counter(outcome for phase, _, outcome in graph_calls if phase >= rounds - 6)
+    assert last["new"] <= 2, last
 
 
 def test_graph_mode_choice(monkeypatch):
@@ -817,8 +844,9 @@ def test_gpu_module_against_torch_nn(ieee_float32):
 @gpu
 @pytest.mark.parametrize("mode", ["lstm", "gru", "rnn_tanh"])
 def test_gpu_step_loop_graph_replays_exactly(mode, monkeypatch, ieee_float32):
-    """The step loop replayed from CUDA graphs gives bit for bit what it gives launched step by step,
-    on the first (capturing) call, on replays, and with outputs of an earlier call still alive."""
+    """The step loop replayed from CUDA graphs gives bit for bit what it gives launched step by step: on
+    the shape's first call (no graph), on capturing calls beside outputs of earlier calls still alive,
+    and on replays."""
     from vgkernels.triton import _graphs
 
     monkeypatch.setenv(tr.LOOP_ENV, "step")
@@ -830,10 +858,15 @@ def test_gpu_step_loop_graph_replays_exactly(mode, monkeypatch, ieee_float32):
     eager = [run_ops(mode, inp, False, gs, gcs) for inp in inputs]
     monkeypatch.setenv(_graphs.ENV, "1")
     _graphs.clear()
-    held = [run_ops(mode, inputs[i % 2], False, gs, gcs) for i in range(4)]
-    for i, (fwd, bwd) in enumerate(held):
-        for a, b in zip(list(fwd) + list(bwd), list(eager[i % 2][0]) + list(eager[i % 2][1]), strict=True):
-            torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+    def check(results) -> None:
+        for i, (fwd, bwd) in enumerate(results):
+            for a, b in zip(list(fwd) + list(bwd), list(eager[i % 2][0]) + list(eager[i % 2][1]),
+                            strict=True):
+                torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+    check([run_ops(mode, inputs[i % 2], False, gs, gcs) for i in range(4)])  # all held till checked
+    check([run_ops(mode, inputs[i % 2], False, gs, gcs) for i in range(2)])  # entries free again
     _graphs.clear()
 
 

@@ -18,8 +18,14 @@ above the entry's own), e.g. while autograd holds the forward's outputs for the 
 takes another entry of the pool, captures a new one, or, past ``POOL`` entries per shape (a stack of
 more layers of one shape), launches without a graph. A call whose adopted inputs are not buffers of
 some entry (the backward of a forward that ran without a graph) launches without a graph too: those
-inputs are new at every call, so its entry would never be found again. The first call of an entry
-runs the launches eagerly (its own results; it also compiles the kernels), then captures them.
+inputs are new at every call, so its entry would never be found again. A loop shape's first call
+launches without a graph as well, and only a shape that comes again gets a pool; once the least
+recently used shapes' pools have been dropped (past ``MAX_SHAPES``), a shape launches without a graph
+twice as many times before each new pool (2, 4, 8, ... calls). A varying sequence length would
+otherwise capture graphs, and keep their buffers, at nearly every call: each capture costs about one
+more run of the loop, so a workload that cycles through more shapes than the cache holds ends up
+launching without graphs rather than capturing at every call. The first call of an entry runs the
+launches eagerly (its own results; it also compiles the kernels), then captures them.
 
 ``VGK_RNN_TRITON_GRAPH`` = ``1`` (default) | ``0`` switches graphs on CUDA; ``replay`` (tests only)
 launches on the static buffers instead of replaying a graph, so that the interpreter exercises the
@@ -38,9 +44,12 @@ import torch
 ENV = "VGK_RNN_TRITON_GRAPH"
 POOL = 8  # entries per loop shape: the layers of one shape in a stack, alternating training steps
 MAX_SHAPES = 16  # loop shapes kept (least recently used dropped)
+MAX_SEEN = 1024  # loop shapes whose calls without a pool are counted
 
 _entries: collections.OrderedDict[tuple, list[_Entry]] = collections.OrderedDict()
 _owned: set[int] = set()  # storage addresses of every entry's buffers
+# Per loop shape without a pool: (calls since its last pool was made or dropped, pools made so far).
+_seen: collections.OrderedDict[tuple, tuple[int, int]] = collections.OrderedDict()
 
 
 def mode(device: torch.device) -> str:
@@ -91,9 +100,18 @@ class StepLoop:
         self.fresh = False
         if self.kind == "off":
             return
-        pool = _entries.setdefault(key, [])
-        _entries.move_to_end(key)
         layouts = {name: _layout(t) for name, t in adopted.items()}
+        pool = _entries.get(key)
+        if pool is None:
+            calls, pools = _seen.pop(key, (0, 0))
+            if calls < 2 ** pools:  # not yet: see the module docstring
+                _seen[key] = (calls + 1, pools)
+                while len(_seen) > MAX_SEEN:
+                    _seen.popitem(last=False)
+                return
+            _seen[key] = (0, pools + 1)
+            pool = _entries[key] = []
+        _entries.move_to_end(key)
         for entry in pool:
             if entry.adopted == layouts and not entry.busy():
                 self.entry = entry
@@ -160,3 +178,4 @@ def clear() -> None:
     """Drops every captured loop and its buffers."""
     _entries.clear()
     _owned.clear()
+    _seen.clear()
