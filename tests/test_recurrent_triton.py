@@ -663,6 +663,10 @@ def test_graph_mode_choice(monkeypatch):
     monkeypatch.setenv(_graphs.ENV, "yes")
     with pytest.raises(ValueError, match="VGK_RNN_TRITON_GRAPH"):
         _graphs.mode(torch.device("cuda"))
+    monkeypatch.setenv(_graphs.ENV, "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    assert _graphs.mode(torch.device("cuda")) == "off"  # inside the caller's own capture
 
 
 def test_fp32_dot_precision_follows_torch(monkeypatch):
@@ -868,6 +872,44 @@ def test_gpu_step_loop_graph_replays_exactly(mode, monkeypatch, ieee_float32):
     check([run_ops(mode, inputs[i % 2], False, gs, gcs) for i in range(4)])  # all held till checked
     check([run_ops(mode, inputs[i % 2], False, gs, gcs) for i in range(2)])  # entries free again
     _graphs.clear()
+
+
+class _SequenceOutput(torch.nn.Module):
+    """A recurrent layer's output sequence alone (torch.cuda.make_graphed_callables takes tensors)."""
+
+    def __init__(self, layer: torch.nn.Module) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(x)[0]
+
+
+@gpu
+@pytest.mark.parametrize("mode", ["lstm", "gru"])
+def test_gpu_layer_inside_the_callers_cuda_graph(mode, ieee_float32):
+    """The caller's own CUDA graph (torch.cuda.make_graphed_callables, which torch.nn's layers allow)
+    captures our launches: its replays give the eager module's outputs and every gradient."""
+    import vgkernels as vgk
+
+    cls = vgk.nn.LSTM if mode == "lstm" else vgk.nn.GRU
+    model = cls(32, 64, backend="triton").cuda()
+    eager = copy.deepcopy(model)
+    x = torch.randn(10, 16, 32, device="cuda", requires_grad=True)
+    graphed = torch.cuda.make_graphed_callables(_SequenceOutput(model), (x,))
+    for scale in (1.0, 0.5):
+        xg = (x.detach() * scale).requires_grad_()
+        xe = xg.detach().clone().requires_grad_()
+        for net in (model, eager):
+            net.zero_grad()
+        out = graphed(xg)
+        out.square().sum().backward()
+        want, _ = eager(xe)
+        want.square().sum().backward()
+        torch.testing.assert_close(out, want, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(xg.grad, xe.grad, rtol=1e-5, atol=1e-6)
+        for (name, got), (_, ref) in zip(model.named_parameters(), eager.named_parameters(), strict=True):
+            torch.testing.assert_close(got.grad, ref.grad, rtol=1e-5, atol=1e-6, msg=name)
 
 
 @gpu

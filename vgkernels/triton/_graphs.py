@@ -29,8 +29,9 @@ launches eagerly (its own results; it also compiles the kernels), then captures 
 
 ``VGK_RNN_TRITON_GRAPH`` = ``1`` (default) | ``0`` switches graphs on CUDA; ``replay`` (tests only)
 launches on the static buffers instead of replaying a graph, so that the interpreter exercises the
-buffer handling. Nothing changes for CPU tensors otherwise, and nothing inside torch.compile (it has its
-own CUDA graphs: ``mode="reduce-overhead"``).
+buffer handling. Nothing changes for CPU tensors otherwise, nothing inside torch.compile (it has its
+own CUDA graphs: ``mode="reduce-overhead"``), and nothing while the caller captures a CUDA graph of its
+own (``torch.cuda.graph``, ``torch.cuda.make_graphed_callables``): the launches are captured into it.
 """
 
 from __future__ import annotations
@@ -59,6 +60,8 @@ def mode(device: torch.device) -> str:
         raise ValueError(f"{ENV}: expected '0', '1' or 'replay', got {value!r}")
     if value == "0" or torch.compiler.is_compiling():
         return "off"
+    if device.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        return "off"  # inside the caller's own CUDA graph: our launches become part of it
     if value == "replay":
         return "replay"
     return "graph" if device.type == "cuda" else "off"
