@@ -105,27 +105,34 @@ class StepLoop:
             return
         layouts = {name: _layout(t) for name, t in adopted.items()}
         pool = _entries.get(key)
+        if pool is not None:
+            _entries.move_to_end(key)
+            for entry in pool:
+                if entry.adopted == layouts and not entry.busy():
+                    self.entry = entry
+                    return
+            if len(pool) >= POOL:
+                return
+        # Inputs not in any entry's buffers are made afresh at every call: an entry for them would never
+        # be found again.
+        owned = all(_storage(t) in _owned for t in adopted.values() if t.numel())
+        if pool is not None and not owned:
+            return
         if pool is None:
             calls, pools = _seen.pop(key, (0, 0))
-            if calls < 2 ** pools:  # not yet: see the module docstring
+            if calls < 2 ** pools or not owned:  # not yet: see the module docstring
                 _seen[key] = (calls + 1, pools)
                 while len(_seen) > MAX_SEEN:
                     _seen.popitem(last=False)
                 return
             _seen[key] = (0, pools + 1)
             pool = _entries[key] = []
-        _entries.move_to_end(key)
-        for entry in pool:
-            if entry.adopted == layouts and not entry.busy():
-                self.entry = entry
-                return
-        if len(pool) < POOL and all(_storage(t) in _owned for t in adopted.values() if t.numel()):
-            self.entry, self.fresh = _Entry(), True
-            self.entry.adopted = layouts
-            pool.append(self.entry)
             while len(_entries) > MAX_SHAPES:
                 for dropped in _entries.popitem(last=False)[1]:
                     _owned.difference_update(_storage(t) for t in dropped.static.values())
+        self.entry, self.fresh = _Entry(), True
+        self.entry.adopted = layouts
+        pool.append(self.entry)
 
     def buffer(self, name: str, make: Callable[[], torch.Tensor]) -> torch.Tensor:
         """A buffer the loop writes: ``make()`` without a graph, else a view of the static one."""
