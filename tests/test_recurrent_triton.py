@@ -652,6 +652,51 @@ def test_graphs_of_varying_sequence_lengths(graph_calls, monkeypatch):
     assert last["new"] <= 2, last
 
 
+def test_graph_pools_are_per_thread(graph_calls, monkeypatch):
+    """Each thread takes entries from pools of its own: two threads calling a layer at once could
+    otherwise both find one entry free and fill its buffers at once. Each gets its own results."""
+    import threading
+
+    import vgkernels as vgk
+    from vgkernels.triton import _graphs, _host
+
+    one_at_a_time, launch = threading.Lock(), _host.launch
+
+    def interpreted(*args, **kwargs):  # the Triton interpreter runs one kernel at a time
+        with one_at_a_time:
+            launch(*args, **kwargs)
+
+    monkeypatch.setattr(_host, "launch", interpreted)
+
+    model = vgk.nn.GRU(4, 8, backend="triton")
+    inputs = [torch.randn(3, 2, 4) for _ in range(2)]
+    with torch.no_grad():
+        expected = [model(x)[0].clone() for x in inputs]
+    _graphs.clear()
+    results, errors = [None, None], []
+    together = threading.Barrier(2, timeout=60)  # both alive at once: two distinct thread ids
+
+    def work(i: int) -> None:
+        try:
+            together.wait()
+            with torch.no_grad():
+                for _ in range(3):  # the pool comes at the second call, the third finds its entry
+                    results[i] = model(inputs[i])[0].clone()
+        except Exception as error:  # reported below, not lost in the thread
+            errors.append(error)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors
+    for got, want in zip(results, expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    owners = {key[-1] for key in _graphs._entries}
+    assert owners == {thread.ident for thread in threads}, owners
+
+
 def test_graph_mode_choice(monkeypatch):
     from vgkernels.triton import _graphs
 

@@ -27,6 +27,8 @@ more run of the loop, so a workload that cycles through more shapes than the cac
 launching without graphs rather than capturing at every call. The first call of an entry runs the
 launches eagerly (its own results; it also compiles the kernels), then captures them.
 
+Each thread has pools of its own, and captures let other threads go on using the GPU.
+
 ``VGK_RNN_TRITON_GRAPH`` = ``1`` (default) | ``0`` switches graphs on CUDA; ``replay`` (tests only)
 launches on the static buffers instead of replaying a graph, so that the interpreter exercises the
 buffer handling. Nothing changes for CPU tensors otherwise, nothing inside torch.compile (it has its
@@ -38,6 +40,7 @@ from __future__ import annotations
 
 import collections
 import os
+import threading
 from collections.abc import Callable
 
 import torch
@@ -103,6 +106,8 @@ class StepLoop:
         self.fresh = False
         if self.kind == "off":
             return
+        # Pools per thread: two threads could otherwise take one free entry and fill its buffers at once.
+        key = (*key, threading.get_ident())
         layouts = {name: _layout(t) for name, t in adopted.items()}
         pool = _entries.get(key)
         if pool is not None:
@@ -179,7 +184,8 @@ class StepLoop:
             return
         launch_all()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        # thread_local: other threads may go on calling CUDA while this one captures its own launches.
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             launch_all()
         entry.replay = graph.replay
 
