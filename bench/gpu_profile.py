@@ -3,8 +3,10 @@
     python bench/gpu_profile.py [OUT_FILE]
 
 For the recurrent acceptance case (LSTM, T = 100, B = 64, input = hidden = 512, forward + backward;
-float32 under torch's defaults, and bfloat16), tracked and untracked; for LayerNorm forward + backward
-at (8192, 4096) in bfloat16; and for clip_grad_norm_ over 1000 gradients; beside cuDNN and torch: the
+float32 under torch's defaults, and bfloat16), tracked and untracked, and tracked in float32 with both
+TF32 switches on (where the products around the loop are cuBLAS's, not the Triton GEMM's); for
+LayerNorm forward + backward at (8192, 4096) in bfloat16; and for clip_grad_norm_ over 1000 gradients;
+beside cuDNN and torch: the
 median wall time of 10 calls each run alone, and one call under torch.profiler (CPU and CUDA time per
 operator). A diagnostic for bench/gpu_check.sh, not a benchmark: the interleaved comparisons are
 bench_recurrent_gpu.py's, bench_layer_norm.py's and bench_clip_grad.py's. Needs a CUDA device;
@@ -77,6 +79,13 @@ def main(out=sys.stdout) -> int:
                              ("vgkernels untracked", vgk.nn.LSTM(H, H, dtype=dtype, **factory)),
                              ("torch.nn", torch.nn.LSTM(H, H, dtype=dtype, **factory))):
             _profile(f"LSTM T={T} B={B} H={H} {dtype} fwd+bwd, {name}", _recurrent(dtype, module), out)
+    # The same float32 layer with torch's matmul switch on TF32 too: the products around the loop by
+    # cuBLAS instead of the package's Triton GEMM (the only difference from torch's defaults).
+    torch.backends.cuda.matmul.allow_tf32 = True
+    module = vgk.nn.LSTM(H, H, track=True, **factory)
+    _profile(f"LSTM T={T} B={B} H={H} {torch.float32} fwd+bwd, both TF32 switches on, vgkernels tracked",
+             _recurrent(torch.float32, module), out)
+    torch.backends.cuda.matmul.allow_tf32 = False
     for name, norm in (("vgkernels", vgk.nn.LayerNorm(COLS, dtype=torch.bfloat16, **factory)),
                        ("torch", torch.nn.LayerNorm(COLS, dtype=torch.bfloat16, **factory))):
         _profile(f"LayerNorm ({ROWS}, {COLS}) bf16 fwd+bwd, {name}", _layer_norm(norm), out)
