@@ -42,11 +42,11 @@ def ieee_float32():
 
 class GraphCalls(list):
     """(phase, loop kind, outcome) per step-loop call: outcome "new" (a new graph entry), "found" (an
-    entry captured before) or "ungraphed"; ``phase`` is whatever the test last set."""
+    entry captured before) or "ungraphed"; ``phase`` is whatever the test last set (a name, a round)."""
 
-    phase = "first"
+    phase: object = "first"
 
-    def of(self, phase: str) -> list[tuple[str, str, str]]:
+    def of(self, phase: object) -> list[tuple[object, str, str]]:
         return [call for call in self if call[0] == phase]
 
 
