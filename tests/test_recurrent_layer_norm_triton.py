@@ -115,30 +115,24 @@ def test_step_loop_weight_scale_sweep(mode, gpu_plans):
     run_sweep(mode, True, "triton", FAST_EXPONENTS)
 
 
-def test_graph_buffers_replay_and_stay_untouched_while_held(monkeypatch):
+def test_graph_buffers_replay_and_stay_untouched_while_held(graph_calls):
     """The step loop over the static buffers a CUDA graph replays (re-launched instead of replayed here):
     right results, and an entry whose outputs are still held is not reused."""
     from vgkernels.triton import _graphs
 
-    monkeypatch.setenv(_graphs.ENV, "replay")
-    monkeypatch.setenv(plain_triton.LOOP_ENV, "step")
-    _graphs.clear()
-    try:
-        for mode in ("lstm", "gru"):
-            inp_a = make_inputs(mode, 3, 2, 6, torch.float32, lengths=[3, 2])
-            inp_b = make_inputs(mode, 3, 2, 6, torch.float32, lengths=[2, 3], seed=1)
-            gs, gcs = make_output_grads(mode, 3, 2, 6, torch.float32)
-            run_ops(inp_a, mode, False, gs, gcs)  # a shape's first call runs without a graph
-            held = run_ops(inp_a, mode, False, gs, gcs)
-            expected = {k: v.clone() for k, v in held.items()}
-            want = oracle(inp_b, mode, False, gs, gcs)
-            for _ in range(2):  # another entry (the first one's outputs are held), then that entry again
-                assert_matches(run_ops(inp_b, mode, False, gs, gcs), want, *ln_cell_oracle.TOL[torch.float32])
-            for name, value in held.items():
-                torch.testing.assert_close(value, expected[name], rtol=0, atol=0, msg=name)
-        assert sum(len(pool) for pool in _graphs._entries.values()) == 8  # 2 modes x 2 x (forward, backward)
-    finally:
-        _graphs.clear()
+    for mode in ("lstm", "gru"):
+        inp_a = make_inputs(mode, 3, 2, 6, torch.float32, lengths=[3, 2])
+        inp_b = make_inputs(mode, 3, 2, 6, torch.float32, lengths=[2, 3], seed=1)
+        gs, gcs = make_output_grads(mode, 3, 2, 6, torch.float32)
+        run_ops(inp_a, mode, False, gs, gcs)  # a shape's first call runs without a graph
+        held = run_ops(inp_a, mode, False, gs, gcs)
+        expected = {k: v.clone() for k, v in held.items()}
+        want = oracle(inp_b, mode, False, gs, gcs)
+        for _ in range(2):  # another entry (the first one's outputs are held), then that entry again
+            assert_matches(run_ops(inp_b, mode, False, gs, gcs), want, *ln_cell_oracle.TOL[torch.float32])
+        for name, value in held.items():
+            torch.testing.assert_close(value, expected[name], rtol=0, atol=0, msg=name)
+    assert sum(len(pool) for pool in _graphs._entries.values()) == 8  # 2 modes x 2 x (forward, backward)
 
 
 def test_gru_without_b_hh_and_untracked():

@@ -506,33 +506,27 @@ def test_split_k_float64_gradcheck(split_plans):
                                     fast_mode=True)
 
 
-def test_graph_replay_keeps_busy_buffers(monkeypatch):
+def test_graph_replay_keeps_busy_buffers(graph_calls):
     """Step loops replayed over static buffers (the CUDA-graph path, with a re-run instead of a graph):
     an entry whose outputs are still alive is not reused, and a replay gives the right results."""
     from vgkernels.triton import _graphs
 
-    monkeypatch.setenv(_graphs.ENV, "replay")
-    monkeypatch.setenv(tr.LOOP_ENV, "step")
-    _graphs.clear()
-    try:
-        mode = "lstm"
-        inp_a = make_inputs(mode, T=3, B=2, H=17, lengths=[3, 2])
-        inp_b = make_inputs(mode, T=3, B=2, H=17, lengths=[3, 2], scale=2.0)
-        gs, gcs = upstream(mode, 3, 2, 17, torch.float32, "cpu")
-        run_ops(mode, inp_a, False, gs, gcs)  # a shape's first call runs without a graph
-        held_fwd, held_bwd = run_ops(mode, inp_a, False, gs, gcs)
-        expected = [t.clone() for t in list(held_fwd) + list(held_bwd)]
-        check_against_oracles(mode, inp_b, False)  # a second entry: the first one's outputs are alive
-        check_against_oracles(mode, inp_b, False)  # that entry again, replayed
-        assert sum(len(pool) for pool in _graphs._entries.values()) == 4  # two forward, two backward
-        for a, b in zip(list(held_fwd) + list(held_bwd), expected, strict=True):
-            torch.testing.assert_close(a, b, rtol=0, atol=0)
-        del held_fwd, held_bwd, a, b
-        pools_before = sum(len(pool) for pool in _graphs._entries.values())
-        run_ops(mode, inp_a, False, gs, gcs)  # the first entry is free again: no new one
-        assert sum(len(pool) for pool in _graphs._entries.values()) == pools_before
-    finally:
-        _graphs.clear()
+    mode = "lstm"
+    inp_a = make_inputs(mode, T=3, B=2, H=17, lengths=[3, 2])
+    inp_b = make_inputs(mode, T=3, B=2, H=17, lengths=[3, 2], scale=2.0)
+    gs, gcs = upstream(mode, 3, 2, 17, torch.float32, "cpu")
+    run_ops(mode, inp_a, False, gs, gcs)  # a shape's first call runs without a graph
+    held_fwd, held_bwd = run_ops(mode, inp_a, False, gs, gcs)
+    expected = [t.clone() for t in list(held_fwd) + list(held_bwd)]
+    check_against_oracles(mode, inp_b, False)  # a second entry: the first one's outputs are alive
+    check_against_oracles(mode, inp_b, False)  # that entry again, replayed
+    assert sum(len(pool) for pool in _graphs._entries.values()) == 4  # two forward, two backward
+    for a, b in zip(list(held_fwd) + list(held_bwd), expected, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    del held_fwd, held_bwd, a, b
+    pools_before = sum(len(pool) for pool in _graphs._entries.values())
+    run_ops(mode, inp_a, False, gs, gcs)  # the first entry is free again: no new one
+    assert sum(len(pool) for pool in _graphs._entries.values()) == pools_before
 
 
 def _later_calls_find_their_graphs(graph_calls, kinds: set[str]) -> None:
