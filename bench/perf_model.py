@@ -489,7 +489,7 @@ def _measured(m: Machine) -> tuple[list[str], dict]:
     fit = calibrate(fit_rows, m)
     guess = cudnn(Case("lstm", 64, 512), m)["step_s"]
     lines += ["", "## The model calibrated on the GRU, checked on the LSTM", "",
-              "Two figures replace assumptions, each the median over the GRU's measured precisions: "
+              f"Two figures replace assumptions, each the median over the GRU's {len(fit_rows)} measured cases: "
               f"cuDNN's cost per step, {fit['cudnn_step_s'] * US:.1f} us (forward and backward steps alike, "
               f"any precision; the generous guess above was {guess * US:.1f} for the acceptance case), "
               "and our per-call residual, "
