@@ -60,7 +60,38 @@ def test_cached_plan_is_not_changed_by_a_product(force_triton, monkeypatch):
     a, b, _ = _operands(17, 130, 33, transposed=False)
     for _ in range(2):
         torch.testing.assert_close(gemm.mm(a, b), a @ b, **F32)
-        assert gemm._cached_plan(17, 33, 130, 64) == gemm.plan(17, 33, 130, 64)
+        assert gemm._cached_plan(17, 33, 130, 64, gemm.BLOCK_K) == gemm.plan(17, 33, 130, 64, gemm.BLOCK_K)
+
+
+@pytest.mark.parametrize("stage", [True, False])
+def test_tf32_operands_are_staged_k_major(stage, monkeypatch):
+    """Captured for a TF32 GPU: a product whose operands have rows of K apart (a weight gradient: a^T b
+    over time steps) launches on K-major copies (stride 1 along K: 16-byte loads, where a stride along K
+    makes the compiled kernel copy 4 bytes at a time); with staging off it reads them in place."""
+    monkeypatch.setattr(gemm, "STAGE_K_MAJOR", stage)
+    a = torch.empty(6400, 2048, device="meta").t()  # [2048, 6400], K = 6400 rows apart
+    b = torch.empty(6400, 512, device="meta")  # [6400, 512], N contiguous
+    with _host.capture(_host.GPU("test", 132, tf32=True)) as launches:
+        out = gemm.mm(a, b)
+    assert out.shape == (2048, 512)
+    (launch,) = [x for x in launches if x.kernel is gemm._mm_kernel]
+    stride_ak, stride_bk = launch.args[9], launch.args[10]
+    assert (stride_ak, stride_bk) == ((1, 1) if stage else (2048, 512))
+    assert launch.kwargs["PRECISION"] == "tf32"
+
+
+def test_staging_keeps_the_product(force_triton, monkeypatch):
+    """Under the interpreter with TF32 dots requested (the interpreter computes float32), staged operands
+    give torch's product, with and without bias."""
+    monkeypatch.setattr(_host, "fp32_dot_tf32", lambda device: True)
+    monkeypatch.setattr(gemm, "STAGE_K_MAJOR", True)
+    staged = []
+    monkeypatch.setattr(gemm, "_run_kernel", lambda a, b, *rest, run=gemm._run_kernel: (
+        staged.append((a.stride(1), b.stride(0))), run(a, b, *rest))[1])
+    a, b, bias = _operands(17, 130, 33, transposed=True)
+    assert (a.stride(1), b.stride(0)) != (1, 1)
+    torch.testing.assert_close(gemm.mm(a, b, bias), torch.addmm(bias, a, b), **F32)
+    assert staged == [(1, 1)]
 
 
 def test_gradients_through_the_kernel(force_triton):

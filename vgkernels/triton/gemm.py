@@ -14,11 +14,12 @@ differ (torch's defaults: TF32 for cuDNN, IEEE for matmuls) it is the Triton ker
 ``vgk::mm_triton`` is the autograd-aware op (its backward runs the same products), so a layer's input
 projection and its gradients stay one precision; :func:`linear` applies it to ``x W^T + b``.
 
-The kernel: one [BLOCK_M, BLOCK_N] tile of C = A B (+ bias) per program, K in BLOCK_K steps with float32
+The kernel: one [BLOCK_M, BLOCK_N] tile of C = A B (+ bias) per program, in TF32 on operands copied
+K-major first where they are not (``STAGE_K_MAJOR``), K in BLOCK_K steps with float32
 accumulation, programs grouped along M for L2 reuse; where the tiles alone would leave SMs idle
 (the weight gradients: few output tiles, long K), SPLIT programs share each tile's K range and torch
-sums their partials (a fixed order: deterministic, no atomics). Any strides: transposed operands are
-read in place.
+sums their partials (a fixed order: deterministic, no atomics). Any strides: IEEE products read
+transposed operands in place.
 """
 
 from __future__ import annotations
@@ -33,6 +34,13 @@ from torch.library import triton_op
 from vgkernels.triton import _host
 
 MAX_SPLIT = 8
+# Hopper's TF32 wgmma reads float32 operands K-major only; an operand with K strided (the weight
+# gradients': time steps along K) compiles to 4-byte copies into shared memory. On an H200 those two
+# products ran 1.9x faster on K-major copies, copies included (bench/results/gemm_sweep_*).
+STAGE_K_MAJOR = True
+# 64 was no faster for a whole layer on an H200, and 128 x 128 tiles would need 192 KB of shared
+# memory, over an A100's 164 KB.
+BLOCK_K = 32
 # Tests set these: run the Triton kernel wherever a product is float32 (also under the interpreter), and
 # plan as if for a GPU with that many SMs.
 _FORCE_TRITON = False
@@ -84,15 +92,14 @@ def _mm_kernel(
     tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
-def plan(M: int, N: int, K: int, sms: int | None) -> dict:
+def plan(M: int, N: int, K: int, sms: int | None, block_k: int = 32) -> dict:
     """Tiles, split and warps of an [M, K] x [K, N] product on a GPU of ``sms`` SMs (None: the
-    interpreter, one large tile per program).
+    interpreter, one large tile per program), ``block_k`` rows of K per step.
 
     Large tiles (128 x 128 from 1024 rows or columns, else 64, down to 16 for a small M or N), halved
     while the tiles leave SMs idle (to 16 x 16); still short of the SMs, SPLIT programs share each tile's
     K range, at least two K tiles each.
     """
-    block_k = 32
     if sms is None:
         return {"BLOCK_M": max(16, min(64, _host.next_power_of_2(M))),
                 "BLOCK_N": max(16, min(64, _host.next_power_of_2(N))), "BLOCK_K": 16, "SPLIT": 1,
@@ -142,18 +149,24 @@ def uses_triton(a: torch.Tensor) -> bool:
     return _host.on_gpu(a.device) and _host.fp32_dot_tf32(a.device) != matmul_tf32(a.device)
 
 
-def _mm_impl(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    if not uses_triton(a):
-        return torch.mm(a, b) if bias is None else torch.addmm(bias, a, b)
+def _k_major(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """a and b with K as their contiguous axis, copied where it is not (a [M, K], b [K, N])."""
+    return (a if a.stride(1) == 1 else a.contiguous(),
+            b if b.stride(0) == 1 else b.t().contiguous().t())
+
+
+def _run_kernel(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, launch: dict,
+               precision: str) -> torch.Tensor:
+    """The Triton product ``a @ b (+ bias)`` (float32 [M, K], [K, N], [N] or None) with the launch
+    parameters of :func:`plan` (``launch``, not changed), dots in ``precision`` ("tf32" or "ieee");
+    returns float32 [M, N]."""
     M, K = a.shape
     N = b.shape[1]
     device = a.device
-    sms = _host.sm_count(device)
-    p = dict(_cached_plan(M, N, K, _INTERPRETER_SMS if sms is None else sms))
+    p = dict(launch)
     split = p.pop("SPLIT")
     k_chunk = _host.cdiv(_host.cdiv(K, split), p["BLOCK_K"]) * p["BLOCK_K"]
     out = torch.empty((split, M, N) if split > 1 else (M, N), dtype=torch.float32, device=device)
-    precision = "tf32" if _host.fp32_dot_tf32(device) else "ieee"
     grid = (_host.cdiv(M, p["BLOCK_M"]) * _host.cdiv(N, p["BLOCK_N"]), split)
     in_kernel = bias is not None and split == 1  # with split K the bias comes after the partials' sum
     if M and N:
@@ -165,6 +178,19 @@ def _mm_impl(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None) -> tor
         return out
     out = out.sum(0)
     return out if bias is None else out + bias
+
+
+def _mm_impl(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    if not uses_triton(a):
+        return torch.mm(a, b) if bias is None else torch.addmm(bias, a, b)
+    M, K = a.shape
+    N = b.shape[1]
+    sms = _host.sm_count(a.device)
+    precision = "tf32" if _host.fp32_dot_tf32(a.device) else "ieee"
+    if precision == "tf32" and STAGE_K_MAJOR:
+        a, b = _k_major(a, b)
+    return _run_kernel(a, b, bias, _cached_plan(M, N, K, _INTERPRETER_SMS if sms is None else sms, BLOCK_K),
+                      precision)
 
 
 def _check(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None) -> None:
