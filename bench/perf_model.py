@@ -421,13 +421,14 @@ BENCH_PRECISIONS = {"fp32-default": ("tf32", False), "fp32-tf32": ("tf32", True)
 
 
 def measured_rows() -> list[tuple[str, dict]]:
-    """(GPU name, row) of every case bench/bench_recurrent_gpu.py recorded, in bench/results/."""
+    """(results file, row) of every case bench/bench_recurrent_gpu.py recorded, in bench/results/ (one
+    file per run)."""
     import json
 
     rows = []
     for path in sorted((ROOT / "bench" / "results").glob("recurrent_gpu_*.json")):
         payload = json.loads(path.read_text())
-        rows += [(payload["machine"].get("gpu", "?"), row) for row in payload["results"]
+        rows += [(path.name, row) for row in payload["results"]
                  if row.get("dtype") in BENCH_PRECISIONS and "vgkernels median ms" in row]
     return rows
 
@@ -456,6 +457,37 @@ def calibrated(c: Case, fit: dict, m: Machine = H200, matmul_tf32: bool = False)
             cudnn(c, m, step_s=fit["cudnn_step_s"])["total"])
 
 
+def _measured_gemms(m: Machine) -> list[str]:
+    """The products around the loop as bench/gpu_gemm_sweep.py measured them, against the assumed
+    fractions of the TF32 peak."""
+    import json
+
+    lines = []
+    for path in sorted((ROOT / "bench" / "results").glob("gemm_sweep_*.json")):
+        payload = json.loads(path.read_text())
+        lines += ["", f"## The products around the loop, measured ({payload['machine'].get('gpu', '?')})", "",
+                  f"Fractions of the TF32 peak ({m.tf32_flops / 1e12:.0f} TFLOP/s) reached by the four large "
+                  "products of an LSTM layer at T = 100, B = 64, H = 512 (`bench/gpu_gemm_sweep.py`):", "",
+                  "| product | " + " | ".join(VARIANT_LABELS.values()) + " |",
+                  "|---|" + "---|" * len(VARIANT_LABELS)]
+        best = {k: 0.0 for k in VARIANT_LABELS}
+        for row in payload["products"]:
+            fractions = {k: row[k]["tflops"] * 1e12 / m.tf32_flops for k in VARIANT_LABELS if k in row}
+            best = {k: max(best[k], fractions.get(k, 0.0)) for k in best}
+            cells = [f"{fractions[k]:.2f}" if k in fractions else "-" for k in VARIANT_LABELS]
+            lines.append(f"| {row['product']} | " + " | ".join(cells) + " |")
+        lines += ["", f"At best cuBLAS reached {best['cublas_tf32']:.2f} of the peak (assumed: `gemm_eff` = "
+                  f"{m.gemm_eff}) and the package's GEMM {best['triton_staged_k32']:.2f} (assumed: "
+                  f"`triton_gemm_eff` = {m.triton_gemm_eff}; it makes these products under torch's "
+                  "defaults)."]
+    return lines
+
+
+# bench/gpu_gemm_sweep.py's candidates -> column labels
+VARIANT_LABELS = {"cublas_tf32": "cuBLAS TF32", "triton_staged_k32": "Triton (default: K-major copies)",
+                  "triton_in_place_k32": "Triton, operands in place"}
+
+
 def _measured(m: Machine) -> tuple[list[str], dict]:
     """The model beside what bench/bench_recurrent_gpu.py recorded on a GPU, and the model calibrated on
     one cell's measurements, checked against the other's; its estimates for the acceptance case."""
@@ -465,14 +497,14 @@ def _measured(m: Machine) -> tuple[list[str], dict]:
         return lines + ["Nothing measured yet: `bash bench/gpu_check.sh` records it."], {}
     lines += ["Wall-clock medians of forward + backward from the module's call (the host's work included), "
               "tracking on, from `bench/bench_recurrent_gpu.py`; the model counts device time only.", "",
-              "| GPU | case | model: ours / cuDNN (us) | measured: ours / cuDNN (us) | model ratio | "
+              "| results | case | model: ours / cuDNN (us) | measured: ours / cuDNN (us) | model ratio | "
               "measured ratio |", "|---|---|---|---|---|---|"]
     under: dict[str, list[float]] = {"ours": [], "cuDNN": []}
-    for gpu, row in measured:
+    for source, row in measured:
         c, matmul_tf32 = _case_of(row)
         o, d = ours(c, m, matmul_tf32=matmul_tf32)["total"] * US, cudnn(c, m)["total"] * US
         mo, md = row["vgkernels median ms"] * 1e3, row["cudnn median ms"] * 1e3
-        lines.append(f"| {gpu} | {row['case']} | {o:.0f} / {d:.0f} | {mo:.0f} / {md:.0f} | {o / d:.2f} | "
+        lines.append(f"| {source} | {row['case']} | {o:.0f} / {d:.0f} | {mo:.0f} / {md:.0f} | {o / d:.2f} | "
                      f"{mo / md:.2f} |")
         under["ours"].append(mo / o)
         under["cuDNN"].append(md / d)
@@ -481,15 +513,17 @@ def _measured(m: Machine) -> tuple[list[str], dict]:
               f"{spans}. cuDNN's real cost per step is far above the sensitivity table's range, and our "
               "layer's wall time includes the host's work (Python, autograd, launches outside the graphs), "
               "which the model leaves out."]
+    lines += _measured_gemms(m)
     rows = [row for _, row in measured]
     fit_rows = [row for row in rows if row["mode"] == "gru"]
-    test_rows = [row for row in rows if row["mode"] == "lstm"]
+    test_rows = [(source, row) for source, row in measured if row["mode"] == "lstm"]
     if not fit_rows or not test_rows:
         return lines, {}
     fit = calibrate(fit_rows, m)
     guess = cudnn(Case("lstm", 64, 512), m)["step_s"]
     lines += ["", "## The model calibrated on the GRU, checked on the LSTM", "",
-              f"Two figures replace assumptions, each the median over the GRU's {len(fit_rows)} measured cases: "
+              f"Two figures replace assumptions, each the median over the GRU's {len(fit_rows)} measured "
+              "cases: "
               f"cuDNN's cost per step, {fit['cudnn_step_s'] * US:.1f} us (forward and backward steps alike, "
               f"any precision; the generous guess above was {guess * US:.1f} for the acceptance case), "
               "and our per-call residual, "
@@ -497,11 +531,12 @@ def _measured(m: Machine) -> tuple[list[str], dict]:
               "device model misses, the same for every case). The LSTM's measurements were not used: they "
               "test the calibration. Every other assumption is the table's above. An estimate, not a "
               "measurement.", "",
-              "| case | calibrated: ours / cuDNN (us) | ratio | measured ratio |", "|---|---|---|---|"]
-    for row in test_rows:
+              "| results | case | calibrated: ours / cuDNN (us) | ratio | measured ratio |",
+              "|---|---|---|---|---|"]
+    for source, row in test_rows:
         c, matmul_tf32 = _case_of(row)
         o, d = calibrated(c, fit, m, matmul_tf32)
-        lines.append(f"| {row['case']} | {o * US:.0f} / {d * US:.0f} | {o / d:.2f} | "
+        lines.append(f"| {source} | {row['case']} | {o * US:.0f} / {d * US:.0f} | {o / d:.2f} | "
                      f"{row['vgkernels median ms'] / row['cudnn median ms']:.2f} |")
     acceptance = {}
     for name, precision, matmul_tf32 in (("fp32, torch's defaults", "tf32", False), ("bf16", "bf16", True)):

@@ -149,8 +149,30 @@ def test_perf_model_sets_every_recorded_gpu_measurement_beside_its_estimate():
     for path in recorded:
         for row in json.loads(path.read_text())["results"]:
             ratio = row["vgkernels median ms"] / row["cudnn median ms"]
-            line = next(line for line in section.splitlines() if f"| {row['case']} |" in line)
+            key = f"| {path.name} | {row['case']} |"
+            line = next(line for line in section.splitlines() if line.startswith(key))
             assert line.rstrip(" |").endswith(f"{ratio:.2f}")
+
+
+def test_gemm_sweep_records_and_the_model_reads_them(tmp_path):
+    """The committed GEMM sweep renders as its committed table; the model states each product's fraction
+    of the TF32 peak from it; the sweep stops without a GPU."""
+    import gpu_gemm_sweep
+
+    recorded = sorted((ROOT / "bench" / "results").glob("gemm_sweep_*.json"))
+    assert recorded, "no GEMM sweep is committed"
+    text, _ = perf_model.report()
+    for path in recorded:
+        payload = json.loads(path.read_text())
+        assert gpu_gemm_sweep.markdown(payload) == path.with_suffix(".md").read_text()
+        for row in payload["products"]:
+            fraction = row["triton_staged_k32"]["tflops"] * 1e12 / perf_model.H200.tf32_flops
+            line = next(line for line in text.splitlines() if line.startswith(f"| {row['product']} |"))
+            assert f" {fraction:.2f} |" in line
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_gemm_sweep.py"), str(tmp_path)],
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode != 0 and "needs a CUDA device" in proc.stderr and not list(tmp_path.iterdir())
 
 
 def test_perf_model_calibration_recovers_what_made_the_measurements():
