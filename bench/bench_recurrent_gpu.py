@@ -21,8 +21,8 @@ Grid: mode in {lstm, gru}, B in {16, 64, 256}, input = hidden in {256, 512, 1024
 of our layer run TF32, the products around the loop by the package's Triton GEMM;
 ``torch.backends.cuda.matmul.allow_tf32`` off), ``fp32-tf32`` (float32 with both of torch's TF32
 switches on: those products by cuBLAS), ``bf16``, and ``fp32-ieee`` (both switches off: IEEE float32
-everywhere). The fastrnns case (LSTM, B = 64, H = 512)
-runs first in each. ``VGK_BENCH_GRID=quick`` keeps only the B = 64, H = 512 cases;
+everywhere). The B = 64, H = 512 cases (fastrnns' size), LSTM then GRU in
+every precision, run first. ``VGK_BENCH_GRID=quick`` keeps only the B = 64, H = 512 cases;
 ``VGK_BENCH_ROUNDS`` sets the rounds per case (default 10). ``VGK_BENCH_SMOKE=1`` runs one tiny case on
 the CPU under the Triton interpreter, only to check that the file works.
 """
@@ -54,7 +54,7 @@ def _grid() -> list[tuple[str, int, int, str]]:
     cases = [(m, b, h, d) for d in DTYPES for m in MODES for b in (16, 64, 256) for h in (256, 512, 1024)]
     if os.environ.get("VGK_BENCH_GRID") == "quick":
         cases = [c for c in cases if c[1] == 64 and c[2] == 512]
-    first = [("lstm", 64, 512, d) for d in DTYPES]
+    first = [(m, 64, 512, d) for m in MODES for d in DTYPES]
     return first + [c for c in cases if c not in first]
 
 
