@@ -54,6 +54,15 @@ def test_host_integer_helpers_equal_tritons():
             assert _host.cdiv(n, d) == triton.cdiv(n, d), (n, d)
 
 
+def test_plans_keep_64_rows_where_a_tie_is_halved():
+    """A weight gradient of a small layer (4H = 1024 rows, H = 256 columns, T * B = 1600) on 132 SMs:
+    64 x 64 tiles are too few, and the columns give way (64 x 32), not the rows; the larger products keep
+    their 128-row tiles."""
+    assert {k: gemm.plan(1024, 256, 1600, 132)[k] for k in ("BLOCK_M", "BLOCK_N")} == {"BLOCK_M": 64,
+                                                                                        "BLOCK_N": 32}
+    assert gemm.plan(6400, 2048, 512, 132)["BLOCK_M"] == 128
+
+
 def test_cached_plan_is_not_changed_by_a_product(force_triton, monkeypatch):
     """The product takes SPLIT out of its copy of the plan: the cached plan keeps it for the next call."""
     monkeypatch.setattr(gemm, "_INTERPRETER_SMS", 64)

@@ -96,9 +96,9 @@ def plan(M: int, N: int, K: int, sms: int | None, block_k: int = 32) -> dict:
     """Tiles, split and warps of an [M, K] x [K, N] product on a GPU of ``sms`` SMs (None: the
     interpreter, one large tile per program), ``block_k`` rows of K per step.
 
-    Large tiles (128 x 128 from 1024 rows or columns, else 64, down to 16 for a small M or N), halved
-    while the tiles leave SMs idle (to 16 x 16); still short of the SMs, SPLIT programs share each tile's
-    K range, at least two K tiles each.
+    Large tiles (128 x 128 from 1024 rows or columns, else 64, down to 16 for a small M or N), the
+    longer side halved while the tiles leave SMs idle (to 16 x 16); still short of the SMs, SPLIT
+    programs share each tile's K range, at least two K tiles each.
     """
     if sms is None:
         return {"BLOCK_M": max(16, min(64, _host.next_power_of_2(M))),
@@ -115,7 +115,9 @@ def plan(M: int, N: int, K: int, sms: int | None, block_k: int = 32) -> dict:
         return _host.cdiv(M, block_m) * _host.cdiv(N, block_n)
 
     while tiles() < target and max(block_m, block_n) > 16:
-        if block_m >= block_n:
+        # N gives way on a tie: 64 rows keep Hopper's warpgroup MMA (a 32-row tile falls back to
+        # mma.sync, and TF32 at 32 x 64 needed a stack frame on sm_90)
+        if block_m > block_n:
             block_m //= 2
         else:
             block_n //= 2
