@@ -84,7 +84,8 @@ def test_tf32_operands_are_staged_k_major(stage, monkeypatch):
         out = gemm.mm(a, b)
     assert out.shape == (2048, 512)
     (launch,) = [x for x in launches if x.kernel is gemm._mm_kernel]
-    stride_ak, stride_bk = launch.args[9], launch.args[10]
+    names = gemm._mm_kernel.arg_names
+    stride_ak, stride_bk = launch.args[names.index("stride_ak")], launch.args[names.index("stride_bk")]
     assert (stride_ak, stride_bk) == ((1, 1) if stage else (2048, 512))
     assert launch.kwargs["PRECISION"] == "tf32"
 
@@ -99,8 +100,9 @@ def test_staging_keeps_the_product(force_triton, monkeypatch):
         staged.append((a.stride(1), b.stride(0))), run(a, b, *rest))[1])
     a, b, bias = _operands(17, 130, 33, transposed=True)
     assert (a.stride(1), b.stride(0)) != (1, 1)
+    torch.testing.assert_close(gemm.mm(a, b), a @ b, **F32)
     torch.testing.assert_close(gemm.mm(a, b, bias), torch.addmm(bias, a, b), **F32)
-    assert staged == [(1, 1)]
+    assert staged == [(1, 1), (1, 1)]
 
 
 def test_gradients_through_the_kernel(force_triton):
