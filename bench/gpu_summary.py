@@ -4,12 +4,16 @@
 
 Reads the results the GPU benchmarks recorded under bench/results/ for this GPU (``*_<gpu>.json``),
 copies them to OUT_DIR and writes OUT_DIR/summary.md. GPU_NAME defaults to torch's name of the
-current CUDA device; the tests give one, so that this runs on a machine without a GPU too.
+current CUDA device; the tests give one, so that this runs on a machine without a GPU too. With
+``VGK_CHECK_SINCE`` (seconds since the epoch: when the check started), a results file written before
+then is a committed one from an earlier run: it gives no verdict, and the summary names it as not
+measured in this run.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -67,10 +71,13 @@ def _strategies(rows: list[dict]) -> list[str]:
     return lines
 
 
-def _other_targets(results: Path, tag: str, recurrent: Path) -> list[str]:
+def _other_targets(results: Path, tag: str, recurrent: Path, since: float | None) -> list[str]:
     targets = []
     for path in sorted(results.glob(f"*_{tag}.json")):
         if path == recurrent:
+            continue
+        if not _this_run(path, since):
+            targets.append(f"- {path.stem}: not measured in this run (the file is an earlier run's)")
             continue
         for row in json.loads(path.read_text())["results"]:
             for key, goal in row.items():
@@ -81,15 +88,26 @@ def _other_targets(results: Path, tag: str, recurrent: Path) -> list[str]:
     return targets
 
 
-def summarize(out: Path, tests_status: str, gpu: str, results: Path = HERE / "results") -> str:
-    """Writes out/summary.md (and copies this GPU's recorded results to out); returns its text."""
+def _this_run(path: Path, since: float | None) -> bool:
+    return since is None or path.stat().st_mtime >= since
+
+
+def summarize(out: Path, tests_status: str, gpu: str, results: Path = HERE / "results",
+              since: float | None = None) -> str:
+    """Writes out/summary.md (and copies this GPU's results recorded since ``since`` to out); returns its
+    text. ``since``: when the check started (seconds since the epoch), None to take every file as this
+    run's."""
     tag = gpu.replace(" ", "_")
     for path in sorted(results.glob(f"*_{tag}.*")):
-        shutil.copy(path, out / path.name)
+        if _this_run(path, since):
+            shutil.copy(path, out / path.name)
     recurrent = results / f"recurrent_gpu_{tag}.json"
     verdicts = [f"- GPU tests (pytest -m gpu): {tests_status}"]
     tables: list[str] = []
-    if recurrent.exists():
+    if recurrent.exists() and not _this_run(recurrent, since):
+        verdicts.append("- recurrent benchmarks: not measured in this run (the results file is an earlier "
+                        "run's; see bench_recurrent.log)")
+    elif recurrent.exists():
         rows = json.loads(recurrent.read_text())["results"]
         verdicts += _acceptance(rows)
         tables += ["", "## Launch strategy: fastest per case", ""] + _strategies(rows)
@@ -98,7 +116,7 @@ def summarize(out: Path, tests_status: str, gpu: str, results: Path = HERE / "re
             tables += ["", "## All candidates", "", table.read_text()]
     else:
         verdicts.append("- recurrent benchmarks: no results were recorded (see bench_recurrent.log)")
-    verdicts += _other_targets(results, tag, recurrent)
+    verdicts += _other_targets(results, tag, recurrent, since)
     text = "\n".join([f"# GPU check on {gpu}", "", "## Verdicts", "", *verdicts, *tables]) + "\n"
     (out / "summary.md").write_text(text)
     return text
@@ -114,7 +132,8 @@ def main(argv: list[str]) -> int:
         import torch
 
         gpu = torch.cuda.get_device_name()
-    text = summarize(Path(argv[1]), argv[2], gpu)
+    since = os.environ.get("VGK_CHECK_SINCE")
+    text = summarize(Path(argv[1]), argv[2], gpu, since=float(since) if since else None)
     print("\n".join(text.splitlines()[:16]))
     return 0
 

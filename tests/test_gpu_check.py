@@ -118,6 +118,28 @@ def test_summary_states_every_verdict(tmp_path):
     assert "| lstm T=100 B=64 H=512 fp32-tf32 fwd+bwd | step  | 9.000 | 4.000 | 2.000 | vgkernels |" in text
 
 
+def test_summary_gives_no_verdict_on_an_earlier_runs_results(tmp_path):
+    """Files written before the check started are committed results of an earlier run: named as not
+    measured in this run, not copied, and no verdict is drawn from them; a file written since is judged."""
+    results = tmp_path / "results"
+    out = tmp_path / "out"
+    results.mkdir()
+    out.mkdir()
+    (results / "recurrent_gpu_Test_GPU.json").write_text(json.dumps({"results": [_row("bf16", 3.0, 2.0)]}))
+    old = {"results": [{"case": "clip", "target ratio": "<= 0.5", "ratio": 0.75}]}
+    (results / "clip_grad_Test_GPU.json").write_text(json.dumps(old))
+    since = max(p.stat().st_mtime for p in results.iterdir()) + 1
+    fresh = {"results": [{"case": "ln", "target ratio": "<= 1", "ratio": 0.9}]}
+    (results / "layer_norm_Test_GPU.json").write_text(json.dumps(fresh))
+    os.utime(results / "layer_norm_Test_GPU.json", (since + 1, since + 1))
+    text = gpu_summary.summarize(out, "passed", "Test GPU", results, since=since)
+    assert "recurrent benchmarks: not measured in this run" in text
+    assert "tracked vgkernels / cuDNN" not in text
+    assert "- clip_grad_Test_GPU: not measured in this run" in text and "0.75" not in text
+    assert "- layer_norm_Test_GPU: ln: ratio = 0.9 (goal <= 1)" in text
+    assert sorted(p.name for p in out.iterdir()) == ["layer_norm_Test_GPU.json", "summary.md"]
+
+
 def test_summary_without_results(tmp_path):
     text = gpu_summary.summarize(tmp_path, "FAILED or timed out (exit 1)", "Test GPU", tmp_path)
     assert "GPU tests (pytest -m gpu): FAILED" in text and "no results were recorded" in text
