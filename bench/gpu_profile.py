@@ -4,7 +4,9 @@
 
 For the recurrent acceptance case (LSTM, T = 100, B = 64, input = hidden = 512, forward + backward;
 float32 under torch's defaults, and bfloat16), tracked and untracked, and tracked in float32 with both
-TF32 switches on (where the products around the loop are cuBLAS's, not the Triton GEMM's); for
+TF32 switches on (where the products around the loop are cuBLAS's, not the Triton GEMM's); the large
+LSTM (B = 256, H = 1024, float32 under torch's defaults, tracked), where the step loop measured 2x
+cuDNN's time and ran as long without its CUDA graphs: which step kernel takes the time; for
 LayerNorm forward + backward at (8192, 4096) in bfloat16; and for clip_grad_norm_ over 1000 gradients;
 beside cuDNN and torch: the
 median wall time of 10 calls each run alone, and one call under torch.profiler (CPU and CUDA time per
@@ -28,6 +30,7 @@ from vgkernels.benchmark import interleaved
 SMOKE = os.environ.get("VGK_PROFILE_SMOKE") == "1"
 DEVICE = "cpu" if SMOKE else "cuda"
 T, B, H = (3, 2, 8) if SMOKE else (100, 64, 512)
+LARGE_B, LARGE_H = (4, 16) if SMOKE else (256, 1024)
 ROWS, COLS = (4, 16) if SMOKE else (8192, 4096)
 
 
@@ -47,9 +50,9 @@ def _profile(name: str, fn: Callable[[], None], out) -> None:
           flush=True)
 
 
-def _recurrent(dtype: torch.dtype, module: torch.nn.Module) -> Callable[[], None]:
-    x = torch.randn(T, B, H, device=DEVICE, dtype=dtype, requires_grad=True)
-    g = torch.randn(T, B, H, device=DEVICE, dtype=dtype)
+def _recurrent(dtype: torch.dtype, module: torch.nn.Module, batch: int = B) -> Callable[[], None]:
+    x = torch.randn(T, batch, module.input_size, device=DEVICE, dtype=dtype, requires_grad=True)
+    g = torch.randn(T, batch, module.hidden_size, device=DEVICE, dtype=dtype)
 
     def run() -> None:
         out, _ = module(x)
@@ -86,6 +89,10 @@ def main(out=sys.stdout) -> int:
     _profile(f"LSTM T={T} B={B} H={H} {torch.float32} fwd+bwd, both TF32 switches on, vgkernels tracked",
              _recurrent(torch.float32, module), out)
     torch.backends.cuda.matmul.allow_tf32 = False
+    for name, module in (("vgkernels tracked", vgk.nn.LSTM(LARGE_H, LARGE_H, track=True, **factory)),
+                         ("torch.nn", torch.nn.LSTM(LARGE_H, LARGE_H, **factory))):
+        _profile(f"LSTM T={T} B={LARGE_B} H={LARGE_H} {torch.float32} fwd+bwd, {name}",
+                 _recurrent(torch.float32, module, LARGE_B), out)
     for name, norm in (("vgkernels", vgk.nn.LayerNorm(COLS, dtype=torch.bfloat16, **factory)),
                        ("torch", torch.nn.LayerNorm(COLS, dtype=torch.bfloat16, **factory))):
         _profile(f"LayerNorm ({ROWS}, {COLS}) bf16 fwd+bwd, {name}", _layer_norm(norm), out)

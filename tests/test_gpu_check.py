@@ -41,7 +41,7 @@ def test_profile_stops_without_a_gpu_and_its_smoke_run_works(tmp_path):
                           timeout=300)
     assert proc.returncode == 0, proc.stderr
     headers = [line for line in (tmp_path / "p.txt").read_text().splitlines() if line.startswith("## ")]
-    assert len(headers) == 11 and all("wall" in line and "device time" in line for line in headers)
+    assert len(headers) == 13 and all("wall" in line and "device time" in line for line in headers)
 
 
 def test_gpu_benchmark_smoke_run_on_the_cpu_records_nothing():
