@@ -457,6 +457,11 @@ def calibrated(c: Case, fit: dict, m: Machine = H200, matmul_tf32: bool = False)
             cudnn(c, m, step_s=fit["cudnn_step_s"])["total"])
 
 
+# bench/gpu_gemm_sweep.py's candidates -> column labels
+VARIANT_LABELS = {"cublas_tf32": "cuBLAS TF32", "triton_staged_k32": "Triton (default: K-major copies)",
+                  "triton_in_place_k32": "Triton, operands in place"}
+
+
 def _measured_gemms(m: Machine) -> list[str]:
     """The products around the loop as bench/gpu_gemm_sweep.py measured them, against the assumed
     fractions of the TF32 peak."""
@@ -481,11 +486,6 @@ def _measured_gemms(m: Machine) -> list[str]:
                   f"`triton_gemm_eff` = {m.triton_gemm_eff}; it makes these products under torch's "
                   "defaults)."]
     return lines
-
-
-# bench/gpu_gemm_sweep.py's candidates -> column labels
-VARIANT_LABELS = {"cublas_tf32": "cuBLAS TF32", "triton_staged_k32": "Triton (default: K-major copies)",
-                  "triton_in_place_k32": "Triton, operands in place"}
 
 
 def _measured(m: Machine) -> tuple[list[str], dict]:

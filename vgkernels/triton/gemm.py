@@ -92,7 +92,7 @@ def _mm_kernel(
     tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
-def plan(M: int, N: int, K: int, sms: int | None, block_k: int = 32) -> dict:
+def plan(M: int, N: int, K: int, sms: int | None, block_k: int = BLOCK_K) -> dict:
     """Tiles, split and warps of an [M, K] x [K, N] product on a GPU of ``sms`` SMs (None: the
     interpreter, one large tile per program), ``block_k`` rows of K per step.
 
